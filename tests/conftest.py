@@ -1,0 +1,54 @@
+"""Shared fixtures: the real SmolLM2 and MiniLM tokenizers, and tiny random models of real classes."""
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from common.models import MINILM, SMOLLM2, load_tokenizer  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    return load_tokenizer(SMOLLM2)
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer():
+    return load_tokenizer(MINILM)
+
+
+def tiny_config(kind, vocab_size, pad_token_id, num_labels=1):
+    from transformers import BertConfig, GemmaConfig, GPT2Config, LlamaConfig
+
+    common = dict(vocab_size=vocab_size, pad_token_id=pad_token_id, num_labels=num_labels)
+    if kind == "llama":
+        return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=512, **common)
+    if kind == "gemma":
+        return GemmaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=1, head_dim=8, max_position_embeddings=512, **common)
+    if kind == "gpt2":
+        return GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=512, **common)
+    if kind == "bert":
+        return BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          max_position_embeddings=512, **common)
+    raise ValueError(kind)
+
+
+def tiny_rm(kind, tokenizer, seed=0):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = tiny_config(kind, len(tokenizer), tokenizer.pad_token_id)
+    model = AutoModelForSequenceClassification.from_config(config)
+    # A random head is near zero; scale it so score differences are well above float noise.
+    with torch.no_grad():
+        head = model.score if hasattr(model, "score") else model.classifier
+        head.weight.mul_(50)
+    return model.eval()

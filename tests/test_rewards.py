@@ -1,0 +1,108 @@
+import copy
+
+import pytest
+import torch
+
+from common.rewards import RMFormat, score, score_prefixes, score_prefixes_reference
+from conftest import tiny_rm
+
+PROMPTS = [
+    "\n\nHuman: How do I bake bread?\n\nAssistant:",
+    "\n\nHuman: hi\n\nAssistant: Hello! How can I help?\n\nHuman: Tell me a joke about cats.\n\nAssistant:",
+    "What is the capital of France?",
+]
+RESPONSES = [
+    "Mix flour, water, salt and yeast, let it rise, then bake at a high heat.",
+    "Why did the cat sit on the computer? To keep an eye on the mouse.",
+    "Paris.",
+]
+
+
+def plain_tokenizer(tok):
+    t = copy.deepcopy(tok)
+    t.chat_template = None
+    return t
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma", "gpt2"])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_one_forward_prefixes_equal_per_prefix(kind, padding_side, smol_tokenizer):
+    tok = smol_tokenizer if kind != "gpt2" else plain_tokenizer(smol_tokenizer)
+    model = tiny_rm(kind, tok)
+    fmt = RMFormat(tok, model, max_length=512)
+    assert fmt.kind == ("chat" if kind != "gpt2" else "plain")
+    fast = score_prefixes(model, fmt, PROMPTS, RESPONSES, batch_size=2, padding_side=padding_side)
+    slow = score_prefixes_reference(model, fmt, PROMPTS, RESPONSES, batch_size=1)
+    for f, s, r in zip(fast, slow, RESPONSES):
+        assert len(f) == len(s) == len(fmt.response_ids(r))
+        assert torch.allclose(torch.tensor(f), torch.tensor(s), atol=1e-4)
+    # the scores are not trivially equal across prefixes
+    assert max(fast[0]) - min(fast[0]) > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_prefix_lengths_beyond_response_are_the_whole_response(kind, smol_tokenizer):
+    tok = smol_tokenizer if kind != "gpt2" else plain_tokenizer(smol_tokenizer)
+    model = tiny_rm(kind, tok)
+    fmt = RMFormat(tok, model, max_length=512)
+    lengths = [1, 3, 500]
+    fast = score_prefixes(model, fmt, PROMPTS, RESPONSES, lengths=lengths)
+    full = score(model, fmt, PROMPTS, RESPONSES, batch_size=1)
+    for f, whole in zip(fast, full):
+        assert abs(f[-1] - whole) < 1e-4
+
+
+def test_truncated_prefixes_match_reference(smol_tokenizer):
+    model = tiny_rm("llama", smol_tokenizer)
+    fmt = RMFormat(smol_tokenizer, model, max_length=40)  # forces prompt and response truncation
+    fast = score_prefixes(model, fmt, PROMPTS, RESPONSES, batch_size=3)
+    slow = score_prefixes_reference(model, fmt, PROMPTS, RESPONSES, batch_size=1)
+    for f, s in zip(fast, slow):
+        assert torch.allclose(torch.tensor(f), torch.tensor(s), atol=1e-4)
+    for p, r in zip(PROMPTS, RESPONSES):
+        assert len(fmt.encode(p, r)["input_ids"]) <= 40
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma", "gpt2", "bert"])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_batched_scores_equal_one_at_a_time(kind, padding_side, smol_tokenizer, minilm_tokenizer):
+    tok = {"bert": minilm_tokenizer, "gpt2": plain_tokenizer(smol_tokenizer)}.get(kind, smol_tokenizer)
+    model = tiny_rm(kind, tok)
+    fmt = RMFormat(tok, model, max_length=512)
+    batched = score(model, fmt, PROMPTS, RESPONSES, batch_size=3, padding_side=padding_side)
+    single = [score(model, fmt, [p], [r], batch_size=1)[0] for p, r in zip(PROMPTS, RESPONSES)]
+    assert torch.allclose(torch.tensor(batched), torch.tensor(single), atol=1e-4)
+    assert len(set(round(s, 4) for s in single)) == 3
+
+
+def test_score_is_read_at_last_real_token_even_when_it_is_the_pad_token(smol_tokenizer):
+    """<|im_end|> is SmolLM2's pad token: a response ending with it must still be scored at that position."""
+    model = tiny_rm("llama", smol_tokenizer)
+    fmt = RMFormat(smol_tokenizer, model, max_length=512)
+    response = "Paris.<|im_end|>"
+    ids = fmt.encode(PROMPTS[2], response)["input_ids"]
+    assert ids[-1] == smol_tokenizer.pad_token_id
+    with torch.no_grad():
+        hidden = model.base_model(input_ids=torch.tensor([ids])).last_hidden_state
+        expected = model.score(hidden[0, -1]).item()
+    got = score(model, fmt, [PROMPTS[2], PROMPTS[0]], [response, RESPONSES[0]], batch_size=2)[0]
+    assert abs(got - expected) < 1e-4
+
+
+def test_chat_format_is_template_then_response_ids(smol_tokenizer):
+    model = tiny_rm("llama", smol_tokenizer)
+    fmt = RMFormat(smol_tokenizer, model)
+    ids = fmt.encode(PROMPTS[0], RESPONSES[0], t=4)["input_ids"]
+    text = smol_tokenizer.decode(ids)
+    assert text.endswith("<|im_start|>assistant\n" + smol_tokenizer.decode(fmt.response_ids(RESPONSES[0])[:4]))
+    assert "<|im_start|>user\nHow do I bake bread?<|im_end|>" in text
+    assert fmt.cut(RESPONSES[0], 4) == smol_tokenizer.decode(fmt.response_ids(RESPONSES[0])[:4])
+
+
+def test_pair_format_for_encoders(minilm_tokenizer):
+    model = tiny_rm("bert", minilm_tokenizer)
+    fmt = RMFormat(minilm_tokenizer, model)
+    enc = fmt.encode("What is the capital of France?", "Paris is the capital.")
+    expected = minilm_tokenizer("Human: What is the capital of France?\n\nAssistant:", "Paris is the capital.")
+    assert enc["input_ids"] == list(expected["input_ids"])
+    assert enc["token_type_ids"] == list(expected["token_type_ids"])
