@@ -76,7 +76,7 @@ def load_hh_rlhf(data_dir=None, split="all"):
     with gzip.open(path, "rt", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     pairs, skipped = hh_rows_to_pairs(rows)
-    return _take_split(pairs, split, HH_TRAIN_SIZE, "hh-rlhf"), skipped
+    return _take_split(pairs, split, HH_TRAIN_SIZE, "hh-rlhf"), skipped, len(rows)
 
 
 def load_hh_rlhf_hub(split="test", subset="harmless-base"):
@@ -84,7 +84,8 @@ def load_hh_rlhf_hub(split="test", subset="harmless-base"):
     from datasets import load_dataset
 
     ds = load_dataset("Anthropic/hh-rlhf", data_dir=subset, split=split)
-    return hh_rows_to_pairs(ds, id_prefix=f"hh-rlhf-hub-{split}")
+    pairs, skipped = hh_rows_to_pairs(ds, id_prefix=f"hh-rlhf-hub-{split}")
+    return pairs, skipped, len(ds)
 
 
 def _take_split(items, split, train_size, name):
@@ -148,7 +149,8 @@ def load_gsm8k_pairs(data_dir=None, split="all"):
     problems.sort(key=lambda p: (p[0], p[1]))
     n_train = int(round(len(problems) * GSM8K_TRAIN_SHARE))
     chosen_problems = _take_split(problems, split, n_train, "gsm8k-pairs")
-    return [pair for _, _, pairs in chosen_problems for pair in pairs], 0
+    chosen_pairs = [pair for _, _, pairs in chosen_problems for pair in pairs]
+    return chosen_pairs, 0, sum(len(pairs) for _, _, pairs in problems)
 
 
 # ---------------------------------------------------------------------------------------------- pairs
@@ -161,22 +163,22 @@ def load_pairs(spec, data_dir=None, on_error="raise", stats=None):
     stats = stats if stats is not None else {}
     name, _, split = spec.partition(":")
     if name == "hh-rlhf" and not os.path.exists(spec):
-        pairs, skipped = load_hh_rlhf(data_dir, split or "all")
+        pairs, skipped, total = load_hh_rlhf(data_dir, split or "all")
     elif name == "hh-rlhf-hub":
-        pairs, skipped = load_hh_rlhf_hub(split or "test")
+        pairs, skipped, total = load_hh_rlhf_hub(split or "test")
     elif name == "gsm8k-pairs":
-        pairs, skipped = load_gsm8k_pairs(data_dir, split or "all")
+        pairs, skipped, total = load_gsm8k_pairs(data_dir, split or "all")
     else:
         pairs = []
-        for lineno, row in read_jsonl(spec, required=("prompt",), nonempty=("chosen", "rejected"),
+        # An empty reply is a legitimate side of a preference (the real HH data has one), so chosen and
+        # rejected must be strings but may be empty; the prompt may not.
+        for lineno, row in read_jsonl(spec, nonempty=("prompt",), strings=("chosen", "rejected"),
                                       on_error=on_error, stats=stats):
-            if not isinstance(row["prompt"], str):
-                raise DataError(f"{spec}:{lineno}: field 'prompt': expected a string")
             row.setdefault("id", f"line-{lineno}")
             row["id"] = str(row["id"])
             pairs.append(row)
         return pairs
-    stats["read"] = len(pairs) + skipped
+    stats["read"] = total  # rows of the whole set; the split keeps len(pairs) of the usable ones
     stats["skipped"] = skipped
     if skipped:
         stats["skip_reasons"] = {"dialogues do not share a prompt": skipped}

@@ -18,10 +18,11 @@ class DataError(Exception):
     """Bad input data; the message names the file, the line and the field."""
 
 
-def read_jsonl(path, required=(), nonempty=(), on_error="raise", stats=None):
+def read_jsonl(path, required=(), nonempty=(), strings=(), on_error="raise", stats=None):
     """Yield (line_number, object) for each non-blank line of a JSONL file.
 
-    required: keys that must be present; nonempty: keys whose value must be a non-empty string.
+    required: keys that must be present; nonempty: keys whose value must be a non-empty string;
+    strings: keys whose value must be a string (possibly empty).
     on_error="raise" stops at the first bad line with a DataError; "skip" counts it in
     stats["skipped"] (and the reasons in stats["skip_reasons"]) and goes on.
     """
@@ -37,7 +38,7 @@ def read_jsonl(path, required=(), nonempty=(), on_error="raise", stats=None):
                 continue
             stats["read"] += 1
             try:
-                obj = _parse_line(raw, path, lineno, required, nonempty)
+                obj = _parse_line(raw, path, lineno, required, nonempty, strings)
             except DataError as e:
                 if on_error == "raise":
                     raise
@@ -48,7 +49,7 @@ def read_jsonl(path, required=(), nonempty=(), on_error="raise", stats=None):
             yield lineno, obj
 
 
-def _parse_line(raw, path, lineno, required, nonempty):
+def _parse_line(raw, path, lineno, required, nonempty, strings=()):
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -62,8 +63,15 @@ def _parse_line(raw, path, lineno, required, nonempty):
     for key in required:
         if key not in obj or obj[key] is None:
             raise DataError(f"{path}:{lineno}: field '{key}': missing")
+    for key in strings:
+        if key not in obj or obj[key] is None:
+            raise DataError(f"{path}:{lineno}: field '{key}': missing")
+        if not isinstance(obj[key], str):
+            raise DataError(f"{path}:{lineno}: field '{key}': expected a string, got {type(obj[key]).__name__}")
     for key in nonempty:
         value = obj.get(key)
+        if value is None:
+            raise DataError(f"{path}:{lineno}: field '{key}': missing")
         if not isinstance(value, str):
             raise DataError(f"{path}:{lineno}: field '{key}': expected a string, got {type(value).__name__}")
         if not value.strip():

@@ -219,10 +219,18 @@ def score(model, fmt, prompts, responses, batch_size=16, padding_side="right"):
 
 
 def _lengths_for(n_tokens, lengths):
+    """lengths: None (every t), a list of t's, or (per response) that list already picked by the caller."""
     if lengths is None:
         return list(range(1, n_tokens + 1))
     # A prefix longer than its response is the whole response.
     return [min(t, n_tokens) for t in lengths]
+
+
+def _per_response(lengths, i):
+    """lengths may be shared by all responses (a list of ints) or given per response (a list of lists)."""
+    if lengths is not None and len(lengths) and isinstance(lengths[0], (list, tuple)):
+        return lengths[i]
+    return lengths
 
 
 def score_prefixes_reference(model, fmt, prompts, responses, lengths=None, batch_size=16, padding_side="right"):
@@ -230,7 +238,7 @@ def score_prefixes_reference(model, fmt, prompts, responses, lengths=None, batch
     examples, owners = [], []
     for i, (p, r) in enumerate(zip(prompts, responses)):
         r_ids = fmt.response_ids(r)
-        for t in _lengths_for(len(r_ids), lengths):
+        for t in _lengths_for(len(r_ids), _per_response(lengths, i)):
             examples.append(fmt.encode(p, response_ids=r_ids, t=t))
             owners.append(i)
     flat = score_encoded(model, examples, fmt.tokenizer.pad_token_id, batch_size, padding_side)
@@ -244,6 +252,8 @@ def score_prefixes_reference(model, fmt, prompts, responses, lengths=None, batch
 def score_prefixes(model, fmt, prompts, responses, lengths=None, batch_size=16, padding_side="right"):
     """r(x, y[:t]) for t = 1..T (lengths=None) or for the given t's, for each (prompt, response).
 
+    lengths: None, one list of t's for all responses, or a list of such lists, one per response.
+
     Decoder RM: prefixes that share the same (truncated) prompt are read off ONE forward pass over the
     longest of them. Without truncation that is one forward per response. Encoder RMs (and the closed
     format) fall back to the per-prefix reference path.
@@ -255,7 +265,7 @@ def score_prefixes(model, fmt, prompts, responses, lengths=None, batch_size=16, 
     out = []
     for i, (p, r) in enumerate(zip(prompts, responses)):
         p_ids, r_ids = fmt.prompt_ids(p), fmt.response_ids(r)
-        ts = _lengths_for(len(r_ids), lengths)
+        ts = _lengths_for(len(r_ids), _per_response(lengths, i))
         out.append([0.0] * len(ts))
         groups = {}  # prompt tokens kept -> [(t kept, slot)]
         for k, t in enumerate(ts):
@@ -276,3 +286,43 @@ def score_prefixes(model, fmt, prompts, responses, lengths=None, batch_size=16, 
             for (i, k), value in zip(slots[j], s.tolist()):
                 out[i][k] = value
     return out
+
+
+# ------------------------------------------------------------------------------------------ training batches
+
+def encode_pairs(fmt, rows, weight_field="weight"):
+    """Training examples {"chosen", "rejected", "weight", "n_tokens"} from pair (or weighted) rows."""
+    examples = []
+    for row in rows:
+        chosen = fmt.encode(row["prompt"], row["chosen"])
+        rejected = fmt.encode(row["prompt"], row["rejected"])
+        examples.append({"chosen": chosen, "rejected": rejected, "weight": float(row.get(weight_field, 1.0)),
+                         "n_tokens": len(chosen["input_ids"]) + len(rejected["input_ids"])})
+    return examples
+
+
+def length_batches(examples, batch_size, seed, epoch):
+    """Batches of similar length (little padding), in a shuffled order fixed by (seed, epoch)."""
+    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    jitter = torch.rand(len(examples), generator=g).tolist()
+    # Sort by length within random mega-chunks of 50 batches: batches stay homogeneous in length
+    # while the data order still changes from epoch to epoch.
+    order = torch.randperm(len(examples), generator=g).tolist()
+    mega = batch_size * 50
+    batches = []
+    for s in range(0, len(order), mega):
+        chunk = sorted(order[s:s + mega], key=lambda i: (examples[i]["n_tokens"], jitter[i]))
+        batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+    perm = torch.randperm(len(batches), generator=g).tolist()
+    return [batches[i] for i in perm]
+
+
+def pair_forward(model, examples, pad_id, decoder, device):
+    """(r_chosen, r_rejected, weights, real tokens) for a batch of pairs: one padded forward of 2B rows."""
+    seqs = [e["chosen"] for e in examples] + [e["rejected"] for e in examples]
+    batch, offsets = collate(seqs, pad_id, "right")
+    last = torch.tensor([o + len(s["input_ids"]) - 1 for o, s in zip(offsets, seqs)], device=device)
+    scores = reward_at(model, {k: v.to(device) for k, v in batch.items()}, last, decoder)
+    n = len(examples)
+    weights = torch.tensor([e["weight"] for e in examples], device=device, dtype=scores.dtype)
+    return scores[:n], scores[n:], weights, int(batch["attention_mask"].sum())

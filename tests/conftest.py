@@ -52,3 +52,49 @@ def tiny_rm(kind, tokenizer, seed=0):
         head = model.score if hasattr(model, "score") else model.classifier
         head.weight.mul_(50)
     return model.eval()
+
+
+def run_script(script, *args, env=None, check=True):
+    """Run a numbered script as a user would; returns the CompletedProcess."""
+    import subprocess
+
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def save_tiny_rm(folder, kind, tokenizer, seed=0):
+    model = tiny_rm(kind, tokenizer, seed)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def write_jsonl(path, rows):
+    import json
+
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def separable_pairs(n, seed=0, prefix="p"):
+    """A task a tiny RM can learn: chosen replies praise, rejected replies insult, in varied wording."""
+    import random
+
+    rnd = random.Random(seed)
+    good = ["great", "kind", "helpful", "lovely", "wonderful", "clear", "thanks", "happy"]
+    bad = ["awful", "stupid", "useless", "rude", "terrible", "nasty", "hate", "ugly"]
+    topics = ["the weather", "my cat", "this recipe", "the movie", "your answer", "the plan"]
+    rows = []
+    for i in range(n):
+        topic = rnd.choice(topics)
+        c = " ".join(rnd.choice(good) for _ in range(rnd.randint(3, 8)))
+        r = " ".join(rnd.choice(bad) for _ in range(rnd.randint(3, 8)))
+        rows.append({"id": f"{prefix}{i}", "prompt": f"\n\nHuman: What do you think of {topic}?\n\nAssistant:",
+                     "chosen": f"I find {topic} {c}.", "rejected": f"I find {topic} {r}."})
+    return rows

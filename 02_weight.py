@@ -1,0 +1,147 @@
+"""Stage 2: score partial pairs with a reference RM r_phi and weight them.
+
+    python 02_weight.py --input runs/x/partial.jsonl --output runs/x/weighted.jsonl \\
+        --ref-rm runs/x/orm --scheme entropy
+
+--scheme entropy  p = sigmoid(|r_phi(y_w[:t]) - r_phi(y_l[:t])|), H = -(p log p + (1-p) log(1-p)),
+                  w = 1/max(H, --entropy-floor) if r_phi(y_w[:t]) > r_phi(y_l[:t]) else 0 (ties: 0)
+         uniform  w = 1 (the paper's Eq. 2 ablation)
+         filter   w = 1 if the reference agrees with the label, else 0
+Weights are always finite: H is floored at --entropy-floor (default 0.01, so w <= 100), then, unless
+--no-normalize, all weights are scaled to mean 1 over the file (the loss keeps the ablation's scale).
+For a decoder reference RM, all rows cut from one pair are scored with one forward pass per response.
+Scores are appended to OUTPUT.scores.jsonl as they come (kept as a cache), so --resume continues a
+killed run and a rerun with another --scheme costs no forward pass.
+In:  partial JSONL (01's output).  Out: the same rows plus "ref_chosen", "ref_rejected", "weight".
+"""
+import argparse
+import logging
+import math
+from collections import defaultdict
+
+import torch
+from tqdm import tqdm
+
+from common.io import (DataError, ResumableJsonlWriter, read_jsonl, run_main, write_jsonl, write_manifest)
+from common.losses import DEFAULT_ENTROPY_FLOOR, reference_weights
+from common.models import load_reward_model, load_tokenizer
+from common.rewards import RMFormat, score, score_prefixes
+
+log = logging.getLogger("weight")
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="partial pairs JSONL from 01_build_partial.py")
+    p.add_argument("--output", required=True, help="weighted JSONL to write")
+    p.add_argument("--ref-rm", required=True, help="reference RM: a folder from 03_train.py, hub id or alias")
+    p.add_argument("--scheme", choices=["entropy", "uniform", "filter"], default="entropy")
+    p.add_argument("--entropy-floor", type=float, default=DEFAULT_ENTROPY_FLOOR,
+                   help="H is clamped at this value, so a weight is at most 1/floor (default 0.01)")
+    p.add_argument("--no-normalize", action="store_true", help="keep raw 1/H weights (no mean-1 scaling)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=512, help="RM input tokens (use the training value)")
+    p.add_argument("--pairs-per-step", type=int, default=64, help="pairs scored between two appends")
+    p.add_argument("--resume", action="store_true", help="keep the scores already in OUTPUT.scores.jsonl")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args()
+
+
+def load_partial(path):
+    rows = []
+    for lineno, row in read_jsonl(path, required=("id", "t"), nonempty=("prompt",),
+                                  strings=("chosen", "rejected")):
+        row.setdefault("pair_id", row["id"])
+        rows.append(row)
+    ids = [r["id"] for r in rows]
+    if len(set(ids)) != len(ids):
+        raise DataError(f"{path}: duplicate ids")
+    return rows
+
+
+def score_group(model, fmt, rows, batch_size):
+    """Reference scores for rows that share pair_id: one forward over the longest cut when possible."""
+    chosen_scores, rejected_scores = [None] * len(rows), [None] * len(rows)
+    for side, out in (("chosen", chosen_scores), ("rejected", rejected_scores)):
+        by_pair = defaultdict(list)
+        for k, row in enumerate(rows):
+            by_pair[row["pair_id"]].append(k)
+        prompts, fulls, lengths, owners, loose = [], [], [], [], []
+        for members in by_pair.values():
+            longest = max(members, key=lambda k: rows[k]["t"])
+            full_ids = fmt.response_ids(rows[longest][side])
+            nested, ts = [], []
+            for k in members:
+                ids = fmt.response_ids(rows[k][side])
+                if full_ids[: len(ids)] == ids:
+                    nested.append(k)
+                    ts.append(len(ids))
+                else:
+                    loose.append(k)  # re-tokenizing a cut text changed its ids: score it alone
+            prompts.append(rows[longest]["prompt"])
+            fulls.append(rows[longest][side])
+            lengths.append(ts)
+            owners.append(nested)
+        if fmt.fast_prefixes:
+            for members, values in zip(owners, score_prefixes(model, fmt, prompts, fulls, lengths, batch_size)):
+                for k, v in zip(members, values):
+                    out[k] = v
+        else:
+            loose = list(range(len(rows)))
+        if loose:
+            values = score(model, fmt, [rows[k]["prompt"] for k in loose], [rows[k][side] for k in loose],
+                           batch_size)
+            for k, v in zip(loose, values):
+                out[k] = v
+    return chosen_scores, rejected_scores
+
+
+def main():
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    torch.manual_seed(args.seed)
+    rows = load_partial(args.input)
+    scores_path = args.output + ".scores.jsonl"
+
+    tokenizer = load_tokenizer(args.ref_rm)
+    model = load_reward_model(args.ref_rm, tokenizer=tokenizer).eval()
+    fmt = RMFormat(tokenizer, model, max_length=args.max_length)
+
+    # Score pair by pair (all cuts of one pair together), appending as we go.
+    with ResumableJsonlWriter(scores_path, key="id", resume=args.resume) as writer:
+        todo = [r for r in rows if r["id"] not in writer.done]
+        if args.resume:
+            log.info("resuming: %d rows already scored, %d to go", len(rows) - len(todo), len(todo))
+        pair_order = list(dict.fromkeys(r["pair_id"] for r in todo))
+        by_pair = defaultdict(list)
+        for r in todo:
+            by_pair[r["pair_id"]].append(r)
+        bar = tqdm(total=len(todo), desc="reference scores", unit="row")
+        for s in range(0, len(pair_order), args.pairs_per_step):
+            chunk = [r for pid in pair_order[s:s + args.pairs_per_step] for r in by_pair[pid]]
+            sc, sr = score_group(model, fmt, chunk, args.batch_size)
+            for row, a, b in zip(chunk, sc, sr):
+                if not (math.isfinite(a) and math.isfinite(b)):
+                    raise DataError(f"{args.input}: row {row['id']}: reference score is not finite ({a}, {b})")
+                writer.write({"id": row["id"], "ref_chosen": a, "ref_rejected": b})
+            bar.update(len(chunk))
+        bar.close()
+
+    scores = {r["id"]: r for _, r in read_jsonl(scores_path, required=("id", "ref_chosen", "ref_rejected"))}
+    ref_c = [scores[r["id"]]["ref_chosen"] for r in rows]
+    ref_r = [scores[r["id"]]["ref_rejected"] for r in rows]
+    weights = reference_weights(ref_c, ref_r, args.scheme, args.entropy_floor, normalize=not args.no_normalize)
+    out_rows = [{**r, "ref_chosen": a, "ref_rejected": b, "weight": float(w)}
+                for r, a, b, w in zip(rows, ref_c, ref_r, weights)]
+    write_jsonl(args.output, out_rows)
+    agree = sum(a > b for a, b in zip(ref_c, ref_r)) / max(len(rows), 1)
+    summary = {"rows": len(rows), "reference_agreement": agree, "weight_mean": float(weights.mean()),
+               "weight_max": float(weights.max()) if len(weights) else 0.0,
+               "zero_weight_rows": int((weights == 0).sum()), "truncated_inputs": fmt.truncated,
+               "scheme": args.scheme}
+    write_manifest(args.output, args, inputs=[args.input, args.ref_rm], extra={"summary": summary})
+    log.info("%s", summary)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,336 @@
+"""Stage 3: train a scalar reward model with the (weighted) Bradley-Terry loss.
+
+    # CPU, plain PyTorch
+    python 03_train.py --input runs/x/weighted.jsonl --init minilm-l6 --output runs/x/prm --eval hh-rlhf:heldout
+    # GPUs, DeepSpeed ZeRO-3 (the launcher adds --local_rank)
+    deepspeed --num_gpus 8 03_train.py --input ... --init weqweasdas/RM-Gemma-2B --output ... \\
+        --deepspeed configs/zero3.json
+
+Loss: L = -mean(w * log sigmoid(r(x, y_w) - r(x, y_l))), w from the input's "weight" field (1 when absent;
+rows of weight 0 add nothing and are skipped). Pairs are batched by length and truncated by the RM input
+rule (README), never dropped. AdamW, linear schedule with warm-up, 1 epoch. Defaults per model family
+(the paper's): lr 5e-6 for decoder RMs (Gemma, Llama), 1e-6 for DeBERTa, 2e-5 for small encoders
+(MiniLM); grad-accum 16 under DeepSpeed, 1 in plain mode.
+Out: a Hugging Face folder (safetensors, tokenizer, config) for AutoModelForSequenceClassification, plus
+train_log.jsonl (loss, lr, step, pairs/s, tokens/s) and, with --eval, held-out full-response accuracy and
+AR_RM-SC at --eval-prefix-lengths after each epoch (eval.json). --save-steps writes a checkpoint that
+--resume continues from (same final weights as an uninterrupted run).
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import time
+
+import torch
+from tqdm import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from common.data import load_pairs
+from common.io import DataError, dumps, run_main, write_json, write_manifest
+from common.losses import bradley_terry_loss
+from common.metrics import agreement_rate, prefix_agreement
+from common.models import is_decoder_rm, load_reward_model, load_tokenizer, model_family
+from common.rewards import RMFormat, encode_pairs, length_batches, pair_forward, score
+
+log = logging.getLogger("train")
+DEFAULT_LR = {"decoder": 5e-6, "deberta": 1e-6, "encoder": 2e-5}
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="pairs, partial or weighted JSONL, or a named pairs set")
+    p.add_argument("--init", required=True, help="starting model: alias, hub id or folder (an RM or backbone)")
+    p.add_argument("--output", required=True, help="folder for the trained RM")
+    p.add_argument("--eval", default=None, help="held-out pairs for accuracy and AR_RM-SC (e.g. hh-rlhf:heldout)")
+    p.add_argument("--eval-prefix-lengths", default="5,10,20,50")
+    p.add_argument("--eval-limit", type=int, default=None, help="use only the first N eval pairs")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=None, help="default by model family (see above)")
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per device per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=None, help="default 16 under DeepSpeed, else 1")
+    p.add_argument("--warmup-ratio", type=float, default=0.03)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--max-length", type=int, default=512, help="RM input tokens (truncation rule in README)")
+    p.add_argument("--limit", type=int, default=None, help="train on the first N rows only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-steps", type=int, default=100, help="checkpoint every N optimizer steps (0: never)")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint if present")
+    p.add_argument("--stop-after-steps", type=int, default=None,
+                   help="stop after N optimizer steps as if killed (the schedule still plans the whole run)")
+    p.add_argument("--log-steps", type=int, default=10)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--deepspeed", default=None, help="DeepSpeed JSON config (e.g. configs/zero3.json)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)),
+                   help="set by the deepspeed launcher")
+    return p.parse_args()
+
+
+class Runtime:
+    """Plain PyTorch on one process, or a DeepSpeed engine; the loop below speaks to both the same way."""
+
+    def __init__(self, args, model, total_steps, grad_accum):
+        self.args, self.grad_accum = args, grad_accum
+        self.deepspeed = args.deepspeed is not None
+        self.rank, self.world = 0, 1
+        if self.deepspeed:
+            import deepspeed
+            import torch.distributed as dist
+
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+            config = self._deepspeed_config(total_steps)
+            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config)
+            self.model = self.engine.module
+            self.device = self.engine.device
+        else:
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            self.model = model.to(self.device)
+            self.optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+            warmup = int(args.warmup_ratio * total_steps)
+            self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, total_steps)
+
+    def _deepspeed_config(self, total_steps):
+        with open(self.args.deepspeed) as f:
+            config = json.load(f)
+        a = self.args
+        config["train_micro_batch_size_per_gpu"] = a.batch_size
+        config["gradient_accumulation_steps"] = self.grad_accum
+        config["train_batch_size"] = a.batch_size * self.grad_accum * self.world
+        config["gradient_clipping"] = a.max_grad_norm
+        config.setdefault("optimizer", {"type": "AdamW", "params": {}})
+        config["optimizer"]["params"].update({"lr": a.lr, "weight_decay": a.weight_decay})
+        config["scheduler"] = {"type": "WarmupDecayLR", "params": {
+            "total_num_steps": max(total_steps, 1), "warmup_min_lr": 0.0, "warmup_max_lr": a.lr,
+            "warmup_num_steps": max(1, int(a.warmup_ratio * total_steps)), "warmup_type": "linear"}}
+        if not torch.cuda.is_available():  # CPU (gloo): fp32, no fused GPU optimizers
+            config.pop("bf16", None)
+            config.pop("fp16", None)
+            config.setdefault("zero_optimization", {}).pop("offload_optimizer", None)
+            config["zero_optimization"].pop("offload_param", None)
+            config["zero_allow_untested_optimizer"] = True
+        return config
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def train(self):
+        (self.engine if self.deepspeed else self.model).train()
+
+    def backward(self, loss):
+        if self.deepspeed:
+            self.engine.backward(loss)
+        else:
+            (loss / self.grad_accum).backward()
+
+    def step(self, boundary):
+        """Micro-step; at an accumulation boundary also the optimizer step. Returns the current lr."""
+        if self.deepspeed:
+            self.engine.step()
+        elif boundary:
+            if self.args.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return self.scheduler.get_last_lr()[0]
+
+    def save_checkpoint(self, folder, state):
+        """Model, optimizer, schedule and loop state; written beside, then swapped in."""
+        tmp = folder + ".tmp"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.barrier()
+        if self.deepspeed:
+            self.engine.save_checkpoint(tmp, tag="state")
+        elif self.is_main:
+            os.makedirs(tmp)
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                       os.path.join(tmp, "optimizer.pt"))
+        if self.is_main:
+            state = {**state, "torch_rng": torch.get_rng_state().tolist()}
+            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+                json.dump(state, f)
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
+        self.barrier()
+
+    def load_checkpoint(self, folder):
+        with open(os.path.join(folder, "trainer_state.json")) as f:
+            state = json.load(f)
+        if self.deepspeed:
+            self.engine.load_checkpoint(folder, tag="state")
+        else:
+            from safetensors.torch import load_file
+
+            self.model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")), strict=False)
+            opt = torch.load(os.path.join(folder, "optimizer.pt"), weights_only=False)
+            self.optimizer.load_state_dict(opt["optimizer"])
+            self.scheduler.load_state_dict(opt["scheduler"])
+        torch.set_rng_state(torch.tensor(state.pop("torch_rng"), dtype=torch.uint8))
+        return state
+
+    def save_model(self, output, tokenizer):
+        if self.deepspeed:
+            state_dict = self.engine._zero3_consolidated_16bit_state_dict() \
+                if self.engine.zero_optimization_partition_weights() else self.model.state_dict()
+            if self.is_main:
+                self.model.save_pretrained(output, state_dict=state_dict, safe_serialization=True)
+        elif self.is_main:
+            self.model.save_pretrained(output, safe_serialization=True)
+        if self.is_main:
+            tokenizer.save_pretrained(output)
+        self.barrier()
+
+    def barrier(self):
+        if self.deepspeed:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def load_rows(args):
+    stats = {}
+    rows = load_pairs(args.input, args.data_dir, stats=stats)
+    if args.limit:
+        rows = rows[: args.limit]
+    for row in rows:
+        w = row.get("weight", 1.0)
+        if not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise DataError(f"{args.input}: row {row.get('id')}: field 'weight': expected a finite number >= 0")
+    return rows
+
+
+@torch.no_grad()
+def evaluate(model, fmt, pairs, prefix_lengths, batch_size):
+    model.eval()
+    prompts = [p["prompt"] for p in pairs]
+    r_w = score(model, fmt, prompts, [p["chosen"] for p in pairs], batch_size)
+    r_l = score(model, fmt, prompts, [p["rejected"] for p in pairs], batch_size)
+    curve = prefix_agreement(model, fmt, pairs, prefix_lengths, batch_size)
+    return {"accuracy": agreement_rate(r_w, r_l), "n": len(pairs),
+            "ar_sc": {str(t): v["ar_sc"] for t, v in curve.items()},
+            "reward_gap": {str(t): v["gap"] for t, v in curve.items()}}
+
+
+def main():
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    family = model_family(args.init)
+    args.lr = args.lr if args.lr is not None else DEFAULT_LR[family]
+    grad_accum = args.grad_accum or (16 if args.deepspeed else 1)
+    torch.manual_seed(args.seed)
+
+    rows = load_rows(args)
+    tokenizer = load_tokenizer(args.init)
+    model = load_reward_model(args.init, tokenizer=tokenizer)
+    fmt = RMFormat(tokenizer, model, max_length=args.max_length)
+    examples = [e for e in encode_pairs(fmt, rows) if e["weight"] > 0]
+    skipped_zero = len(rows) - len(examples)
+    if not examples:
+        raise DataError(f"{args.input}: no pair with a positive weight to train on")
+    eval_pairs = load_pairs(args.eval, args.data_dir)[: args.eval_limit] if args.eval else None
+    prefix_lengths = [int(t) for t in args.eval_prefix_lengths.split(",") if t]
+
+    # Each rank takes every world-th batch; the optimizer steps once per grad_accum micro-batches.
+    world = int(os.environ.get("WORLD_SIZE", 1)) if args.deepspeed else 1
+    n_batches = math.ceil(len(examples) / args.batch_size)
+    micro_per_rank = math.ceil(n_batches / world)
+    steps_per_epoch = math.ceil(micro_per_rank / grad_accum)
+    total_steps = steps_per_epoch * args.epochs
+    rt = Runtime(args, model, total_steps, grad_accum)
+    decoder = is_decoder_rm(rt.model)
+    os.makedirs(args.output, exist_ok=True)
+    ckpt = os.path.join(args.output, "checkpoint")
+    log_path = os.path.join(args.output, "train_log.jsonl")
+
+    state = {"epoch": 0, "micro": 0, "step": 0}
+    if args.resume and os.path.exists(os.path.join(ckpt, "trainer_state.json")):
+        state = rt.load_checkpoint(ckpt)
+        log.info("resuming from %s at epoch %d, step %d", ckpt, state["epoch"], state["step"])
+    elif rt.is_main and os.path.exists(log_path):
+        os.remove(log_path)
+    if rt.is_main:
+        log.info("%d pairs (%d of weight 0 skipped, %d truncated), %d optimizer steps, lr %g, accum %d, "
+                 "world %d", len(examples), skipped_zero, fmt.truncated, total_steps, args.lr, grad_accum, rt.world)
+
+    log_file = open(log_path, "a", encoding="utf-8") if rt.is_main else None
+    eval_history = []
+    stopped = False
+    for epoch in range(state["epoch"], args.epochs):
+        batches = length_batches(examples, args.batch_size, args.seed, epoch)[rt.rank::rt.world]
+        rt.train()
+        window = {"loss": 0.0, "pairs": 0, "tokens": 0, "t0": time.time(), "n": 0}
+        bar = tqdm(total=len(batches), initial=state["micro"], desc=f"epoch {epoch + 1}/{args.epochs}",
+                   unit="batch", disable=not rt.is_main)
+        for micro in range(state["micro"], len(batches)):
+            chunk = [examples[i] for i in batches[micro]]
+            r_w, r_l, w, n_tokens = pair_forward(rt.model, chunk, tokenizer.pad_token_id, decoder, rt.device)
+            loss = bradley_terry_loss(r_w, r_l, w)
+            if not torch.isfinite(loss):
+                raise DataError(f"non-finite loss at epoch {epoch + 1}, micro-batch {micro}: stopping")
+            rt.backward(loss)
+            boundary = (micro + 1) % grad_accum == 0 or micro + 1 == len(batches)
+            lr = rt.step(boundary)
+            window["loss"] += loss.item()
+            window["n"] += 1
+            window["pairs"] += len(chunk)
+            window["tokens"] += n_tokens
+            bar.update(1)
+            if not boundary:
+                continue
+            state = {"epoch": epoch, "micro": micro + 1, "step": state["step"] + 1}
+            if state["step"] % args.log_steps == 0 or micro + 1 == len(batches):
+                dt = max(time.time() - window["t0"], 1e-9)
+                entry = {"step": state["step"], "epoch": epoch + (micro + 1) / len(batches),
+                         "loss": window["loss"] / window["n"], "lr": lr,
+                         "pairs_per_s": window["pairs"] * rt.world / dt,
+                         "tokens_per_s": window["tokens"] * rt.world / dt}
+                bar.set_postfix(loss=f"{entry['loss']:.4f}", pairs_s=f"{entry['pairs_per_s']:.1f}")
+                if log_file:
+                    log_file.write(dumps(entry) + "\n")
+                    log_file.flush()
+                window = {"loss": 0.0, "pairs": 0, "tokens": 0, "t0": time.time(), "n": 0}
+            if args.save_steps and state["step"] % args.save_steps == 0:
+                rt.save_checkpoint(ckpt, state)
+            if args.stop_after_steps and state["step"] >= args.stop_after_steps:
+                rt.save_checkpoint(ckpt, state)
+                stopped = True
+                break
+        bar.close()
+        if stopped:
+            log.info("stopped after %d steps; continue with --resume", state["step"])
+            return
+        state = {"epoch": epoch + 1, "micro": 0, "step": state["step"]}
+        if eval_pairs:
+            result = {"epoch": epoch + 1, **evaluate(rt.model, fmt, eval_pairs, prefix_lengths, args.batch_size)}
+            eval_history.append(result)
+            if log_file:
+                log_file.write(dumps({"step": state["step"], "eval": result}) + "\n")
+                log_file.flush()
+            if rt.is_main:
+                log.info("eval after epoch %d: accuracy %.4f, AR_RM-SC %s", epoch + 1, result["accuracy"],
+                         result["ar_sc"])
+        rt.save_checkpoint(ckpt, state)
+
+    rt.save_model(args.output, tokenizer)
+    if rt.is_main:
+        if eval_history:
+            write_json(os.path.join(args.output, "eval.json"), eval_history[-1])
+        write_manifest(args.output, args, inputs=[args.input, args.eval, args.init],
+                       extra={"pairs": len(examples), "zero_weight_skipped": skipped_zero,
+                              "truncated": fmt.truncated, "grad_accum": grad_accum, "world_size": rt.world,
+                              "total_steps": total_steps})
+        shutil.rmtree(ckpt, ignore_errors=True)
+        log_file.close()
+        log.info("saved %s", args.output)
+
+
+if __name__ == "__main__":
+    run_main(main)
