@@ -1,0 +1,115 @@
+"""Literal, slow reference implementations of the search methods (the paper's Algorithms 2 and 3).
+
+No caches, no batching: every LM and RM value is a fresh forward over the whole sequence. The fast engine
+in common/search.py must reproduce these token for token. Shared with it only: the sampling rule
+(pick_tokens with the per-token uniform) and the RM input rule.
+"""
+import torch
+
+from common.rewards import score, score_encoded
+from common.search import pick_tokens, prompt_key, uniform
+
+
+class Reference:
+    def __init__(self, policy, cfg, rm=None, rm_path="cached"):
+        self.policy, self.cfg, self.rm, self.rm_path = policy, cfg, rm, rm_path
+        self.tok = policy.tokenizer
+
+    def logits(self, prompt_ids, response):
+        with torch.no_grad():
+            return self.policy.model(torch.tensor([prompt_ids + response])).logits[0, -1]
+
+    def reward(self, prompt, response):
+        if self.rm_path == "cached":
+            ids = self.rm.fmt.prompt_ids(prompt) + response
+            return score_encoded(self.rm.model, [{"input_ids": ids}], self.tok.pad_token_id, 1)[0]
+        text = self.text(response)
+        return score(self.rm.model, self.rm.fmt, [prompt], [text], 1)[0]
+
+    def text(self, response):
+        text = self.tok.decode(response, skip_special_tokens=True)
+        for s in self.stops():
+            if s in text:
+                text = text[:text.find(s)]
+        return text.strip()
+
+    def stops(self):
+        return tuple(self.cfg.stop_strings) or self.policy.default_stop_strings
+
+    def ends(self, response, n_new):
+        tail = self.tok.decode(response[-12:], skip_special_tokens=True)
+        return n_new >= self.cfg.max_new_tokens or any(s in tail for s in self.stops())
+
+    def run(self, p):
+        prefill = self.tok(p["prefill"], add_special_tokens=False).input_ids if p.get("prefill") else []
+        prompt_ids = self.policy.fmt.prompt_ids(p["prompt"])  # the response starts with the prefill
+        m = self.cfg.method
+        if m == "argsg":
+            response = self.args(p, prompt_ids, prefill)
+        elif m in ("greedy", "sample"):
+            response = self.plain(p, prompt_ids, prefill)
+        else:
+            W, K, L = self.cfg.shape()
+            response = self.chunk_beam(p, prompt_ids, prefill, W, K, L)
+        return response
+
+    def plain(self, p, prompt_ids, response):
+        response, key = list(response), prompt_key(p["id"])
+        n0 = len(response)
+        for round_idx in range(self.cfg.max_new_tokens):
+            us = [uniform(self.cfg.seed, key, round_idx, 0, 0, 0)] if self.cfg.method == "sample" else None
+            tok = int(pick_tokens(self.logits(prompt_ids, response)[None], us, self.cfg)[0])
+            if tok in self.policy.eos_ids:
+                break
+            response.append(tok)
+            if self.ends(response, len(response) - n0):
+                break
+        return response
+
+    def args(self, p, prompt_ids, response):
+        """ARGS-greedy: argmax over the top-k tokens v of log p(v) + w * r(x, y + v)."""
+        response, n0 = list(response), len(response)
+        while True:
+            logp = torch.log_softmax(self.logits(prompt_ids, response).float(), -1)
+            top = torch.topk(logp, self.cfg.k)
+            objective = []
+            for lp, v in zip(top.values.tolist(), top.indices.tolist()):
+                candidate = response if v in self.policy.eos_ids else response + [v]
+                objective.append(lp + self.cfg.w * self.reward(p["prompt"], candidate))
+            v = top.indices[int(torch.argmax(torch.tensor(objective)))].item()
+            if v in self.policy.eos_ids:
+                return response
+            response.append(v)
+            if self.ends(response, len(response) - n0):
+                return response
+
+    def chunk_beam(self, p, prompt_ids, prefill, W, K, L):
+        """CBS (TBS: L = 1; Best-of-N: W = 1, K = N, L = max tokens): keep the top-W of W*K chunks by r."""
+        key, n0 = prompt_key(p["id"]), len(prefill)
+        beams = [{"tokens": list(prefill), "done": False, "score": self.reward(p["prompt"], list(prefill))}]
+        round_idx = 0
+        while not all(b["done"] for b in beams):
+            candidates = []
+            for slot, beam in enumerate(beams):
+                if beam["done"]:
+                    candidates.append((beam["score"], slot * K, beam))
+                    continue
+                for j in range(K):
+                    chain, done = [], False
+                    for step in range(L):
+                        us = [uniform(self.cfg.seed, key, round_idx, slot, j, step)]
+                        tok = int(pick_tokens(self.logits(prompt_ids, beam["tokens"] + chain)[None], us, self.cfg)[0])
+                        if tok in self.policy.eos_ids:
+                            done = True
+                            break
+                        chain.append(tok)
+                        if self.ends(beam["tokens"] + chain, len(beam["tokens"]) + len(chain) - n0):
+                            done = True
+                            break
+                    tokens = beam["tokens"] + chain
+                    candidates.append((self.reward(p["prompt"], tokens), slot * K + j,
+                                       {"tokens": tokens, "done": done or not chain}))
+            candidates.sort(key=lambda c: (-c[0], c[1]))
+            beams = [{**b, "score": s} for s, _, b in candidates[:W]]
+            round_idx += 1
+        return max(beams, key=lambda b: b["score"])["tokens"]

@@ -1,0 +1,154 @@
+import pytest
+import torch
+
+from common.search import Policy, RewardModel, Search, SearchConfig
+from conftest import tiny_config, tiny_rm
+from reference_search import Reference
+
+PROMPTS = [
+    {"id": "a", "prompt": "\n\nHuman: How do I bake bread?\n\nAssistant:"},
+    {"id": "b", "prompt": "Tell me a joke about a very long and winding road that never seems to end."},
+    {"id": "c", "prompt": "Hi", "prefill": "Sure here's"},
+    {"id": "d", "prompt": "\n\nHuman: hi\n\nAssistant: Hello!\n\nHuman: What is 2+2?\n\nAssistant:"},
+]
+
+
+def tiny_policy(tokenizer, seed=0, eos_often=False):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config("llama", len(tokenizer), tokenizer.pad_token_id)
+    config.tie_word_embeddings = False
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)  # peakier than a random init: sampling has something to follow
+    if eos_often:  # EOS just below the top token everywhere: sampled rows end at different lengths
+        eos = tokenizer.eos_token_id
+
+        def near_top(module, inputs, out):
+            out = out.clone()
+            out[..., eos] = out.max(-1).values - 0.7
+            return out
+        model.lm_head.register_forward_hook(near_top)
+    return Policy(model, tokenizer, "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def policy(smol_tokenizer):
+    return tiny_policy(smol_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def decoder_rm(smol_tokenizer):
+    return RewardModel(tiny_rm("llama", smol_tokenizer, seed=1), smol_tokenizer, "tiny-llama-rm")
+
+
+@pytest.fixture(scope="module")
+def encoder_rm(minilm_tokenizer):
+    return RewardModel(tiny_rm("bert", minilm_tokenizer, seed=2), minilm_tokenizer, "tiny-bert-rm")
+
+
+def check(policy, cfg, rm, rm_path, batch_size, prompts=PROMPTS):
+    search = Search(policy, cfg, rm, rm_path=rm_path)
+    got = []
+    for s in range(0, len(prompts), batch_size):
+        got += search.run(prompts[s:s + batch_size])
+    ref = Reference(policy, cfg, rm, "cached" if search.cached_rm else "text")
+    for p, g in zip(prompts, got):
+        expected = ref.run(p)
+        assert g["tokens"] == expected, (p["id"], cfg.method)
+        if rm is not None and cfg.method != "argsg":
+            assert abs(g["reward"] - ref.reward(p["prompt"], expected)) < 1e-4
+    return got
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+@pytest.mark.parametrize("rm_path", ["cached", "text"])
+def test_args_greedy_matches_reference(policy, decoder_rm, rm_path, batch_size):
+    cfg = SearchConfig(method="argsg", k=5, w=1.5, max_new_tokens=6)
+    got = check(policy, cfg, decoder_rm, rm_path, batch_size)
+    assert all(g["stats"]["rm_path"] == rm_path for g in got)
+
+
+def test_args_with_an_encoder_rm_matches_reference(policy, encoder_rm):
+    got = check(policy, SearchConfig(method="argsg", k=4, max_new_tokens=5), encoder_rm, "auto", 4)
+    assert got[0]["stats"]["rm_path"] == "text"
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+@pytest.mark.parametrize("method,extra", [("cbs", dict(beam=2, successors=3, chunk=3)),
+                                          ("tbs", dict(beam=2, successors=3)),
+                                          ("bon", dict(n=4))])
+def test_beam_methods_match_reference(policy, decoder_rm, method, extra, batch_size):
+    cfg = SearchConfig(method=method, max_new_tokens=7, seed=3, temperature=0.8, **extra)
+    check(policy, cfg, decoder_rm, "cached", batch_size)
+
+
+def test_cbs_text_path_and_top_p(policy, decoder_rm):
+    cfg = SearchConfig(method="cbs", beam=2, successors=2, chunk=4, max_new_tokens=8, top_p=0.9, top_k=50)
+    check(policy, cfg, decoder_rm, "text", 4)
+
+
+@pytest.mark.parametrize("method", ["greedy", "sample"])
+def test_plain_decoding_matches_reference(policy, method):
+    cfg = SearchConfig(method=method, max_new_tokens=10, seed=5)
+    got = check(policy, cfg, None, "auto", 4)
+    assert all(g["stats"]["rm_calls"] == 0 for g in got)
+
+
+def test_padding_and_batch_do_not_change_results(policy, decoder_rm):
+    cfg = SearchConfig(method="cbs", beam=2, successors=2, chunk=2, max_new_tokens=6, seed=1)
+    alone = [Search(policy, cfg, decoder_rm).run([p])[0]["tokens"] for p in PROMPTS]
+    together = [r["tokens"] for r in Search(policy, cfg, decoder_rm).run(list(reversed(PROMPTS)))][::-1]
+    assert alone == together
+
+
+def test_eos_stops_rows_independently(smol_tokenizer, decoder_rm):
+    pol = tiny_policy(smol_tokenizer, seed=4, eos_often=True)
+    cfg = SearchConfig(method="sample", max_new_tokens=12, seed=2)
+    got = check(pol, cfg, None, "auto", 4)
+    lengths = [g["stats"]["new_tokens"] for g in got]
+    assert min(lengths) < 12 and len(set(lengths)) > 1  # rows met EOS at different steps
+    cfg = SearchConfig(method="cbs", beam=2, successors=2, chunk=3, max_new_tokens=9, seed=2)
+    check(pol, cfg, decoder_rm, "cached", 4)
+
+
+def test_stop_strings_and_max_tokens(policy):
+    plain = Policy(policy.model, policy.tokenizer, "plain")
+    cfg = SearchConfig(method="greedy", max_new_tokens=5)
+    res = Search(plain, cfg).run(PROMPTS[:2])
+    assert all(r["stats"]["new_tokens"] == 5 for r in res)
+    # make the first generated word a stop string: the response is cut before it and generation stops
+    first = plain.tokenizer.decode(res[0]["tokens"][:2], skip_special_tokens=True)
+    cfg = SearchConfig(method="greedy", max_new_tokens=5, stop_strings=(first.strip()[:3],))
+    cut = Search(plain, cfg).run(PROMPTS[:1])[0]
+    assert len(cut["tokens"]) <= 2 and first.strip()[:3] not in cut["response"]
+
+
+def test_cards_segments_retries_and_stats(policy, decoder_rm):
+    # threshold above any reachable score: every segment is rejected until the retry bound, then the best
+    # attempt is taken; segments end at the length cap (entropy threshold too high to cut)
+    cfg = SearchConfig(method="cards", max_segment=3, max_retries=2, reward_threshold=1e9,
+                       entropy_threshold=1e9, max_new_tokens=6, seed=0)
+    res = Search(policy, cfg, decoder_rm).run(PROMPTS[:2])
+    for r in res:
+        assert r["stats"]["new_tokens"] == 6
+        assert r["stats"]["segments_tried"] == 2 * (cfg.max_retries + 1)  # 2 segments, 3 attempts each
+    # a threshold below every score accepts each first attempt: one try per segment
+    cfg.reward_threshold = -1e9
+    res = Search(policy, cfg, decoder_rm).run(PROMPTS[:2])
+    assert all(r["stats"]["segments_tried"] == 2 for r in res)
+    # an entropy threshold of 0 ends each segment after its first token
+    cfg.entropy_threshold = 0.0
+    res = Search(policy, cfg, decoder_rm).run(PROMPTS[:1])
+    assert res[0]["stats"]["segments_tried"] == 6
+
+
+def test_cached_rm_costs_k_new_tokens(policy, decoder_rm):
+    cfg = SearchConfig(method="argsg", k=5, max_new_tokens=4)
+    cached = Search(policy, cfg, decoder_rm, rm_path="cached").run(PROMPTS[:1])[0]["stats"]
+    text = Search(policy, cfg, decoder_rm, rm_path="text").run(PROMPTS[:1])[0]["stats"]
+    prompt_len = len(decoder_rm.fmt.prompt_ids(PROMPTS[0]["prompt"]))
+    # prefill + per step (1 accepted + k candidates); the text path re-reads the whole sequence k times
+    assert cached["rm_tokens"] <= prompt_len + 4 * (1 + 5)
+    assert text["rm_tokens"] > 5 * prompt_len
