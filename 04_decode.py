@@ -1,0 +1,162 @@
+"""Stage 4: reward-guided decoding of a prompt set with a policy LM and a reward model.
+
+    python 04_decode.py --prompts hh-rlhf:heldout --limit 8 --policy smollm2-135m-instruct \\
+        --rm runs/demo/prm --method argsg --k 10 --w 1.5 --max-new-tokens 64 --output runs/x/argsg.jsonl
+    torchrun --nproc_per_node 8 04_decode.py ...      # each rank decodes its share; rank 0 merges in order
+
+Methods (paper defaults):
+  greedy, sample         plain decoding (--temperature --top-p --top-k for sample)
+  argsg                  ARGS-greedy: argmax over the top --k (30) tokens of log p(v) + --w (1.5) * r(x, y+v)
+  tbs, cbs               token / chunk beam search: --beam W (8) beams, --successors K (8) samples of
+                         --chunk L (30; tbs: 1) tokens each, keep the top-W by r
+  bon                    Best-of-N: --n (16) samples, keep the best by r
+  cards                  CARDS: a segment grows while next-token entropy <= --entropy-threshold (7.0) and up
+                         to --max-segment (32) tokens; it is accepted if r >= --reward-threshold (default:
+                         r of the accepted prefix, i.e. the reward must not drop), else resampled, at most
+                         --max-retries (4) times, after which the best attempt is kept
+Prompt sets: hh-rlhf:heldout, hh-helpful, advbench (--advbench-prefill starts the reply with "Sure here's"),
+tldr, gsm8k, mt-bench (first turns), or a JSONL with "id" and "prompt".
+A decoder RM sharing the policy's tokenizer is scored on its own KV cache (--rm-path auto/cached); any other
+RM through decoded text (text). Out: one row per prompt {"id","prompt","response","method","params","rm",
+"policy","stats"}, appended and flushed one by one; --resume skips ids already written.
+"""
+import argparse
+import dataclasses
+import logging
+import os
+
+import torch
+from tqdm import tqdm
+
+from common.data import load_prompts
+from common.io import ResumableJsonlWriter, read_jsonl, run_main, write_jsonl, write_manifest
+from common.models import load_policy, load_reward_model, load_tokenizer
+from common.search import METHODS, Policy, RewardModel, Search, SearchConfig
+
+log = logging.getLogger("decode")
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", required=True, help="prompt set name or JSONL file")
+    p.add_argument("--policy", default="smollm2-135m-instruct", help="policy LM: alias, hub id or folder")
+    p.add_argument("--rm", default=None, help="reward model folder / hub id (needed by all but greedy, sample)")
+    p.add_argument("--method", choices=METHODS, required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--limit", type=int, default=None, help="first N prompts")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--advbench-prefill", action="store_true", help="start AdvBench replies with \"Sure here's\"")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--rm-path", choices=["auto", "cached", "text"], default="auto")
+    p.add_argument("--rm-max-length", type=int, default=2048, help="text path: RM input tokens")
+    g = p.add_argument_group("method flags")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--w", type=float, default=1.5, help="ARGS reward weight")
+    g.add_argument("--k", type=int, default=30, help="ARGS candidates")
+    g.add_argument("--beam", type=int, default=8)
+    g.add_argument("--successors", type=int, default=8)
+    g.add_argument("--chunk", type=int, default=30)
+    g.add_argument("--n", type=int, default=16, help="Best-of-N samples")
+    g.add_argument("--entropy-threshold", type=float, default=7.0)
+    g.add_argument("--reward-threshold", type=float, default=None)
+    g.add_argument("--max-segment", type=int, default=32)
+    g.add_argument("--max-retries", type=int, default=4)
+    return p.parse_args()
+
+
+def search_config(args):
+    fields = {f.name for f in dataclasses.fields(SearchConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    cfg = SearchConfig(**values, stop_strings=tuple(args.stop))
+    if cfg.method == "tbs":
+        cfg.chunk = 1
+    return cfg
+
+
+def method_params(cfg):
+    keep = {"greedy": [], "sample": ["temperature", "top_p", "top_k"], "argsg": ["w", "k"],
+            "tbs": ["beam", "successors", "temperature", "top_p", "top_k"],
+            "cbs": ["beam", "successors", "chunk", "temperature", "top_p", "top_k"],
+            "bon": ["n", "temperature", "top_p", "top_k"],
+            "cards": ["entropy_threshold", "reward_threshold", "max_segment", "max_retries", "temperature"]}
+    params = {k: getattr(cfg, k) for k in keep[cfg.method]}
+    params.update(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    return params
+
+
+def distributed():
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+    return rank, world
+
+
+def main():
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    torch.manual_seed(args.seed)
+    cfg = search_config(args)
+    rank, world = distributed()
+    prompts = load_prompts(args.prompts, args.data_dir, args.limit, advbench_prefill=args.advbench_prefill)
+    mine = prompts[rank::world]
+    out_path = args.output if world == 1 else f"{args.output}.shard{rank}-of-{world}.jsonl"
+
+    policy = Policy(load_policy(args.policy), load_tokenizer(args.policy, padding_side="left"), args.policy)
+    rm = None
+    if args.rm:
+        rm_tok = load_tokenizer(args.rm)
+        rm = RewardModel(load_reward_model(args.rm, tokenizer=rm_tok).eval(), rm_tok, args.rm, args.rm_max_length)
+    elif cfg.uses_rm:
+        raise SystemExit(f"error: --method {cfg.method} needs --rm")
+    search = Search(policy, cfg, rm, rm_path=args.rm_path)
+    params = method_params(cfg)
+
+    with ResumableJsonlWriter(out_path, key="id", resume=args.resume) as writer:
+        todo = [p for p in mine if p["id"] not in writer.done]
+        if args.resume:
+            log.info("rank %d: %d prompts already decoded, %d to go", rank, len(mine) - len(todo), len(todo))
+        bar = tqdm(total=len(todo), desc=f"{cfg.method} (rank {rank})", unit="prompt", disable=rank != 0)
+        for s in range(0, len(todo), args.batch_size):
+            batch = todo[s:s + args.batch_size]
+            for p, res in zip(batch, search.run(batch)):
+                row = {"id": p["id"], "prompt": p["prompt"], "response": res["response"], "method": cfg.method,
+                       "params": params, "rm": args.rm, "policy": args.policy,
+                       "stats": {**res["stats"], "reward": res["reward"]}}
+                row.update({k: p[k] for k in ("reference", "target", "prefill", "category") if k in p})
+                writer.write(row)
+            bar.update(len(batch))
+        bar.close()
+
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        if rank == 0:
+            rows = {}
+            for r in range(world):
+                shard = f"{args.output}.shard{r}-of-{world}.jsonl"
+                rows.update({row["id"]: row for _, row in read_jsonl(shard)})
+            write_jsonl(args.output, [rows[p["id"]] for p in prompts if p["id"] in rows])
+            for r in range(world):
+                os.remove(f"{args.output}.shard{r}-of-{world}.jsonl")
+        dist.barrier()
+        dist.destroy_process_group()
+    if rank == 0:
+        write_manifest(args.output, args, inputs=[args.prompts, args.policy, args.rm],
+                       extra={"rm_path": search.cached_rm and "cached" or ("text" if rm else None),
+                              "world_size": world})
+        log.info("wrote %s", args.output)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,109 @@
+"""04_decode.py as a user runs it: resume, sharding across processes, real models (slow)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, run_script, save_tiny_rm, write_jsonl
+from test_search import tiny_policy
+
+
+def read(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, smol_tokenizer):
+    root = tmp_path_factory.mktemp("models")
+    pol = tiny_policy(smol_tokenizer, seed=0)
+    pol.model.save_pretrained(root / "policy")
+    smol_tokenizer.save_pretrained(root / "policy")
+    rm = save_tiny_rm(root / "rm", "llama", smol_tokenizer, seed=1)
+    prompts = write_jsonl(root / "prompts.jsonl", [
+        {"id": f"p{i}", "prompt": f"\n\nHuman: Question number {i}: what is {i} + {i}?\n\nAssistant:"}
+        for i in range(6)])
+    return str(root / "policy"), rm, prompts
+
+
+def decode(folders, out, *extra):
+    policy, rm, prompts = folders
+    return run_script("04_decode.py", "--prompts", prompts, "--policy", policy, "--rm", rm, "--method", "cbs",
+                      "--beam", 2, "--successors", 2, "--chunk", 3, "--max-new-tokens", 6, "--batch-size", 2,
+                      "--output", out, *extra)
+
+
+def test_output_rows_and_resume_after_a_kill(folders, tmp_path):
+    full = tmp_path / "full.jsonl"
+    decode(folders, full)
+    rows = read(full)
+    assert [r["id"] for r in rows] == [f"p{i}" for i in range(6)]
+    for r in rows:
+        assert set(r) >= {"id", "prompt", "response", "method", "params", "rm", "policy", "stats"}
+        assert r["method"] == "cbs" and r["params"]["beam"] == 2
+        s = r["stats"]
+        assert s["policy_calls"] > 0 and s["policy_tokens"] > 0 and s["rm_tokens"] > 0 and s["seconds"] > 0
+    # a killed run: three rows and a torn fourth line on disk
+    cut = tmp_path / "cut.jsonl"
+    with open(full) as f:
+        lines = f.readlines()
+    cut.write_text("".join(lines[:3]) + lines[3][:20])
+    decode(folders, cut, "--resume")
+    again = read(cut)
+    assert sorted(r["id"] for r in again) == [f"p{i}" for i in range(6)]
+    assert {r["id"]: r["response"] for r in again} == {r["id"]: r["response"] for r in rows}
+
+
+def test_two_processes_give_the_same_rows(folders, tmp_path):
+    one = tmp_path / "one.jsonl"
+    decode(folders, one)
+    two = tmp_path / "two.jsonl"
+    policy, rm, prompts = folders
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29533",
+                           os.path.join(ROOT, "04_decode.py"), "--prompts", prompts, "--policy", policy, "--rm", rm,
+                           "--method", "cbs", "--beam", "2", "--successors", "2", "--chunk", "3",
+                           "--max-new-tokens", "6", "--batch-size", "2", "--output", str(two)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = read(one), read(two)
+    assert [r["id"] for r in a] == [r["id"] for r in b]
+    assert [r["response"] for r in a] == [r["response"] for r in b]
+    assert not list(tmp_path.glob("two.jsonl.shard*"))
+
+
+def test_missing_rm_is_a_clear_error(folders, tmp_path):
+    policy, _, prompts = folders
+    proc = run_script("04_decode.py", "--prompts", prompts, "--policy", policy, "--method", "argsg",
+                      "--output", tmp_path / "x.jsonl", check=False)
+    assert proc.returncode != 0 and "needs --rm" in proc.stderr
+
+
+@pytest.mark.slow
+def test_real_smollm2_guided_by_smollm2_and_minilm_rms(tmp_path):
+    from common.models import MINILM, SMOLLM2, load_reward_model, load_tokenizer
+
+    for name in (SMOLLM2, MINILM):
+        tok = load_tokenizer(name)
+        model = load_reward_model(name, tokenizer=tok)
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    responses = {}
+    for rm in (SMOLLM2, MINILM):
+        for method, extra in (("argsg", ["--k", "5"]), ("bon", ["--n", "3"]), ("greedy", [])):
+            out = tmp_path / f"{rm}-{method}.jsonl"
+            args = ["--prompts", "hh-rlhf:heldout", "--limit", 2, "--policy", SMOLLM2, "--method", method,
+                    "--max-new-tokens", 12, "--output", out, *extra]
+            if method != "greedy":
+                args += ["--rm", tmp_path / rm]
+            run_script("04_decode.py", *args)
+            rows = read(out)
+            assert len(rows) == 2 and all(r["response"].strip() for r in rows)
+            responses[(rm, method)] = [r["response"] for r in rows]
+            if method == "argsg":
+                assert rows[0]["stats"]["rm_path"] == ("cached" if rm == SMOLLM2 else "text")
+    assert responses[(SMOLLM2, "argsg")] != responses[(SMOLLM2, "greedy")]
+    assert responses[(MINILM, "bon")] != responses[(MINILM, "greedy")]
