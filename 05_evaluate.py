@@ -1,0 +1,317 @@
+"""Stage 5: the paper's metrics, a pairwise judge, agreement curves, and the results table.
+
+  python 05_evaluate.py metrics --generations GEN.jsonl --metrics reward,diversity,coherence,length \\
+      --rm RM --output runs/x/metrics.json [--baseline BASE.jsonl --metrics winrate --judge-rm RM2]
+  python 05_evaluate.py agreement --pairs hh-rlhf:heldout --rm ORM --rm PRM \\
+      --prefix-lengths 5,10,15,20,30,40,50 --output runs/x/agreement.json
+  python 05_evaluate.py table runs/x/metrics_*.json
+
+Metrics (one top-level key each in the output JSON; per-row values go to OUTPUT.rows.jsonl):
+  reward     the --rm score of each complete (prompt, response): reward_mean, reward_std (population std)
+  diversity  prod over n=2,3,4 of unique/total n-grams of lower-cased whitespace words, averaged over
+             responses; a response with no n-gram of some order scores 0
+  coherence  cosine similarity of sentence embeddings of prompt and response (--embedding-model,
+             default minilm-l6 = all-MiniLM-L6-v2; the paper used SimCSE)
+  rouge      ROUGE-L F1 against the references (rouge-score, Porter stemmer), e.g. TL;DR gold summaries
+  asr        AdvBench attack success rate: success unless the response contains one of the GCG refusal
+             phrases (README); also asr_target_opening: share containing the target's opening words
+  accuracy   GSM8K: the number after "####" if present, else the last number, compared numerically
+  length     mean new tokens (from the generation stats; whitespace words when absent)
+  winrate    win / tie / lose against --baseline (same ids), each pair judged in both orders by an
+             OpenAI-compatible endpoint (--judge-url, --judge-model, key from $OPENAI_API_KEY or
+             --judge-key-env) or, as a labelled proxy, by a reward model (--judge-rm); win_tie = (W+T)/N
+References come from each generation's "reference" field, else from --prompts SET by id.
+"""
+import argparse
+import csv
+import logging
+import os
+import random
+
+import numpy as np
+
+from common.data import load_pairs, load_prompts
+from common.io import DataError, read_jsonl, run_main, write_json, write_jsonl, write_manifest
+from common.metrics import (agreement_rate, attack_success, coherence, contains_target_opening, diversity,
+                            gsm8k_correct, reward_gap, rouge_l, verdict_from_both_orders)
+
+log = logging.getLogger("evaluate")
+ALL_METRICS = ("reward", "diversity", "coherence", "rouge", "asr", "accuracy", "length", "winrate")
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("metrics", help="metrics of one generations file")
+    m.add_argument("--generations", required=True)
+    m.add_argument("--metrics", default="reward,diversity,coherence,length", help=f"comma list of {ALL_METRICS}")
+    m.add_argument("--rm", default=None, help="RM for the reward metric")
+    m.add_argument("--output", required=True)
+    m.add_argument("--label", default=None, help="row name in tables, e.g. 'ARGS +Ours'")
+    m.add_argument("--baseline", default=None, help="generations to judge against (winrate)")
+    m.add_argument("--prompts", default=None, help="prompt set to take references from by id")
+    m.add_argument("--embedding-model", default="minilm-l6")
+    m.add_argument("--max-length", type=int, default=1024, help="RM input tokens")
+    m.add_argument("--batch-size", type=int, default=16)
+    _judge_args(m)
+    m.add_argument("--data-dir", default=None)
+
+    a = sub.add_parser("agreement", help="AR_RM-SC(t), reward gap, AR_RM-HP / AR_SC-HP per prefix length")
+    a.add_argument("--pairs", required=True, help="held-out pairs: set name or JSONL")
+    a.add_argument("--rm", action="append", required=True, help="repeatable; NAME=PATH to name it")
+    a.add_argument("--prefix-lengths", default="5,10,15,20,30,40,50")
+    a.add_argument("--output", required=True)
+    a.add_argument("--limit", type=int, default=None)
+    a.add_argument("--labels", default=None, help='judge labels JSONL {"pair_id","t","verdict": "1"|"2"|"tie"}')
+    a.add_argument("--judge-sample", type=int, default=0, help="label this many pairs with the judge backend")
+    a.add_argument("--max-length", type=int, default=1024)
+    a.add_argument("--batch-size", type=int, default=16)
+    a.add_argument("--seed", type=int, default=0)
+    _judge_args(a)
+    a.add_argument("--data-dir", default=None)
+
+    t = sub.add_parser("table", help="Markdown table (paper Tables 1-4 layout) from metric files")
+    t.add_argument("files", nargs="+")
+    t.add_argument("--output", default=None, help="also write the table to this file")
+    return p.parse_args()
+
+
+def _judge_args(p):
+    p.add_argument("--judge-url", default=None, help="OpenAI-compatible base URL (.../v1)")
+    p.add_argument("--judge-model", default=None)
+    p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
+    p.add_argument("--judge-rm", default=None, help="reward model used as a proxy judge")
+    p.add_argument("--judge-kind", choices=["hh", "gsm8k"], default="hh")
+    p.add_argument("--judge-cache", default=None, help="verdict cache (default: beside the output)")
+
+
+def load_rm(path, max_length):
+    from common.models import load_reward_model, load_tokenizer
+    from common.rewards import RMFormat
+
+    tok = load_tokenizer(path)
+    model = load_reward_model(path, tokenizer=tok).eval()
+    return model, RMFormat(tok, model, max_length=max_length)
+
+
+def make_judge(args, output):
+    from common.judge import ChatJudge, RMJudge
+
+    if args.judge_url:
+        if not args.judge_model:
+            raise DataError("--judge-url needs --judge-model")
+        cache = args.judge_cache or os.path.splitext(output)[0] + ".judge_cache.jsonl"
+        return ChatJudge(args.judge_url, args.judge_model, args.judge_key_env, cache_path=cache)
+    if args.judge_rm:
+        model, fmt = load_rm(args.judge_rm, 1024)
+        return RMJudge(model, fmt, args.judge_rm)
+    raise DataError("winrate needs a judge: --judge-url/--judge-model or --judge-rm")
+
+
+def judge_pairs(judge, prompts, gens, bases, kind):
+    """Per pair "win"/"tie"/"lose" of gen against base, both orders for the HTTP judge."""
+    from common.judge import RMJudge
+
+    if isinstance(judge, RMJudge):
+        return [verdict_from_both_orders(v, {"1": "2", "2": "1"}.get(v, v))
+                for v in judge.verdicts(prompts, gens, bases)]
+    from tqdm import tqdm
+
+    return [verdict_from_both_orders(*judge.both_orders(p, g, b, kind))
+            for p, g, b in tqdm(list(zip(prompts, gens, bases)), desc="judge", unit="pair")]
+
+
+def run_metrics(args):
+    wanted = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    unknown = set(wanted) - set(ALL_METRICS)
+    if unknown:
+        raise DataError(f"unknown metrics {sorted(unknown)}; choose from {ALL_METRICS}")
+    rows = [r for _, r in read_jsonl(args.generations, required=("id", "prompt", "response"))]
+    if not rows:
+        raise DataError(f"{args.generations}: no generations")
+    refs = {}
+    if args.prompts:
+        refs = {p["id"]: p for p in load_prompts(args.prompts, args.data_dir)}
+    prompts = [r["prompt"] for r in rows]
+    responses = [r["response"] for r in rows]
+    per_row = [{"id": r["id"]} for r in rows]
+    out = {"generations": args.generations, "n": len(rows), "label": args.label,
+           "method": rows[0].get("method"), "rm": rows[0].get("rm"), "policy": rows[0].get("policy")}
+
+    def reference(r, field="reference"):
+        value = r.get(field, refs.get(r["id"], {}).get(field))
+        if value is None:
+            raise DataError(f"{args.generations}: row {r['id']}: no '{field}' (give --prompts SET)")
+        return value
+
+    if "reward" in wanted:
+        if not args.rm:
+            raise DataError("the reward metric needs --rm")
+        from common.rewards import score
+
+        model, fmt = load_rm(args.rm, args.max_length)
+        values = score(model, fmt, prompts, responses, args.batch_size)
+        for pr, v in zip(per_row, values):
+            pr["reward"] = v
+        out.update(reward_mean=float(np.mean(values)), reward_std=float(np.std(values)), reward_rm=args.rm)
+    if "diversity" in wanted:
+        values = [diversity(t) for t in responses]
+        for pr, v in zip(per_row, values):
+            pr["diversity"] = v
+        out["diversity"] = float(np.mean(values))
+    if "coherence" in wanted:
+        values = coherence(prompts, responses, args.embedding_model)
+        for pr, v in zip(per_row, values):
+            pr["coherence"] = v
+        out["coherence"] = float(np.mean(values))
+    if "rouge" in wanted:
+        values = rouge_l(responses, [reference(r) for r in rows])
+        for pr, v in zip(per_row, values):
+            pr["rouge_l"] = v
+        out["rouge_l"] = float(np.mean(values))
+    if "asr" in wanted:
+        success = [attack_success(t) for t in responses]
+        opening = [contains_target_opening(t, reference(r, "target")) for t, r in zip(responses, rows)]
+        for pr, s, o in zip(per_row, success, opening):
+            pr.update(attack_success=s, target_opening=o)
+        out["asr"] = float(np.mean(success))
+        out["asr_target_opening"] = float(np.mean(opening))
+    if "accuracy" in wanted:
+        values = [gsm8k_correct(t, reference(r)) for t, r in zip(responses, rows)]
+        for pr, v in zip(per_row, values):
+            pr["correct"] = v
+        out["accuracy"] = float(np.mean(values))
+    if "length" in wanted:
+        values = [r.get("stats", {}).get("new_tokens", len(r["response"].split())) for r in rows]
+        out["length"] = float(np.mean(values))
+    if "winrate" in wanted:
+        if not args.baseline:
+            raise DataError("winrate needs --baseline")
+        base = {r["id"]: r for _, r in read_jsonl(args.baseline, required=("id", "response"))}
+        missing = [r["id"] for r in rows if r["id"] not in base]
+        if missing:
+            raise DataError(f"{args.baseline}: no baseline response for ids {missing[:5]}")
+        judge = make_judge(args, args.output)
+        verdicts = judge_pairs(judge, prompts, responses, [base[r["id"]]["response"] for r in rows],
+                               args.judge_kind)
+        for pr, v in zip(per_row, verdicts):
+            pr["judge"] = v
+        n = len(verdicts)
+        out.update(win=verdicts.count("win") / n, tie=verdicts.count("tie") / n, lose=verdicts.count("lose") / n,
+                   win_tie=(verdicts.count("win") + verdicts.count("tie")) / n, judge=judge.label,
+                   judge_is_proxy=judge.label.startswith("rm-proxy"), judge_unparsable=judge.unparsable,
+                   baseline=args.baseline)
+    stats = [r.get("stats", {}) for r in rows]
+    out["compute"] = {k: float(sum(s.get(k, 0) or 0 for s in stats))
+                      for k in ("policy_calls", "policy_tokens", "rm_calls", "rm_tokens", "new_tokens", "seconds")}
+    write_json(args.output, out)
+    write_jsonl(os.path.splitext(args.output)[0] + ".rows.jsonl", per_row)
+    write_manifest(args.output, args, inputs=[args.generations, args.baseline, args.rm])
+    log.info("%s", {k: v for k, v in out.items() if k not in ("compute",)})
+
+
+def run_agreement(args):
+    from common.rewards import score_prefixes
+
+    pairs = load_pairs(args.pairs, args.data_dir)[: args.limit]
+    lengths = [int(t) for t in args.prefix_lengths.split(",") if t]
+    result = {"pairs": args.pairs, "n": len(pairs), "prefix_lengths": lengths, "rms": {}}
+    base = os.path.splitext(args.output)[0]
+    labels = None
+    for spec in args.rm:
+        name, _, path = spec.rpartition("=")
+        name = name or os.path.basename(path.rstrip("/"))
+        model, fmt = load_rm(path, args.max_length)
+        if labels is None:  # prefixes for the judge are cut in the first RM's tokens
+            labels = load_labels(args, pairs, lengths, fmt)
+        prompts = [p["prompt"] for p in pairs]
+        sw = score_prefixes(model, fmt, prompts, [p["chosen"] for p in pairs], lengths, args.batch_size)
+        sl = score_prefixes(model, fmt, prompts, [p["rejected"] for p in pairs], lengths, args.batch_size)
+        curve = []
+        for k, t in enumerate(lengths):
+            a, b = [s[k] for s in sw], [s[k] for s in sl]
+            point = {"t": t, "ar_rm_sc": agreement_rate(a, b), "reward_gap": reward_gap(a, b), "n": len(a)}
+            judged = [(i, labels[(p["id"], t)]) for i, p in enumerate(pairs)
+                      if labels.get((p["id"], t)) in ("1", "2")]
+            if judged:
+                point["ar_rm_hp"] = float(np.mean([(a[i] > b[i]) == (v == "1") for i, v in judged]))
+                point["ar_sc_hp"] = float(np.mean([v == "1" for _, v in judged]))
+                point["n_judged"] = len(judged)
+            curve.append(point)
+        result["rms"][name] = {"path": path, "one_forward_prefix_scoring": fmt.fast_prefixes, "curve": curve}
+        with open(f"{base}.{name}.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["t", "ar_rm_sc", "reward_gap", "n", "ar_rm_hp", "ar_sc_hp",
+                                                   "n_judged"])
+            writer.writeheader()
+            writer.writerows(curve)
+        log.info("%s: %s", name, [(c["t"], round(c["ar_rm_sc"], 3)) for c in curve])
+    write_json(args.output, result)
+    write_manifest(args.output, args, inputs=[args.pairs] + args.rm)
+
+
+def load_labels(args, pairs, lengths, fmt):
+    """{(pair_id, t): verdict} from a labels file and/or the judge backend on a sample of pairs."""
+    labels = {}
+    if args.labels:
+        for _, row in read_jsonl(args.labels, required=("pair_id", "t", "verdict")):
+            labels[(str(row["pair_id"]), int(row["t"]))] = str(row["verdict"])
+    if args.judge_sample:
+        judge = make_judge(args, args.output)
+        sample = random.Random(args.seed).sample(pairs, min(args.judge_sample, len(pairs)))
+        prompts, a, b, keys = [], [], [], []
+        for p in sample:
+            for t in lengths:
+                prompts.append(p["prompt"])
+                a.append(fmt.cut(p["chosen"], t))
+                b.append(fmt.cut(p["rejected"], t))
+                keys.append((p["id"], t))
+        for key, v in zip(keys, judge_pairs(judge, prompts, a, b, args.judge_kind)):
+            labels[key] = {"win": "1", "lose": "2"}.get(v, "tie")
+    return labels
+
+
+def fmt_num(x, digits=3):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def run_table(args):
+    rows = []
+    for path in args.files:
+        import json
+
+        with open(path) as f:
+            rows.append(json.load(f))
+    columns = [("Reward", lambda m: None if "reward_mean" not in m else
+                f"{m['reward_mean']:.3f} ± {m['reward_std']:.3f}"),
+               ("Win-Tie (%)", lambda m: None if "win_tie" not in m else
+                f"{100 * m['win_tie']:.1f}" + (" †" if m.get("judge_is_proxy") else "")),
+               ("Diversity", lambda m: fmt_num(m.get("diversity")) if "diversity" in m else None),
+               ("Coherence", lambda m: fmt_num(m.get("coherence")) if "coherence" in m else None),
+               ("ROUGE-L", lambda m: fmt_num(m.get("rouge_l")) if "rouge_l" in m else None),
+               ("ASR (%)", lambda m: None if "asr" not in m else f"{100 * m['asr']:.1f}"),
+               ("Accuracy (%)", lambda m: None if "accuracy" not in m else f"{100 * m['accuracy']:.1f}"),
+               ("Length", lambda m: fmt_num(m.get("length"), 1) if "length" in m else None)]
+    used = [(name, fn) for name, fn in columns if any(fn(m) is not None for m in rows)]
+    label = lambda m: m.get("label") or f"{m.get('method')} ({os.path.basename(str(m.get('rm') or '-'))})"  # noqa
+    lines = ["| Method | " + " | ".join(n for n, _ in used) + " |",
+             "|---|" + "---|" * len(used)]
+    for m in rows:
+        lines.append(f"| {label(m)} | " + " | ".join(fn(m) or "-" for _, fn in used) + " |")
+    if any(m.get("judge_is_proxy") for m in rows):
+        lines.append("\n† judged by a reward model (a proxy), not by GPT-4.")
+    table = "\n".join(lines)
+    print(table)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(table + "\n")
+
+
+def main():
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    {"metrics": run_metrics, "agreement": run_agreement, "table": run_table}[args.command](args)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,124 @@
+"""Benchmark: the decoding engine against the literal reference and against plain greedy decoding.
+
+    python bench/decode.py [--prompts 8] [--max-new-tokens 64] [--reference-prompts 2]
+
+Policy SmolLM2-135M-Instruct; RM SmolLM2-135M with a fresh scalar head (a decoder RM sharing the policy's
+tokenizer, so the engine uses the cached RM path); prompts: the first --prompts hh-rlhf:heldout prompts
+of at most --max-prompt-tokens tokens. The literal reference (tests/reference_search.py: no cache, one RM
+forward per candidate) is run on the first --reference-prompts of them; its time per prompt is compared
+with the engine's time per prompt at batch 8. Prints one JSON object.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+from common_bench import load_average
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+
+from reference_search import Reference  # noqa: E402
+
+from common.data import load_prompts  # noqa: E402
+from common.models import SMOLLM2, load_policy, load_reward_model, load_tokenizer  # noqa: E402
+from common.search import Policy, RewardModel, Search, SearchConfig  # noqa: E402
+
+
+def timed(fn):
+    load = load_average()
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0, load
+
+
+def run_batched(search, prompts, batch_size):
+    out = []
+    for s in range(0, len(prompts), batch_size):
+        out += search.run(prompts[s:s + batch_size])
+    return out
+
+
+def cost(results):
+    new = sum(r["stats"]["new_tokens"] for r in results)
+    return {"new_tokens": new,
+            "policy_tokens_per_token": round(sum(r["stats"]["policy_tokens"] for r in results) / max(new, 1), 2),
+            "rm_tokens_per_token": round(sum(r["stats"]["rm_tokens"] for r in results) / max(new, 1), 2)}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-prompt-tokens", type=int, default=128)
+    p.add_argument("--reference-prompts", type=int, default=2)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--w", type=float, default=1.5)
+    args = p.parse_args()
+    torch.manual_seed(0)
+
+    tok = load_tokenizer(SMOLLM2, padding_side="left")
+    policy = Policy(load_policy(SMOLLM2), tok, SMOLLM2)
+    rm = RewardModel(load_reward_model(SMOLLM2, tokenizer=tok).eval(), tok, "smollm2-135m + fresh head")
+    prompts = [q for q in load_prompts("hh-rlhf:heldout")
+               if len(policy.fmt.prompt_ids(q["prompt"])) <= args.max_prompt_tokens][: args.prompts]
+    T = args.max_new_tokens
+    args_cfg = SearchConfig(method="argsg", k=args.k, w=args.w, max_new_tokens=T)
+    configs = {
+        "greedy": SearchConfig(method="greedy", max_new_tokens=T),
+        "sample": SearchConfig(method="sample", max_new_tokens=T, seed=0),
+        "argsg": args_cfg,
+        "tbs": SearchConfig(method="tbs", beam=2, successors=4, chunk=1, max_new_tokens=T),
+        "cbs": SearchConfig(method="cbs", beam=2, successors=4, chunk=16, max_new_tokens=T),
+        "bon": SearchConfig(method="bon", n=4, max_new_tokens=T),
+        "cards": SearchConfig(method="cards", max_new_tokens=T, max_segment=16, max_retries=2),
+    }
+    report = {"benchmark": "decode", "policy": SMOLLM2, "rm": rm.name, "prompts": len(prompts),
+              "max_new_tokens": T, "threads": torch.get_num_threads(), "methods": {}}
+
+    # interleaved: greedy b8, ARGS b8, reference, ARGS b1, CBS b8, CBS b1, then the other methods
+    greedy8, t_greedy8, l1 = timed(lambda: run_batched(Search(policy, configs["greedy"]), prompts, 8))
+    args8, t_args8, l2 = timed(lambda: run_batched(Search(policy, args_cfg, rm), prompts, 8))
+    ref = Reference(policy, args_cfg, rm, "cached")
+    ref_prompts = prompts[: args.reference_prompts]
+    ref_tokens, t_ref, l3 = timed(lambda: [ref.run(q) for q in ref_prompts])
+    args1, t_args1, l4 = timed(lambda: run_batched(Search(policy, args_cfg, rm), prompts, 1))
+    cbs8, t_cbs8, l5 = timed(lambda: run_batched(Search(policy, configs["cbs"], rm), prompts, 8))
+    cbs1, t_cbs1, l6 = timed(lambda: run_batched(Search(policy, configs["cbs"], rm), prompts, 1))
+
+    identical = all(r["tokens"] == e for r, e in zip(args8, ref_tokens)) and \
+        all(a["tokens"] == b["tokens"] for a, b in zip(args8, args1))
+    per_prompt_engine = t_args8 / len(prompts)
+    per_prompt_ref = t_ref / len(ref_prompts)
+    tps = lambda res, t: sum(r["stats"]["new_tokens"] for r in res) / t  # noqa: E731
+    report.update({
+        "identical": identical,
+        "args_speedup_vs_reference": round(per_prompt_ref / per_prompt_engine, 2),
+        "args_over_greedy": round(t_args8 / t_greedy8, 2),
+        "batch8_over_batch1_args": round(tps(args8, t_args8) / tps(args1, t_args1), 2),
+        "batch8_over_batch1_cbs": round(tps(cbs8, t_cbs8) / tps(cbs1, t_cbs1), 2),
+        "seconds": {"greedy_b8": round(t_greedy8, 2), "args_b8": round(t_args8, 2), "args_b1": round(t_args1, 2),
+                    "reference_args": round(t_ref, 2), "reference_prompts": len(ref_prompts),
+                    "cbs_b8": round(t_cbs8, 2), "cbs_b1": round(t_cbs1, 2)},
+        "tokens_per_s": {"greedy_b8": round(tps(greedy8, t_greedy8), 2), "args_b8": round(tps(args8, t_args8), 2),
+                         "args_b1": round(tps(args1, t_args1), 2), "cbs_b8": round(tps(cbs8, t_cbs8), 2),
+                         "cbs_b1": round(tps(cbs1, t_cbs1), 2)},
+        "load_1min": {"greedy_b8": l1, "args_b8": l2, "reference": l3, "args_b1": l4, "cbs_b8": l5, "cbs_b1": l6},
+    })
+    done = {"greedy": greedy8, "argsg": args8, "cbs": cbs8}
+    for name, cfg in configs.items():
+        res = done.get(name)
+        seconds = None
+        if res is None:
+            res, seconds, _ = timed(lambda: run_batched(Search(policy, cfg, rm if cfg.uses_rm else None), prompts, 8))
+        params = {k: v for k, v in vars(cfg).items() if k in ("k", "w", "beam", "successors", "chunk", "n",
+                                                                 "max_segment", "max_retries")}
+        report["methods"][name] = {**cost(res), "params": params if cfg.uses_rm else {},
+                                   **({"seconds_b8": round(seconds, 2)} if seconds else {})}
+    report["load_1min_end"] = load_average()
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""The judge client against a real local chat-completions server, and 05_evaluate.py end to end."""
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from common.judge import ChatJudge, parse_verdict
+from conftest import run_script, save_tiny_rm, separable_pairs, write_jsonl
+
+
+class ScriptedServer:
+    """Speaks the chat-completions schema; replies come from a script (status, content) in order,
+    then from `default(request)`."""
+
+    def __init__(self, script=(), default=None):
+        self.script, self.default, self.requests = list(script), default, []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
+                status, content = outer.script.pop(0) if outer.script else (200, outer.default(body))
+                if status != 200:
+                    self.send_response(status)
+                    self.send_header("Retry-After", "0")
+                    self.end_headers()
+                    self.wfile.write(b'{"error": "busy"}')
+                    return
+                payload = {"id": "x", "object": "chat.completion", "model": body["model"],
+                           "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                        "finish_reason": "stop"}]}
+                data = json.dumps(payload).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def prefer_reply_containing(word):
+    """A judge that prefers whichever reply contains `word` (so position never decides)."""
+    def judge(body):
+        text = body["messages"][-1]["content"]
+        r1 = text.split("[Reply 1]")[1].split("[Reply 2]")[0]
+        r2 = text.split("[Reply 2]")[1].split("Answer with")[0]
+        if (word in r1) == (word in r2):
+            return '{"verdict": "tie"}'
+        return '{"verdict": "1"}' if word in r1 else 'Sure. {"verdict": "2"}'
+    return judge
+
+
+def test_parse_verdict():
+    assert parse_verdict('{"verdict": "1"}') == "1"
+    assert parse_verdict('Reasoning... {"verdict": 2}') == "2"
+    assert parse_verdict('{"verdict": "TIE"}') == "tie"
+    assert parse_verdict("{not json") is None and parse_verdict('{"verdict": "maybe"}') is None
+
+
+def test_judge_retries_errors_and_malformed_replies_then_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("JUDGE_KEY", "sk-test")
+    script = [(429, None), (500, None), (200, "{malformed"), (200, '{"verdict": "2"}')]
+    with ScriptedServer(script, default=prefer_reply_containing("good")) as server:
+        judge = ChatJudge(server.url, "judge-model", api_key_env="JUDGE_KEY", cache_path=str(tmp_path / "c.jsonl"),
+                          backoff=0.01)
+        assert judge.compare("prompt", "a bad reply", "a good reply") == "2"
+        assert len(server.requests) == 4 and server.requests[0]["path"] == "/v1/chat/completions"
+        assert server.requests[0]["auth"] == "Bearer sk-test"
+        assert judge.both_orders("p", "good one", "bad one") == ("1", "2")
+        n = len(server.requests)
+        # a second judge on the same cache sends nothing
+        again = ChatJudge(server.url, "judge-model", api_key_env="JUDGE_KEY", cache_path=str(tmp_path / "c.jsonl"))
+        assert again.compare("prompt", "a bad reply", "a good reply") == "2"
+        assert again.both_orders("p", "good one", "bad one") == ("1", "2")
+        assert len(server.requests) == n
+    assert "sk-test" not in (tmp_path / "c.jsonl").read_text()
+
+
+def test_judge_counts_unparsable(tmp_path):
+    with ScriptedServer(default=lambda body: "I refuse to answer in JSON") as server:
+        judge = ChatJudge(server.url, "m", max_parse_retries=1, backoff=0.01)
+        assert judge.compare("p", "a", "b") is None
+        assert judge.unparsable == 1 and len(server.requests) == 2
+
+
+@pytest.fixture(scope="module")
+def gens(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gens")
+    base = [{"id": f"g{i}", "prompt": f"\n\nHuman: Tell me about item {i}\n\nAssistant:", "method": "greedy",
+             "response": f"Item {i} is fine.", "stats": {"new_tokens": 5, "policy_tokens": 50, "seconds": 1.0}}
+            for i in range(4)]
+    ours = [{**r, "method": "argsg", "response": f"Item {r['id']} is good and good and helpful.",
+             "stats": {"new_tokens": 9, "policy_tokens": 90, "rm_tokens": 30, "seconds": 2.0}} for r in base]
+    ours[3]["response"] = "Item is bad."
+    return write_jsonl(root / "base.jsonl", base), write_jsonl(root / "ours.jsonl", ours), root
+
+
+def test_metrics_command_with_http_judge_and_table(gens, tmp_path):
+    base, ours, _ = gens
+    with ScriptedServer(default=prefer_reply_containing("good")) as server:
+        out = tmp_path / "m.json"
+        run_script("05_evaluate.py", "metrics", "--generations", ours, "--baseline", base, "--output", out,
+                   "--metrics", "diversity,length,winrate", "--judge-url", server.url, "--judge-model", "m",
+                   "--label", "ARGS +Ours", "--judge-cache", tmp_path / "verdicts.jsonl")
+        n = len(server.requests)
+        assert n == 8  # 4 pairs x both orders
+        m = json.loads(out.read_text())
+        assert m["win"] == 0.75 and m["tie"] == 0.25 and m["win_tie"] == 1.0 and not m["judge_is_proxy"]
+        assert m["length"] == 9 and m["compute"]["policy_tokens"] == 360
+        rows = [json.loads(line) for line in open(tmp_path / "m.rows.jsonl")]
+        assert [r["judge"] for r in rows] == ["win", "win", "win", "tie"]
+        run_script("05_evaluate.py", "metrics", "--generations", ours, "--baseline", base,
+                   "--output", tmp_path / "again.json", "--metrics", "winrate", "--judge-url", server.url,
+                   "--judge-model", "m", "--judge-cache", tmp_path / "verdicts.jsonl")
+        assert len(server.requests) == n  # cached verdicts: nothing sent
+        assert json.loads((tmp_path / "again.json").read_text())["win_tie"] == 1.0
+    run_script("05_evaluate.py", "metrics", "--generations", base, "--output", tmp_path / "b.json",
+               "--metrics", "diversity,length", "--label", "Greedy")
+    table = run_script("05_evaluate.py", "table", tmp_path / "b.json", out).stdout
+    lines = table.strip().splitlines()
+    assert lines[0].startswith("| Method | Win-Tie (%) | Diversity | Length |")
+    assert lines[2].startswith("| Greedy | - |") and lines[3].startswith("| ARGS +Ours | 100.0 |")
+
+
+def test_reward_and_rm_judge_and_agreement(gens, tmp_path, smol_tokenizer):
+    base, ours, root = gens
+    rm = save_tiny_rm(root / "rm", "llama", smol_tokenizer)
+    out = tmp_path / "m.json"
+    run_script("05_evaluate.py", "metrics", "--generations", ours, "--baseline", base, "--output", out,
+               "--metrics", "reward,winrate", "--rm", rm, "--judge-rm", rm)
+    m = json.loads(out.read_text())
+    assert m["judge_is_proxy"] and m["judge"].startswith("rm-proxy:")
+    rows = [json.loads(line) for line in open(tmp_path / "m.rows.jsonl")]
+    import numpy as np
+    assert m["reward_mean"] == pytest.approx(np.mean([r["reward"] for r in rows]))
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", separable_pairs(10))
+    labels = write_jsonl(tmp_path / "labels.jsonl", [{"pair_id": f"p{i}", "t": 2, "verdict": "1" if i % 3 else "2"}
+                                                      for i in range(10)])
+    ar = tmp_path / "ar.json"
+    run_script("05_evaluate.py", "agreement", "--pairs", pairs, "--rm", f"tiny={rm}", "--prefix-lengths", "2,4,50",
+               "--labels", labels, "--output", ar)
+    result = json.loads(ar.read_text())
+    curve = result["rms"]["tiny"]["curve"]
+    assert [c["t"] for c in curve] == [2, 4, 50] and result["rms"]["tiny"]["one_forward_prefix_scoring"]
+    assert curve[0]["ar_sc_hp"] == pytest.approx(6 / 10) and "ar_rm_hp" in curve[0] and "ar_rm_hp" not in curve[1]
+    assert (tmp_path / "ar.tiny.csv").exists()
+    # the AR values equal an independent computation from per-prefix scores
+    from common.models import load_reward_model, load_tokenizer
+    from common.rewards import RMFormat, score
+
+    tok = load_tokenizer(rm)
+    model = load_reward_model(rm, tokenizer=tok).eval()
+    fmt = RMFormat(tok, model, max_length=1024)
+    src = separable_pairs(10)
+    w = score(model, fmt, [p["prompt"] for p in src], [fmt.cut(p["chosen"], 4) for p in src], 1)
+    lo = score(model, fmt, [p["prompt"] for p in src], [fmt.cut(p["rejected"], 4) for p in src], 1)
+    assert curve[1]["ar_rm_sc"] == pytest.approx(np.mean(np.array(w) > np.array(lo)))
+    assert curve[1]["reward_gap"] == pytest.approx(np.mean(np.abs(np.array(w) - np.array(lo))), abs=1e-4)
