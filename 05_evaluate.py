@@ -33,7 +33,7 @@ import numpy as np
 from common.data import load_pairs, load_prompts
 from common.io import DataError, read_jsonl, run_main, write_json, write_jsonl, write_manifest
 from common.metrics import (agreement_rate, attack_success, coherence, contains_target_opening, diversity,
-                            gsm8k_correct, reward_gap, rouge_l, verdict_from_both_orders)
+                            gsm8k_correct, prefix_pair_scores, reward_gap, rouge_l, verdict_from_both_orders)
 
 log = logging.getLogger("evaluate")
 ALL_METRICS = ("reward", "diversity", "coherence", "rouge", "asr", "accuracy", "length", "winrate")
@@ -212,8 +212,6 @@ def run_metrics(args):
 
 
 def run_agreement(args):
-    from common.rewards import score_prefixes
-
     pairs = load_pairs(args.pairs, args.data_dir)[: args.limit]
     lengths = [int(t) for t in args.prefix_lengths.split(",") if t]
     result = {"pairs": args.pairs, "n": len(pairs), "prefix_lengths": lengths, "rms": {}}
@@ -225,9 +223,7 @@ def run_agreement(args):
         model, fmt = load_rm(path, args.max_length)
         if labels is None:  # prefixes for the judge are cut in the first RM's tokens
             labels = load_labels(args, pairs, lengths, fmt)
-        prompts = [p["prompt"] for p in pairs]
-        sw = score_prefixes(model, fmt, prompts, [p["chosen"] for p in pairs], lengths, args.batch_size)
-        sl = score_prefixes(model, fmt, prompts, [p["rejected"] for p in pairs], lengths, args.batch_size)
+        sw, sl = prefix_pair_scores(model, fmt, pairs, lengths, args.batch_size)
         curve = []
         for k, t in enumerate(lengths):
             a, b = [s[k] for s in sw], [s[k] for s in sl]

@@ -14,15 +14,28 @@ def reward_gap(r_chosen, r_rejected):
     return float(np.mean(np.abs(r_chosen - r_rejected))) if len(r_chosen) else float("nan")
 
 
-def prefix_agreement(model, fmt, pairs, prefix_lengths, batch_size=16):
-    """{t: {"ar_sc", "gap", "n"}} over pairs at each prefix length t (whole response when shorter)."""
+def prefix_pair_scores(model, fmt, pairs, prefix_lengths, batch_size=16):
+    """Scores of the chosen and rejected prefixes at each t: two lists of [len(prefix_lengths)] lists.
+
+    Where the two prefixes are the same tokens (replies that open alike) both get the same score, so
+    float noise between two forward passes cannot turn a tie into an agreement.
+    """
     from common.rewards import score_prefixes
 
     prompts = [p["prompt"] for p in pairs]
-    sw = score_prefixes(model, fmt, prompts, [p["chosen"] for p in pairs], lengths=prefix_lengths,
-                        batch_size=batch_size)
-    sl = score_prefixes(model, fmt, prompts, [p["rejected"] for p in pairs], lengths=prefix_lengths,
-                        batch_size=batch_size)
+    sw = score_prefixes(model, fmt, prompts, [p["chosen"] for p in pairs], prefix_lengths, batch_size)
+    sl = score_prefixes(model, fmt, prompts, [p["rejected"] for p in pairs], prefix_lengths, batch_size)
+    for p, a, b in zip(pairs, sw, sl):
+        ids_w, ids_l = fmt.response_ids(p["chosen"]), fmt.response_ids(p["rejected"])
+        for k, t in enumerate(prefix_lengths):
+            if ids_w[:t] == ids_l[:t]:
+                b[k] = a[k]
+    return sw, sl
+
+
+def prefix_agreement(model, fmt, pairs, prefix_lengths, batch_size=16):
+    """{t: {"ar_sc", "gap", "n"}} over pairs at each prefix length t (whole response when shorter)."""
+    sw, sl = prefix_pair_scores(model, fmt, pairs, prefix_lengths, batch_size)
     out = {}
     for k, t in enumerate(prefix_lengths):
         a, b = [s[k] for s in sw], [s[k] for s in sl]
