@@ -33,7 +33,8 @@ import numpy as np
 from common.data import load_pairs, load_prompts
 from common.io import DataError, read_jsonl, run_main, write_json, write_jsonl, write_manifest
 from common.metrics import (agreement_rate, attack_success, coherence, contains_target_opening, diversity,
-                            gsm8k_correct, prefix_pair_scores, reward_gap, rouge_l, verdict_from_both_orders)
+                            gsm8k_correct, markdown_table, prefix_pair_scores, reward_gap, rouge_l,
+                            verdict_from_both_orders)
 
 log = logging.getLogger("evaluate")
 ALL_METRICS = ("reward", "diversity", "coherence", "rouge", "asr", "accuracy", "length", "winrate")
@@ -267,36 +268,14 @@ def load_labels(args, pairs, lengths, fmt):
     return labels
 
 
-def fmt_num(x, digits=3):
-    return "-" if x is None else f"{x:.{digits}f}"
-
-
 def run_table(args):
+    import json
+
     rows = []
     for path in args.files:
-        import json
-
         with open(path) as f:
             rows.append(json.load(f))
-    columns = [("Reward", lambda m: None if "reward_mean" not in m else
-                f"{m['reward_mean']:.3f} ± {m['reward_std']:.3f}"),
-               ("Win-Tie (%)", lambda m: None if "win_tie" not in m else
-                f"{100 * m['win_tie']:.1f}" + (" †" if m.get("judge_is_proxy") else "")),
-               ("Diversity", lambda m: fmt_num(m.get("diversity")) if "diversity" in m else None),
-               ("Coherence", lambda m: fmt_num(m.get("coherence")) if "coherence" in m else None),
-               ("ROUGE-L", lambda m: fmt_num(m.get("rouge_l")) if "rouge_l" in m else None),
-               ("ASR (%)", lambda m: None if "asr" not in m else f"{100 * m['asr']:.1f}"),
-               ("Accuracy (%)", lambda m: None if "accuracy" not in m else f"{100 * m['accuracy']:.1f}"),
-               ("Length", lambda m: fmt_num(m.get("length"), 1) if "length" in m else None)]
-    used = [(name, fn) for name, fn in columns if any(fn(m) is not None for m in rows)]
-    label = lambda m: m.get("label") or f"{m.get('method')} ({os.path.basename(str(m.get('rm') or '-'))})"  # noqa
-    lines = ["| Method | " + " | ".join(n for n, _ in used) + " |",
-             "|---|" + "---|" * len(used)]
-    for m in rows:
-        lines.append(f"| {label(m)} | " + " | ".join(fn(m) or "-" for _, fn in used) + " |")
-    if any(m.get("judge_is_proxy") for m in rows):
-        lines.append("\n† judged by a reward model (a proxy), not by GPT-4.")
-    table = "\n".join(lines)
+    table = markdown_table(rows)
     print(table)
     if args.output:
         with open(args.output, "w") as f:

@@ -145,3 +145,36 @@ def verdict_from_both_orders(first, second):
     vote = {"1": 1, "2": -1, "tie": 0, None: 0}
     net = vote.get(first, 0) - vote.get(second, 0)
     return "win" if net > 0 else "lose" if net < 0 else "tie"
+
+
+# ------------------------------------------------------------------------------------------ tables
+
+def _num(x, digits=3):
+    return f"{x:.{digits}f}"
+
+
+TABLE_COLUMNS = (
+    ("Reward", lambda m: f"{m['reward_mean']:.3f} ± {m['reward_std']:.3f}" if "reward_mean" in m else None),
+    ("Win-Tie (%)", lambda m: f"{100 * m['win_tie']:.1f}" + (" †" if m.get("judge_is_proxy") else "")
+     if "win_tie" in m else None),
+    ("Diversity", lambda m: _num(m["diversity"]) if "diversity" in m else None),
+    ("Coherence", lambda m: _num(m["coherence"]) if "coherence" in m else None),
+    ("ROUGE-L", lambda m: _num(m["rouge_l"]) if "rouge_l" in m else None),
+    ("ASR (%)", lambda m: f"{100 * m['asr']:.1f}" if "asr" in m else None),
+    ("Accuracy (%)", lambda m: f"{100 * m['accuracy']:.1f}" if "accuracy" in m else None),
+    ("Length", lambda m: _num(m["length"], 1) if "length" in m else None),
+)
+
+
+def markdown_table(metric_dicts):
+    """The paper's Tables 1-4 layout: one row per method run ("+Ours" rows by label), metric columns."""
+    import os
+
+    used = [(name, fn) for name, fn in TABLE_COLUMNS if any(fn(m) is not None for m in metric_dicts)]
+    lines = ["| Method | " + " | ".join(n for n, _ in used) + " |", "|---|" + "---|" * len(used)]
+    for m in metric_dicts:
+        label = m.get("label") or f"{m.get('method')} ({os.path.basename(str(m.get('rm') or '-'))})"
+        lines.append(f"| {label} | " + " | ".join(fn(m) or "-" for _, fn in used) + " |")
+    if any(m.get("judge_is_proxy") for m in metric_dicts):
+        lines.append("\n† judged by a reward model (a proxy), not by GPT-4.")
+    return "\n".join(lines)
