@@ -54,7 +54,8 @@ def main():
             return
         print(f"\n[run] {name}: {' '.join(cmd)}", flush=True)
         t0 = time.time()
-        subprocess.run([py, *cmd], check=True)
+        if subprocess.run([py, *cmd]).returncode != 0:
+            sys.exit(f"demo: stage {name} failed (its message is above); fix it and rerun: finished stages are kept")
         timings.append((name, time.time() - t0))
 
     L = str(s["max_length"])
