@@ -15,6 +15,7 @@ A stage whose output (and manifest) exists is skipped; --redo STAGE[,STAGE] or -
 """
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -69,6 +70,9 @@ def main():
           f"{out}/sst.jsonl", "--tokenizer", "minilm-l6", "--truncation", "sst", "--K", "5",
           *limit(s["sst_pairs"]), *data)
     for scheme in ("entropy", "uniform"):
+        cache = f"{out}/weighted_{scheme}.jsonl.scores.jsonl"
+        if scheme == "uniform" and not os.path.exists(cache) and os.path.exists(f"{out}/weighted_entropy.jsonl"):
+            shutil.copy(f"{out}/weighted_entropy.jsonl.scores.jsonl", cache)  # same reference scores: reuse
         stage(f"weight-{scheme}", f"{out}/weighted_{scheme}.jsonl", "02_weight.py", "--input", f"{out}/sst.jsonl",
               "--output", f"{out}/weighted_{scheme}.jsonl", "--ref-rm", f"{out}/orm", "--scheme", scheme,
               "--max-length", L, "--resume")
