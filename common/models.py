@@ -108,6 +108,8 @@ def load_tokenizer(name, padding_side="right"):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     tokenizer.padding_side = padding_side
+    # Lengths are enforced by the RM input rule (common/rewards.py), not by the tokenizer's warning.
+    tokenizer.model_max_length = int(1e12)
     return tokenizer
 
 

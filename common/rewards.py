@@ -32,6 +32,11 @@ class RMFormat:
         if not self.decoder:
             self.kind = "pair"
             self._template = _pair_template(tokenizer)
+            # absolute position embeddings: an encoder cannot read past its table
+            config = getattr(model_or_config, "config", model_or_config)
+            limit = getattr(config, "max_position_embeddings", None)
+            if limit and config.model_type != "deberta-v2":
+                self.max_length = min(max_length, limit)
         else:
             self.kind = "chat" if tokenizer.chat_template else "plain"
         # An RM that must see its turn closed (opt-in): response inside the template, no prefix fast path.
