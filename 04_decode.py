@@ -79,17 +79,6 @@ def search_config(args):
     return cfg
 
 
-def method_params(cfg):
-    keep = {"greedy": [], "sample": ["temperature", "top_p", "top_k"], "argsg": ["w", "k"],
-            "tbs": ["beam", "successors", "temperature", "top_p", "top_k"],
-            "cbs": ["beam", "successors", "chunk", "temperature", "top_p", "top_k"],
-            "bon": ["n", "temperature", "top_p", "top_k"],
-            "cards": ["entropy_threshold", "reward_threshold", "max_segment", "max_retries", "temperature"]}
-    params = {k: getattr(cfg, k) for k in keep[cfg.method]}
-    params.update(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    return params
-
-
 def distributed():
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
@@ -119,7 +108,7 @@ def main():
     elif cfg.uses_rm:
         raise SystemExit(f"error: --method {cfg.method} needs --rm")
     search = Search(policy, cfg, rm, rm_path=args.rm_path)
-    params = method_params(cfg)
+    params = cfg.params()
 
     with ResumableJsonlWriter(out_path, key="id", resume=args.resume) as writer:
         todo = [p for p in mine if p["id"] not in writer.done]

@@ -112,9 +112,7 @@ def main():
         seconds = None
         if res is None:
             res, seconds, _ = timed(lambda: run_batched(Search(policy, cfg, rm if cfg.uses_rm else None), prompts, 8))
-        params = {k: v for k, v in vars(cfg).items() if k in ("k", "w", "beam", "successors", "chunk", "n",
-                                                                 "max_segment", "max_retries")}
-        report["methods"][name] = {**cost(res), "params": params if cfg.uses_rm else {},
+        report["methods"][name] = {**cost(res), "params": cfg.params(),
                                    **({"seconds_b8": round(seconds, 2)} if seconds else {})}
     report["load_1min_end"] = load_average()
     print(json.dumps(report, indent=2))

@@ -71,6 +71,16 @@ class SearchConfig:
             return 1, 1, self.max_segment
         raise ValueError(f"unknown method {m!r}; choose from {METHODS}")
 
+    def params(self):
+        """The settings that matter for this method (recorded with every generation)."""
+        sampling = ["temperature", "top_p", "top_k"]
+        keep = {"greedy": [], "sample": sampling, "argsg": ["w", "k"], "tbs": ["beam", "successors"] + sampling,
+                "cbs": ["beam", "successors", "chunk"] + sampling, "bon": ["n"] + sampling,
+                "cards": ["entropy_threshold", "reward_threshold", "max_segment", "max_retries"] + sampling}
+        out = {k: getattr(self, k) for k in keep[self.method]}
+        out.update(max_new_tokens=self.max_new_tokens, seed=self.seed)
+        return out
+
     @property
     def samples(self):
         return self.method in ("sample", "tbs", "cbs", "bon", "cards")
