@@ -35,7 +35,11 @@ tables.cells = [
                              "columns, reward mean ± std) from the metric files of a run "
                              "(`05_evaluate.py metrics`). Table 1 (HH-RLHF dialogue) is what the demo "
                              "produces; Tables 2-5 appear when their runs (TL;DR, GSM8K, AdvBench, "
-                             "ablations) are in RUN_DIR as `metrics_<task>_*.json`."),
+                             "ablations) are in RUN_DIR as `metrics_<task>_*.json`.\n\n"
+                             "The paper's reported numbers belong beside rows whose settings match its own "
+                             "(its policies, e.g. Llama-3.2-1B-Instruct, and RMs, e.g. RM-Gemma-2B). The "
+                             "embedded demo uses SmolLM2-135M and MiniLM-L6 RMs trained here, so no row of "
+                             "runs/demo matches and none is shown beside it."),
     nbf.v4.new_code_cell(SETUP),
     nbf.v4.new_code_cell("""from IPython.display import Markdown, display
 from common.metrics import markdown_table
