@@ -6,7 +6,6 @@ Every stage reads and writes JSON Lines (one object a line, UTF-8). Bad input is
 import contextlib
 import hashlib
 import json
-import math
 import os
 import platform
 import sys
@@ -77,13 +76,6 @@ def _parse_line(raw, path, lineno, required, nonempty, strings=()):
         if not value.strip():
             raise DataError(f"{path}:{lineno}: field '{key}': empty")
     return obj
-
-
-def check_finite(value, where):
-    """Stop the stage if a NaN or infinite number is about to be written."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise DataError(f"{where}: non-finite value {value}; refusing to write it")
-    return value
 
 
 def dumps(obj):
@@ -176,7 +168,7 @@ def _row_key(row, key):
     return row.get(key)
 
 
-def sha256_file(path, limit=None):
+def sha256_file(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
