@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.rewards import RMFormat, reward_at, score
+from common.rewards import RMFormat, score_encoded
 
 METHODS = ("greedy", "sample", "argsg", "tbs", "cbs", "bon", "cards")
 
@@ -197,7 +197,8 @@ class TreeCache:
         lead = int((~shared).any(0).long().argmax()) if bool((~shared).any()) else Q
         if lead and self.shared_len != S:
             raise RuntimeError("shared tokens fed after chain tokens; drop the chains first")
-        self.shared_len = S + lead if lead or self.shared_len == S else self.shared_len
+        if lead:
+            self.shared_len = S + lead
         self.key_valid, self.key_seg = key_valid, key_seg
         self.calls += 1
         self.tokens += valid.long().sum(1)
@@ -554,11 +555,10 @@ class Search:
         return out
 
     def _text_scores(self, items, prompts, rm_tokens):
-        texts = [self.response_text(t) for _, t in items]
-        ps = [prompts[b]["prompt"] for b, _ in items]
-        for b, t in zip((b for b, _ in items), texts):
-            rm_tokens[b] += len(self.rm.fmt.encode(prompts[b]["prompt"], t)["input_ids"])
-        return score(self.rm.model, self.rm.fmt, ps, texts, batch_size=64)
+        examples = [self.rm.fmt.encode(prompts[b]["prompt"], self.response_text(t)) for b, t in items]
+        for (b, _), e in zip(items, examples):
+            rm_tokens[b] += len(e["input_ids"])
+        return score_encoded(self.rm.model, examples, self.rm.tokenizer.pad_token_id, batch_size=64)
 
     # -- step 4 -------------------------------------------------------------------------------------
     def _choose(self, rows, chains, done, logp, scores, W, K, attempts, best_attempt):
