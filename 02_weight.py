@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from common.io import (DataError, ResumableJsonlWriter, read_jsonl, run_main, write_jsonl, write_manifest)
 from common.losses import DEFAULT_ENTROPY_FLOOR, reference_weights
-from common.models import load_reward_model, load_tokenizer
+from common.models import load_reward_model, load_tokenizer, model_identity
 from common.rewards import RMFormat, score, score_prefixes
 
 log = logging.getLogger("weight")
@@ -139,7 +139,8 @@ def main():
                "weight_max": float(weights.max()) if len(weights) else 0.0,
                "zero_weight_rows": int((weights == 0).sum()), "truncated_inputs": fmt.truncated,
                "scheme": args.scheme}
-    write_manifest(args.output, args, inputs=[args.input, args.ref_rm], extra={"summary": summary})
+    write_manifest(args.output, args, inputs=[args.input, args.ref_rm],
+                   extra={"summary": summary, "reference": model_identity(args.ref_rm)})
     log.info("%s", summary)
 
 

@@ -6,15 +6,25 @@
     deepspeed --num_gpus 8 03_train.py --input ... --init weqweasdas/RM-Gemma-2B --output ... \\
         --deepspeed configs/zero3.json
 
-Loss: L = -mean(w * log sigmoid(r(x, y_w) - r(x, y_l))), w from the input's "weight" field (1 when absent;
-rows of weight 0 add nothing and are skipped). Pairs are batched by length and truncated by the RM input
-rule (README), never dropped. AdamW, linear schedule with warm-up, 1 epoch. Defaults per model family
-(the paper's): lr 5e-6 for decoder RMs (Gemma, Llama), 1e-6 for DeBERTa, 2e-5 for small encoders
-(MiniLM); grad-accum 16 under DeepSpeed, 1 in plain mode.
+Loss: L = -mean(w * log sigmoid(r(x, y_w) - r(x, y_l))) over the rows of a batch, w from the input's
+"weight" field (1 when absent; rows of weight 0 add nothing and are skipped). Pairs are batched by length
+and truncated by the RM input rule (README), never dropped. AdamW, linear schedule with warm-up, 1 epoch.
+Defaults per model family: lr 5e-6 for decoder RMs (Gemma, Llama) and 1e-6 for DeBERTa (the paper's),
+5e-5 for small encoders (MiniLM: the standard reward trainer's setting, which our 2e-5 trailed by several
+points of held-out accuracy); grad-accum 16 under DeepSpeed, 1 in plain mode.
+
+Grouped training (decoder RMs): the score of a prefix y[:t] is the head at the position of its last token
+in one causal forward over (x, y), so all cut points of a pair share one forward of the chosen side and
+one of the rejected side (the same fact `score_prefixes` uses for scoring). The rows of a partial or
+weighted file are grouped by pair_id; the loss is the same mean over rows, with every row's scores read off
+those forwards: the same equation, fewer forwards (SST with K = 5: about 5 rows per forward). A batch is a
+set of whole pairs of about --batch-size rows. Encoder RMs, and --grouping off, keep one forward per row.
+
 Out: a Hugging Face folder (safetensors, tokenizer, config) for AutoModelForSequenceClassification, plus
-train_log.jsonl (loss, lr, step, pairs/s, tokens/s) and, with --eval, held-out full-response accuracy and
-AR_RM-SC at --eval-prefix-lengths after each epoch (eval.json). --save-steps writes a checkpoint that
---resume continues from (same final weights as an uninterrupted run).
+train_log.jsonl (loss, lr, step, rows/s, rows per forward, real tokens/s), reward_stats.json (mean and std
+of the trained RM's scores of complete responses, for `04_decode.py --reward-norm std`) and, with --eval,
+held-out full-response accuracy and AR_RM-SC at --eval-prefix-lengths after each epoch (eval.json).
+--save-steps writes a checkpoint that --resume continues from (same final weights as an uninterrupted run).
 """
 import argparse
 import json
@@ -24,19 +34,20 @@ import os
 import shutil
 import time
 
+import numpy as np
 import torch
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from common.data import load_pairs
 from common.io import DataError, dumps, run_main, write_json, write_manifest
-from common.losses import bradley_terry_loss
-from common.metrics import agreement_rate, prefix_agreement
-from common.models import is_decoder_rm, load_reward_model, load_tokenizer, model_family
-from common.rewards import RMFormat, encode_pairs, length_batches, pair_forward, score
+from common.metrics import agreement_rate, bootstrap_ci, prefix_pair_scores, reward_gap
+from common.models import (is_decoder_rm, load_reward_model, load_tokenizer, model_family, model_identity,
+                           same_model)
+from common.rewards import RMFormat, batch_loss, length_batches, score, training_units
 
 log = logging.getLogger("train")
-DEFAULT_LR = {"decoder": 5e-6, "deberta": 1e-6, "encoder": 2e-5}
+DEFAULT_LR = {"decoder": 5e-6, "deberta": 1e-6, "encoder": 5e-5}
 
 
 def parse_args():
@@ -49,14 +60,18 @@ def parse_args():
     p.add_argument("--eval-limit", type=int, default=None, help="use only the first N eval pairs")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=None, help="default by model family (see above)")
-    p.add_argument("--batch-size", type=int, default=8, help="pairs per device per micro-batch")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per device per micro-batch (whole pairs when grouped)")
     p.add_argument("--grad-accum", type=int, default=None, help="default 16 under DeepSpeed, else 1")
     p.add_argument("--warmup-ratio", type=float, default=0.03)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--max-length", type=int, default=512, help="RM input tokens (truncation rule in README)")
     p.add_argument("--limit", type=int, default=None, help="train on the first N rows only")
+    p.add_argument("--grouping", choices=["auto", "off"], default="auto",
+                   help="auto: a decoder RM scores all cut points of a pair side from one forward (same loss)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--allow-self-reference", action="store_true",
+                   help="train on weights that --init itself computed as the reference (self-confirmation)")
     p.add_argument("--save-steps", type=int, default=100, help="checkpoint every N optimizer steps (0: never)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint if present")
     p.add_argument("--stop-after-steps", type=int, default=None,
@@ -195,6 +210,26 @@ class Runtime:
             dist.barrier()
 
 
+def check_reference(args):
+    """Refuse to train --init on rows weighted by --init itself: the paper's reference is a separate,
+    stronger RM; with the model as its own reference the filter keeps only what it already believes."""
+    manifest = args.input + ".manifest.json"
+    if not os.path.isfile(manifest):
+        return None
+    with open(manifest, encoding="utf-8") as f:
+        reference = json.load(f).get("reference")
+    if not reference:
+        return None
+    if same_model(reference, model_identity(args.init)):
+        message = (f"{args.input}: its weights were computed with reference {reference['name']}, the model given "
+                   f"as --init ({args.init}): the reference must be a different, stronger RM "
+                   "(or pass --allow-self-reference)")
+        if not args.allow_self_reference:
+            raise DataError(message)
+        log.warning("%s; training anyway (--allow-self-reference)", message.split(": ", 1)[1])
+    return reference
+
+
 def load_rows(args):
     stats = {}
     rows = load_pairs(args.input, args.data_dir, stats=stats)
@@ -207,16 +242,44 @@ def load_rows(args):
     return rows
 
 
+def new_window():
+    return {"loss": 0.0, "n": 0, "rows": 0, "forwards": 0, "tokens": 0, "t0": time.time()}
+
+
 @torch.no_grad()
 def evaluate(model, fmt, pairs, prefix_lengths, batch_size):
+    """Held-out accuracy and AR_RM-SC / Delta_r per t; also returns the scores (for reward_stats.json)."""
     model.eval()
     prompts = [p["prompt"] for p in pairs]
     r_w = score(model, fmt, prompts, [p["chosen"] for p in pairs], batch_size)
     r_l = score(model, fmt, prompts, [p["rejected"] for p in pairs], batch_size)
-    curve = prefix_agreement(model, fmt, pairs, prefix_lengths, batch_size)
-    return {"accuracy": agreement_rate(r_w, r_l), "n": len(pairs),
-            "ar_sc": {str(t): v["ar_sc"] for t, v in curve.items()},
-            "reward_gap": {str(t): v["gap"] for t, v in curve.items()}}
+    sw, sl = prefix_pair_scores(model, fmt, pairs, prefix_lengths, batch_size)
+    ar = {str(t): agreement_rate([s[k] for s in sw], [s[k] for s in sl]) for k, t in enumerate(prefix_lengths)}
+    gap = {str(t): reward_gap([s[k] for s in sw], [s[k] for s in sl]) for k, t in enumerate(prefix_lengths)}
+    result = {"accuracy": agreement_rate(r_w, r_l), "accuracy_ci95": bootstrap_ci(np.greater(r_w, r_l)),
+              "n": len(pairs), "ar_sc": ar, "reward_gap": gap}
+    prefix_scores = [v for s in sw + sl for v in s]
+    return result, r_w + r_l, prefix_scores
+
+
+@torch.no_grad()
+def reward_statistics(model, fmt, complete_scores, prefix_scores, source):
+    """Mean and std of the RM's scores of complete responses (and of prefixes, when at hand)."""
+    stats = {"mean": float(np.mean(complete_scores)), "std": float(np.std(complete_scores)),
+             "n": len(complete_scores), "source": source}
+    if prefix_scores:
+        stats.update(prefix_mean=float(np.mean(prefix_scores)), prefix_std=float(np.std(prefix_scores)),
+                     prefix_n=len(prefix_scores))
+    if not (math.isfinite(stats["std"]) and stats["std"] > 0):
+        raise DataError(f"{source}: the trained RM gives every response the same score; no reward statistics")
+    return stats
+
+
+def training_responses(rows, limit=1000):
+    """Complete (prompt, response) of the training rows: rows marked complete, else all rows (pairs file)."""
+    complete = [r for r in rows if r.get("complete", True)]
+    pairs = complete[:limit]
+    return [p["prompt"] for p in pairs] * 2, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
 
 
 def main():
@@ -227,20 +290,23 @@ def main():
     grad_accum = args.grad_accum or (16 if args.deepspeed else 1)
     torch.manual_seed(args.seed)
 
+    reference = check_reference(args)
     rows = load_rows(args)
     tokenizer = load_tokenizer(args.init)
     model = load_reward_model(args.init, tokenizer=tokenizer)
     fmt = RMFormat(tokenizer, model, max_length=args.max_length)
-    examples = [e for e in encode_pairs(fmt, rows) if e["weight"] > 0]
-    skipped_zero = len(rows) - len(examples)
-    if not examples:
+    grouped = is_decoder_rm(model) and fmt.fast_prefixes and args.grouping == "auto"
+    units = training_units(fmt, rows, grouped)
+    n_rows = sum(u["n_rows"] for u in units)
+    skipped_zero = len(rows) - n_rows
+    if not units:
         raise DataError(f"{args.input}: no pair with a positive weight to train on")
     eval_pairs = load_pairs(args.eval, args.data_dir)[: args.eval_limit] if args.eval else None
     prefix_lengths = [int(t) for t in args.eval_prefix_lengths.split(",") if t]
 
     # Each rank takes every world-th batch; the optimizer steps once per grad_accum micro-batches.
     world = int(os.environ.get("WORLD_SIZE", 1)) if args.deepspeed else 1
-    n_batches = math.ceil(len(examples) / args.batch_size)
+    n_batches = len(length_batches(units, args.batch_size, args.seed, 0))
     micro_per_rank = math.ceil(n_batches / world)
     steps_per_epoch = math.ceil(micro_per_rank / grad_accum)
     total_steps = steps_per_epoch * args.epochs
@@ -257,22 +323,23 @@ def main():
     elif rt.is_main and os.path.exists(log_path):
         os.remove(log_path)
     if rt.is_main:
-        log.info("%d pairs (%d of weight 0 skipped, %d truncated), %d optimizer steps, lr %g, accum %d, "
-                 "world %d", len(examples), skipped_zero, fmt.truncated, total_steps, args.lr, grad_accum, rt.world)
+        log.info("%d rows (%d of weight 0 skipped, %d truncated inputs), %s: %d forward sequences an epoch, "
+                 "%d optimizer steps, lr %g, accum %d, world %d", n_rows, skipped_zero, fmt.truncated,
+                 "grouped by pair" if grouped else "one forward per row and side",
+                 sum(len(u["sequences"]) for u in units), total_steps, args.lr, grad_accum, rt.world)
 
     log_file = open(log_path, "a", encoding="utf-8") if rt.is_main else None
-    eval_history = []
+    eval_history, eval_scores, eval_prefix_scores = [], None, None
     stopped = False
     for epoch in range(state["epoch"], args.epochs):
-        batches = length_batches(examples, args.batch_size, args.seed, epoch)[rt.rank::rt.world]
+        batches = length_batches(units, args.batch_size, args.seed, epoch)[rt.rank::rt.world]
         rt.train()
-        window = {"loss": 0.0, "pairs": 0, "tokens": 0, "t0": time.time(), "n": 0}
+        window = new_window()
         bar = tqdm(total=len(batches), initial=state["micro"], desc=f"epoch {epoch + 1}/{args.epochs}",
                    unit="batch", disable=not rt.is_main)
         for micro in range(state["micro"], len(batches)):
-            chunk = [examples[i] for i in batches[micro]]
-            r_w, r_l, w, n_tokens = pair_forward(rt.model, chunk, tokenizer.pad_token_id, decoder, rt.device)
-            loss = bradley_terry_loss(r_w, r_l, w)
+            loss, counts = batch_loss(rt.model, [units[i] for i in batches[micro]], tokenizer.pad_token_id,
+                                      decoder, rt.device)
             if not torch.isfinite(loss):
                 raise DataError(f"non-finite loss at epoch {epoch + 1}, micro-batch {micro}: stopping")
             rt.backward(loss)
@@ -280,8 +347,8 @@ def main():
             lr = rt.step(boundary)
             window["loss"] += loss.item()
             window["n"] += 1
-            window["pairs"] += len(chunk)
-            window["tokens"] += n_tokens
+            for key in ("rows", "forwards", "tokens"):
+                window[key] += counts[key]
             bar.update(1)
             if not boundary:
                 continue
@@ -290,13 +357,14 @@ def main():
                 dt = max(time.time() - window["t0"], 1e-9)
                 entry = {"step": state["step"], "epoch": epoch + (micro + 1) / len(batches),
                          "loss": window["loss"] / window["n"], "lr": lr,
-                         "pairs_per_s": window["pairs"] * rt.world / dt,
+                         "rows_per_s": window["rows"] * rt.world / dt,
+                         "rows_per_forward": window["rows"] / max(window["forwards"] / 2, 1),
                          "tokens_per_s": window["tokens"] * rt.world / dt}
-                bar.set_postfix(loss=f"{entry['loss']:.4f}", pairs_s=f"{entry['pairs_per_s']:.1f}")
+                bar.set_postfix(loss=f"{entry['loss']:.4f}", rows_s=f"{entry['rows_per_s']:.1f}")
                 if log_file:
                     log_file.write(dumps(entry) + "\n")
                     log_file.flush()
-                window = {"loss": 0.0, "pairs": 0, "tokens": 0, "t0": time.time(), "n": 0}
+                window = new_window()
             if args.save_steps and state["step"] % args.save_steps == 0:
                 rt.save_checkpoint(ckpt, state)
             if args.stop_after_steps and state["step"] >= args.stop_after_steps:
@@ -309,7 +377,9 @@ def main():
             return
         state = {"epoch": epoch + 1, "micro": 0, "step": state["step"]}
         if eval_pairs:
-            result = {"epoch": epoch + 1, **evaluate(rt.model, fmt, eval_pairs, prefix_lengths, args.batch_size)}
+            result, eval_scores, eval_prefix_scores = evaluate(rt.model, fmt, eval_pairs, prefix_lengths,
+                                                               args.batch_size)
+            result = {"epoch": epoch + 1, **result}
             eval_history.append(result)
             if log_file:
                 log_file.write(dumps({"step": state["step"], "eval": result}) + "\n")
@@ -319,12 +389,20 @@ def main():
                          result["ar_sc"])
         rt.save_checkpoint(ckpt, state)
 
+    if eval_scores is None:  # statistics from the training pairs' complete responses
+        prompts, responses = training_responses(rows)
+        eval_scores = score(rt.model, fmt, prompts, responses, args.batch_size)
+        source = f"{args.input} (complete responses of {len(responses) // 2} training pairs)"
+    else:
+        source = f"{args.eval} ({len(eval_scores) // 2} held-out pairs, chosen and rejected)"
+    stats = reward_statistics(rt.model, fmt, eval_scores, eval_prefix_scores, source)
     rt.save_model(args.output, tokenizer)
     if rt.is_main:
+        write_json(os.path.join(args.output, "reward_stats.json"), stats)
         if eval_history:
             write_json(os.path.join(args.output, "eval.json"), eval_history[-1])
         write_manifest(args.output, args, inputs=[args.input, args.eval, args.init],
-                       extra={"pairs": len(examples), "zero_weight_skipped": skipped_zero,
+                       extra={"reference": reference, "rows": n_rows, "grouped": grouped, "zero_weight_skipped": skipped_zero,
                               "truncated": fmt.truncated, "grad_accum": grad_accum, "world_size": rt.world,
                               "total_steps": total_steps})
         shutil.rmtree(ckpt, ignore_errors=True)

@@ -22,14 +22,16 @@ RM through decoded text (text). Out: one row per prompt {"id","prompt","response
 """
 import argparse
 import dataclasses
+import json
 import logging
+import math
 import os
 
 import torch
 from tqdm import tqdm
 
 from common.data import load_prompts
-from common.io import ResumableJsonlWriter, read_jsonl, run_main, write_jsonl, write_manifest
+from common.io import DataError, ResumableJsonlWriter, read_jsonl, run_main, write_jsonl, write_manifest
 from common.models import load_policy, load_reward_model, load_tokenizer
 from common.search import METHODS, Policy, RewardModel, Search, SearchConfig
 
@@ -53,6 +55,10 @@ def parse_args():
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--rm-path", choices=["auto", "cached", "text"], default="auto")
     p.add_argument("--rm-max-length", type=int, default=2048, help="text path: RM input tokens")
+    p.add_argument("--reward-norm", choices=["none", "std"], default="none",
+                   help="std: every method searches with (r - mean) / std, from the RM's reward_stats.json "
+                        "(written by 03_train.py), so one --w means the same for RMs of different scales")
+    p.add_argument("--reward-stats", default=None, help="reward statistics JSON (default: RM/reward_stats.json)")
     g = p.add_argument_group("method flags")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-p", type=float, default=1.0)
@@ -79,6 +85,28 @@ def search_config(args):
     return cfg
 
 
+def load_reward_stats(args):
+    """{"mean", "std"} for --reward-norm std: --reward-stats, else reward_stats.json in the RM folder."""
+    if not args.rm:
+        raise DataError("--reward-norm std needs --rm")
+    path = args.reward_stats or os.path.join(args.rm, "reward_stats.json")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no reward statistics for --reward-norm std (03_train.py writes them; "
+                        "or give --reward-stats FILE with \"mean\" and \"std\")")
+    try:
+        with open(path, encoding="utf-8") as f:
+            stats = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    for key in ("mean", "std"):
+        value = stats.get(key) if isinstance(stats, dict) else None
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise DataError(f"{path}: field '{key}': expected a finite number")
+    if stats["std"] <= 0:
+        raise DataError(f"{path}: field 'std': must be > 0")
+    return {"mean": float(stats["mean"]), "std": float(stats["std"]), "path": path}
+
+
 def distributed():
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
@@ -100,15 +128,19 @@ def main():
     mine = prompts[rank::world]
     out_path = args.output if world == 1 else f"{args.output}.shard{rank}-of-{world}.jsonl"
 
+    stats = load_reward_stats(args) if args.reward_norm == "std" else None
     policy = Policy(load_policy(args.policy), load_tokenizer(args.policy, padding_side="left"), args.policy)
     rm = None
     if args.rm:
         rm_tok = load_tokenizer(args.rm)
-        rm = RewardModel(load_reward_model(args.rm, tokenizer=rm_tok).eval(), rm_tok, args.rm, args.rm_max_length)
+        rm = RewardModel(load_reward_model(args.rm, tokenizer=rm_tok).eval(), rm_tok, args.rm, args.rm_max_length,
+                         stats=stats)
     elif cfg.uses_rm:
         raise SystemExit(f"error: --method {cfg.method} needs --rm")
     search = Search(policy, cfg, rm, rm_path=args.rm_path)
     params = cfg.params()
+    if stats is not None:
+        params["reward_stats"] = {"mean": stats["mean"], "std": stats["std"]}
 
     with ResumableJsonlWriter(out_path, key="id", resume=args.resume) as writer:
         todo = [p for p in mine if p["id"] not in writer.done]
@@ -120,7 +152,7 @@ def main():
             for p, res in zip(batch, search.run(batch)):
                 row = {"id": p["id"], "prompt": p["prompt"], "response": res["response"], "method": cfg.method,
                        "params": params, "rm": args.rm, "policy": args.policy,
-                       "stats": {**res["stats"], "reward": res["reward"]}}
+                       "stats": {**res["stats"], "reward": res["reward"], "search_reward": res["search_reward"]}}
                 row.update({k: p[k] for k in ("reference", "target", "prefill", "category") if k in p})
                 writer.write(row)
             bar.update(len(batch))

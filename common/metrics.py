@@ -2,6 +2,35 @@
 import numpy as np
 
 
+N_RESAMPLES = 10000
+
+
+def bootstrap_ci(values, seed=0, n_resamples=N_RESAMPLES, paired_with=None):
+    """95% percentile-bootstrap interval of the mean of `values` (resampling items: prompts or pairs).
+
+    paired_with: a second array over the same items; the interval is then that of mean(values - other),
+    the items resampled together. scipy.stats.bootstrap does the resampling; a sample of one item, or one
+    whose values are all equal, has the degenerate interval [mean, mean].
+    """
+    from scipy.stats import bootstrap
+
+    x = np.asarray(values, dtype=float)
+    if paired_with is not None:
+        x = x - np.asarray(paired_with, dtype=float)
+    if len(x) == 0:
+        return [float("nan"), float("nan")]
+    if len(x) < 2 or np.all(x == x[0]):
+        return [float(x.mean()), float(x.mean())]
+    res = bootstrap((x,), np.mean, n_resamples=n_resamples, confidence_level=0.95, method="percentile",
+                    vectorized=True, random_state=np.random.default_rng(seed))
+    return [float(res.confidence_interval.low), float(res.confidence_interval.high)]
+
+
+def mean_with_ci(values, seed=0):
+    """(mean, [lo, hi]) of per-item values."""
+    return float(np.mean(values)), bootstrap_ci(values, seed)
+
+
 def agreement_rate(r_chosen, r_rejected):
     """AR_RM-SC: share of pairs where the RM scores the chosen (prefix) above the rejected one; ties disagree."""
     r_chosen, r_rejected = np.asarray(r_chosen, dtype=float), np.asarray(r_rejected, dtype=float)
@@ -31,16 +60,6 @@ def prefix_pair_scores(model, fmt, pairs, prefix_lengths, batch_size=16):
             if ids_w[:t] == ids_l[:t]:
                 b[k] = a[k]
     return sw, sl
-
-
-def prefix_agreement(model, fmt, pairs, prefix_lengths, batch_size=16):
-    """{t: {"ar_sc", "gap", "n"}} over pairs at each prefix length t (whole response when shorter)."""
-    sw, sl = prefix_pair_scores(model, fmt, pairs, prefix_lengths, batch_size)
-    out = {}
-    for k, t in enumerate(prefix_lengths):
-        a, b = [s[k] for s in sw], [s[k] for s in sl]
-        out[t] = {"ar_sc": agreement_rate(a, b), "gap": reward_gap(a, b), "n": len(a)}
-    return out
 
 
 # ------------------------------------------------------------------------------------------ text metrics

@@ -103,6 +103,39 @@ def resolve_model_path(name):
     return name
 
 
+def model_identity(name):
+    """{"name", "path", "weights_sha256"} of a model: the same weights give the same checksum wherever they lie.
+
+    The checksum covers the weight files (safetensors, else PyTorch bins) of a local folder; a hub id that
+    is not on disk has none, and is then known by its name only.
+    """
+    path = resolve_model_path(name)
+    if not os.path.isdir(path):
+        return {"name": name, "path": None, "weights_sha256": None}
+    from common.io import sha256_file
+
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors")) or \
+        sorted(f for f in os.listdir(path) if f.endswith(".bin") and f.startswith("pytorch_model"))
+    digest = None
+    if files:
+        import hashlib
+
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f"{f}:{sha256_file(os.path.join(path, f))}\n".encode())
+        digest = h.hexdigest()
+    return {"name": name, "path": os.path.realpath(path), "weights_sha256": digest}
+
+
+def same_model(a, b):
+    """True when two model identities name the same weights (or, without checksums, the same model)."""
+    if a.get("weights_sha256") and b.get("weights_sha256"):
+        return a["weights_sha256"] == b["weights_sha256"]
+    if a.get("path") and b.get("path"):
+        return a["path"] == b["path"]
+    return a.get("name") == b.get("name")
+
+
 def load_tokenizer(name, padding_side="right"):
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name))
     if tokenizer.pad_token is None:

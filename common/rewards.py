@@ -8,11 +8,15 @@ The RM input rule (the same in training, weighting, evaluation and decoding):
   pair    encoder RM: [CLS] rendered prompt [SEP] response[:t] [SEP] (the tokenizer's own pair layout)
 
 The response is tokenized alone, without special tokens, and nothing (no EOS, no end of turn) is appended
-after a prefix: a prefix is unfinished. Over-long inputs: the response is cut from the right to at most
-max_length - min(prompt tokens, max_length // 2) tokens, then the prompt from the left to fill the rest.
+after a prefix: a prefix is unfinished. Over-long inputs: when prompt + response exceed the budget
+(max_length less the encoder's special tokens), the prompt keeps its last min(prompt tokens, budget // 2)
+tokens and the response is cut from the right to fill the rest. The kept prompt does not depend on how
+long the response is, so the inputs of all over-long prefixes of a response are prefixes of one sequence
+(prefix-consistent truncation): a response needs at most two forwards, one for its prefixes that fit and
+one for those that do not.
 
 For a decoder RM (causal attention) r(x, y[:t]) for every t is the head applied to the hidden state at each
-response position of ONE forward pass; `score_prefixes` uses that. Scores are always read at an explicit
+response position of ONE forward pass; `score_prefixes` and the grouped training loss use that. Scores are always read at an explicit
 position (the last real token), never by searching for the pad id: SmolLM2's pad is <|im_end|>, which
 also closes every ChatML turn.
 """
@@ -84,8 +88,8 @@ class RMFormat:
         budget = self.max_length - self.n_special
         if n_prompt + n_response <= budget:
             return n_prompt, n_response
-        keep_response = min(n_response, budget - min(n_prompt, budget // 2))
-        return min(n_prompt, budget - keep_response), keep_response
+        keep_prompt = min(n_prompt, budget // 2)
+        return keep_prompt, min(n_response, budget - keep_prompt)
 
     def encode(self, prompt, response=None, response_ids=None, t=None):
         """{"input_ids", "token_type_ids"?} for (prompt, response[:t])."""
@@ -259,9 +263,9 @@ def score_prefixes(model, fmt, prompts, responses, lengths=None, batch_size=16, 
 
     lengths: None, one list of t's for all responses, or a list of such lists, one per response.
 
-    Decoder RM: prefixes that share the same (truncated) prompt are read off ONE forward pass over the
-    longest of them. Without truncation that is one forward per response. Encoder RMs (and the closed
-    format) fall back to the per-prefix reference path.
+    Decoder RM: every prefix is read off one forward over the longest of them (two when some prefixes are
+    over-long: the truncation rule keeps one prompt for all of those). Encoder RMs (and the closed format)
+    fall back to the per-prefix reference path.
     """
     if not fmt.fast_prefixes:
         return score_prefixes_reference(model, fmt, prompts, responses, lengths, batch_size, padding_side)
@@ -269,19 +273,13 @@ def score_prefixes(model, fmt, prompts, responses, lengths=None, batch_size=16, 
     sequences, reads, slots = [], [], []  # one forward sequence each, the positions read, where they go
     out = []
     for i, (p, r) in enumerate(zip(prompts, responses)):
-        p_ids, r_ids = fmt.prompt_ids(p), fmt.response_ids(r)
+        r_ids = fmt.response_ids(r)
         ts = _lengths_for(len(r_ids), _per_response(lengths, i))
         out.append([0.0] * len(ts))
-        groups = {}  # prompt tokens kept -> [(t kept, slot)]
-        for k, t in enumerate(ts):
-            n_p, n_r = fmt.budgets(len(p_ids), t)
-            groups.setdefault(n_p, []).append((n_r, k))
-            fmt.truncated += (n_p, n_r) != (len(p_ids), t)
-        for n_p, members in groups.items():
-            longest = max(n_r for n_r, _ in members)
-            sequences.append({"input_ids": p_ids[len(p_ids) - n_p:] + r_ids[:longest]})
-            reads.append([n_p + n_r - 1 for n_r, _ in members])
-            slots.append([(i, k) for _, k in members])
+        for seq, positions, members in prefix_sequences(fmt, fmt.prompt_ids(p), [r_ids[:t] for t in ts]):
+            sequences.append({"input_ids": seq})
+            reads.append(positions)
+            slots.append([(i, k) for k in members])
     device = _device(model)
     for idx, chunk in _batches(sequences, batch_size, key=lambda e: len(e["input_ids"])):
         batch, offsets = collate(chunk, fmt.tokenizer.pad_token_id, padding_side)
@@ -293,41 +291,132 @@ def score_prefixes(model, fmt, prompts, responses, lengths=None, batch_size=16, 
     return out
 
 
+def prefix_sequences(fmt, prompt_ids, prefixes):
+    """Pack response prefixes (token lists) of one prompt into as few decoder inputs as the rule allows.
+
+    Returns [(input ids, [read position per member], [member indices])]: member k's RM input
+    fmt.encode(prompt, response_ids=prefixes[k]) is the sequence up to its read position, inclusive.
+    Prefixes are grouped by the prompt tokens they keep; within a group a prefix joins the longest sequence
+    that starts with it (a cut text whose re-tokenization differs gets a sequence of its own).
+    """
+    by_prompt = {}
+    for k, ids in enumerate(prefixes):
+        n_p, n_r = fmt.budgets(len(prompt_ids), len(ids))
+        fmt.truncated += (n_p, n_r) != (len(prompt_ids), len(ids))
+        by_prompt.setdefault(n_p, []).append((ids[:n_r], k))
+    out = []
+    for n_p, members in by_prompt.items():
+        head = prompt_ids[len(prompt_ids) - n_p:]
+        groups = []  # [response ids, positions, members]
+        for ids, k in sorted(members, key=lambda m: -len(m[0])):
+            group = next((g for g in groups if g[0][:len(ids)] == ids), None)
+            if group is None:
+                group = [ids, [], []]
+                groups.append(group)
+            group[1].append(n_p + len(ids) - 1)
+            group[2].append(k)
+        out += [(head + ids, positions, ks) for ids, positions, ks in groups]
+    return out
+
+
 # ------------------------------------------------------------------------------------------ training batches
 
-def encode_pairs(fmt, rows, weight_field="weight"):
-    """Training examples {"chosen", "rejected", "weight", "n_tokens"} from pair (or weighted) rows."""
-    examples = []
+def training_units(fmt, rows, grouped=False, weight_field="weight"):
+    """Training units from pair, partial or weighted rows; rows of weight 0 are left out (they add nothing).
+
+    grouped=False: one unit per row, its chosen and its rejected RM input, each read at its last token.
+    grouped=True (a decoder RM, open format): one unit per pair (pair_id and prompt) holding all its rows.
+    Each side is packed by `prefix_sequences` (one forward for every cut point of the side, two when
+    some are over-long) and each row's score is read at its own last token: the same scores, fewer forwards.
+    A unit: {"sequences": [encoded input], "chosen": [(sequence, position)], "rejected": [...],
+    "weights": [w], "n_rows", "n_tokens"}.
+    """
+    units = []
+    if not grouped:
+        for row in rows:
+            w = float(row.get(weight_field, 1.0))
+            if w <= 0:
+                continue
+            chosen = fmt.encode(row["prompt"], row["chosen"])
+            rejected = fmt.encode(row["prompt"], row["rejected"])
+            n_c, n_r = len(chosen["input_ids"]), len(rejected["input_ids"])
+            units.append({"sequences": [chosen, rejected], "chosen": [(0, n_c - 1)], "rejected": [(1, n_r - 1)],
+                          "weights": [w], "n_rows": 1, "n_tokens": n_c + n_r})
+        return units
+    pairs = {}
     for row in rows:
-        chosen = fmt.encode(row["prompt"], row["chosen"])
-        rejected = fmt.encode(row["prompt"], row["rejected"])
-        examples.append({"chosen": chosen, "rejected": rejected, "weight": float(row.get(weight_field, 1.0)),
-                         "n_tokens": len(chosen["input_ids"]) + len(rejected["input_ids"])})
-    return examples
+        if float(row.get(weight_field, 1.0)) > 0:
+            pairs.setdefault((row.get("pair_id", row.get("id")), row["prompt"]), []).append(row)
+    for (_, prompt), members in pairs.items():
+        prompt_ids = fmt.prompt_ids(prompt)
+        unit = {"sequences": [], "chosen": [None] * len(members), "rejected": [None] * len(members),
+                "weights": [float(r.get(weight_field, 1.0)) for r in members], "n_rows": len(members)}
+        for side in ("chosen", "rejected"):
+            prefixes = [fmt.response_ids(r[side]) for r in members]
+            for seq, positions, ks in prefix_sequences(fmt, prompt_ids, prefixes):
+                for pos, k in zip(positions, ks):
+                    unit[side][k] = (len(unit["sequences"]), pos)
+                unit["sequences"].append({"input_ids": seq})
+        unit["n_tokens"] = sum(len(s["input_ids"]) for s in unit["sequences"])
+        units.append(unit)
+    return units
 
 
-def length_batches(examples, batch_size, seed, epoch):
-    """Batches of similar length (little padding), in a shuffled order fixed by (seed, epoch)."""
+def length_batches(units, batch_size, seed, epoch):
+    """Batches of units of similar length (little padding), each of about batch_size rows, in a shuffled
+    order fixed by (seed, epoch). A unit is never split: a batch is a set of whole pairs."""
     g = torch.Generator().manual_seed(seed * 1000003 + epoch)
-    jitter = torch.rand(len(examples), generator=g).tolist()
+    jitter = torch.rand(len(units), generator=g).tolist()
     # Sort by length within random mega-chunks of 50 batches: batches stay homogeneous in length
     # while the data order still changes from epoch to epoch.
-    order = torch.randperm(len(examples), generator=g).tolist()
+    order = torch.randperm(len(units), generator=g).tolist()
     mega = batch_size * 50
     batches = []
     for s in range(0, len(order), mega):
-        chunk = sorted(order[s:s + mega], key=lambda i: (examples[i]["n_tokens"], jitter[i]))
-        batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+        current, rows = [], 0
+        for i in sorted(order[s:s + mega], key=lambda i: (units[i]["n_tokens"], jitter[i])):
+            current.append(i)
+            rows += units[i]["n_rows"]
+            if rows >= batch_size:
+                batches.append(current)
+                current, rows = [], 0
+        if current:
+            batches.append(current)
     perm = torch.randperm(len(batches), generator=g).tolist()
     return [batches[i] for i in perm]
 
 
-def pair_forward(model, examples, pad_id, decoder, device):
-    """(r_chosen, r_rejected, weights, real tokens) for a batch of pairs: one padded forward of 2B rows."""
-    seqs = [e["chosen"] for e in examples] + [e["rejected"] for e in examples]
-    batch, offsets = collate(seqs, pad_id, "right")
-    last = torch.tensor([o + len(s["input_ids"]) - 1 for o, s in zip(offsets, seqs)], device=device)
-    scores = reward_at(model, {k: v.to(device) for k, v in batch.items()}, last, decoder)
-    n = len(examples)
-    weights = torch.tensor([e["weight"] for e in examples], device=device, dtype=scores.dtype)
-    return scores[:n], scores[n:], weights, int(batch["attention_mask"].sum())
+def batch_loss(model, units, pad_id, decoder, device):
+    """The weighted Bradley-Terry loss of a batch: -mean over its rows of w * log sigmoid(r_w - r_l).
+
+    All sequences of the batch go through one padded forward. Returns (loss, stats) with stats
+    {"rows", "forwards" (sequences), "tokens" (real tokens)}.
+    """
+    from common.losses import bradley_terry_loss
+
+    sequences, reads, picks = [], [], {"chosen": [], "rejected": []}
+    weights = []
+    for u in units:
+        base = len(sequences)
+        sequences += u["sequences"]
+        reads += [[] for _ in u["sequences"]]
+        for side in ("chosen", "rejected"):
+            for s, pos in u[side]:
+                picks[side].append((base + s, len(reads[base + s])))
+                reads[base + s].append(pos)
+        weights += u["weights"]
+    batch, offsets = collate(sequences, pad_id, "right")
+    batch = {k: v.to(device) for k, v in batch.items()}
+    if decoder:
+        positions = [[o + q for q in r] for r, o in zip(reads, offsets)]
+        flat = torch.cat(reward_at(model, batch, positions, decoder=True))
+    else:  # encoders read one score per sequence, at its end (their own pooling)
+        last = torch.tensor([o + r[-1] for r, o in zip(reads, offsets)], device=device)
+        flat = reward_at(model, batch, last, decoder=False)
+    start = [0]
+    for r in reads:
+        start.append(start[-1] + len(r))
+    index = {side: torch.tensor([start[s] + j for s, j in picks[side]], device=flat.device) for side in picks}
+    w = torch.tensor(weights, device=flat.device, dtype=flat.dtype)
+    loss = bradley_terry_loss(flat[index["chosen"]], flat[index["rejected"]], w)
+    return loss, {"rows": len(weights), "forwards": len(sequences), "tokens": int(batch["attention_mask"].sum())}

@@ -51,6 +51,7 @@ class SearchConfig:
     reward_threshold: float = None   # CARDS: accept a segment if r >= this; None: if r >= r(accepted prefix)
     max_segment: int = 32            # CARDS: longest segment
     max_retries: int = 4             # CARDS: resamples of a segment before the best attempt is taken
+    reward_norm: str = "none"        # "std": every method uses (r - mean) / std of the RM's reward_stats.json
     seed: int = 0
     stop_strings: tuple = ()
 
@@ -78,6 +79,8 @@ class SearchConfig:
                 "cbs": ["beam", "successors", "chunk"] + sampling, "bon": ["n"] + sampling,
                 "cards": ["entropy_threshold", "reward_threshold", "max_segment", "max_retries"] + sampling}
         out = {k: getattr(self, k) for k in keep[self.method]}
+        if self.uses_rm:
+            out["reward_norm"] = self.reward_norm
         out.update(max_new_tokens=self.max_new_tokens, seed=self.seed)
         return out
 
@@ -279,10 +282,23 @@ class RewardModel:
     name: str = "rm"
     max_length: int = 2048
     fmt: RMFormat = None
+    stats: dict = None     # {"mean", "std"}: set to search with (r - mean) / std instead of r
 
     def __post_init__(self):
         self.model.eval()
         self.fmt = RMFormat(self.tokenizer, self.model, max_length=self.max_length)
+
+    def normalize(self, scores):
+        """The reward the search sees: raw, or (r - mean) / std when stats are set (a tensor or a list)."""
+        if self.stats is None:
+            return scores
+        if torch.is_tensor(scores):
+            return (scores - self.stats["mean"]) / self.stats["std"]
+        return [(s - self.stats["mean"]) / self.stats["std"] for s in scores]
+
+    def raw(self, value):
+        """The RM's own score of a (normalised) search reward."""
+        return value if self.stats is None or value is None else value * self.stats["std"] + self.stats["mean"]
 
     def shares_tokens_with(self, policy):
         """The cached path needs a decoder RM whose tokenizer and prompt rendering equal the policy's."""
@@ -362,7 +378,7 @@ class Search:
                 rm_ids = [self.rm.fmt.prompt_ids(p["prompt"]) + pre for p, pre in zip(prompts, prefills)]
                 t, v = pad_rows(rm_ids, self.pad, left=True)
                 h = rm_cache.feed(t, v, torch.full_like(t, -1))
-                scores0 = rm_cache.head(h[torch.arange(len(rows)), last_valid(v)])[:, 0].float()
+                scores0 = self.rm.normalize(rm_cache.head(h[torch.arange(len(rows)), last_valid(v)])[:, 0].float())
             else:
                 scores0 = torch.tensor(self._text_scores([(r.prompt, r.tokens) for r in rows], prompts,
                                                          rm_tokens_text))
@@ -438,7 +454,8 @@ class Search:
             results.append({
                 "response": self.response_text(best.tokens),
                 "tokens": best.tokens,
-                "reward": best.score,
+                "reward": self.rm.raw(best.score) if self.rm else None,
+                "search_reward": best.score,
                 "stats": {
                     "policy_calls": policy_cache.calls, "policy_tokens": policy_tokens,
                     "rm_calls": (rm_cache.calls if rm_cache is not None else rm_calls) if self.rm else 0,
@@ -541,13 +558,13 @@ class Search:
         has_pending = valid[:, :P].any(1)
         if has_pending.any():
             h = hidden[torch.arange(R), last_valid(valid[:, :P]).clamp(min=0)]
-            fresh = cache.head(h)[:, 0].float()
+            fresh = self.rm.normalize(cache.head(h)[:, 0].float())
             prefix = torch.where(has_pending, fresh, prefix)
         out = prefix[:, None].repeat(1, K)
         ends = [(i, j, P + j * L + len(chains[i][j]) - 1) for i in range(R) for j in range(K) if chains[i][j]]
         if ends:
             h = hidden[torch.tensor([e[0] for e in ends]), torch.tensor([e[2] for e in ends])]
-            vals = cache.head(h)[:, 0].float()
+            vals = self.rm.normalize(cache.head(h)[:, 0].float())
             for (i, j, _), v in zip(ends, vals.tolist()):
                 out[i, j] = v
         for i, r in enumerate(rows):
@@ -558,7 +575,7 @@ class Search:
         examples = [self.rm.fmt.encode(prompts[b]["prompt"], self.response_text(t)) for b, t in items]
         for (b, _), e in zip(items, examples):
             rm_tokens[b] += len(e["input_ids"])
-        return score_encoded(self.rm.model, examples, self.rm.tokenizer.pad_token_id, batch_size=64)
+        return self.rm.normalize(score_encoded(self.rm.model, examples, self.rm.tokenizer.pad_token_id, batch_size=64))
 
     # -- step 4 -------------------------------------------------------------------------------------
     def _choose(self, rows, chains, done, logp, scores, W, K, attempts, best_attempt):

@@ -26,6 +26,12 @@ class Reference:
         text = self.text(response)
         return score(self.rm.model, self.rm.fmt, [prompt], [text], 1)[0]
 
+    def search_reward(self, prompt, response):
+        """The reward the methods rank by: r, or (r - mean) / std with reward normalisation."""
+        r = self.reward(prompt, response)
+        stats = self.rm.stats
+        return r if stats is None else (r - stats["mean"]) / stats["std"]
+
     def text(self, response):
         text = self.tok.decode(response, skip_special_tokens=True)
         for s in self.stops():
@@ -67,7 +73,7 @@ class Reference:
         return response
 
     def args(self, p, prompt_ids, response):
-        """ARGS-greedy: argmax over the top-k tokens v of log p(v) + w * r(x, y + v)."""
+        """ARGS-greedy: argmax over the top-k tokens v of log p(v) + w * r(x, y + v) (r normalised if set)."""
         response, n0 = list(response), len(response)
         while True:
             logp = torch.log_softmax(self.logits(prompt_ids, response).float(), -1)
@@ -75,7 +81,7 @@ class Reference:
             objective = []
             for lp, v in zip(top.values.tolist(), top.indices.tolist()):
                 candidate = response if v in self.policy.eos_ids else response + [v]
-                objective.append(lp + self.cfg.w * self.reward(p["prompt"], candidate))
+                objective.append(lp + self.cfg.w * self.search_reward(p["prompt"], candidate))
             v = top.indices[int(torch.argmax(torch.tensor(objective)))].item()
             if v in self.policy.eos_ids:
                 return response

@@ -106,3 +106,60 @@ def test_pair_format_for_encoders(minilm_tokenizer):
     expected = minilm_tokenizer("Human: What is the capital of France?\n\nAssistant:", "Paris is the capital.")
     assert enc["input_ids"] == list(expected["input_ids"])
     assert enc["token_type_ids"] == list(expected["token_type_ids"])
+
+
+def _cut_rows(fmt, pairs, cuts, weights):
+    rows = []
+    for i, (p, c, r) in enumerate(pairs):
+        for k, t in enumerate(cuts[i]):
+            rows.append({"id": f"{i}@{k}", "pair_id": f"pair{i}", "t": t, "prompt": p,
+                         "chosen": fmt.cut(c, t), "rejected": fmt.cut(r, t), "weight": weights[i][k]})
+    return rows
+
+
+def _per_row_loss(model, fmt, rows):
+    """The literal definition: one forward per row and side, score at its last token, mean over rows."""
+    from common.losses import bradley_terry_loss
+
+    def r(prompt, text):
+        ids = fmt.encode(prompt, text)["input_ids"]
+        hidden = model.base_model(input_ids=torch.tensor([ids])).last_hidden_state
+        return model.score(hidden[0, -1])[0]
+
+    kept = [row for row in rows if row["weight"] > 0]
+    r_w = torch.stack([r(row["prompt"], row["chosen"]) for row in kept])
+    r_l = torch.stack([r(row["prompt"], row["rejected"]) for row in kept])
+    return bradley_terry_loss(r_w, r_l, torch.tensor([row["weight"] for row in kept]))
+
+
+@pytest.mark.parametrize("max_length", [512, 48])  # 48: prompts and responses truncated
+def test_grouped_training_loss_and_gradients_equal_per_row(max_length, smol_tokenizer):
+    from common.rewards import batch_loss, training_units
+
+    model = tiny_rm("llama", smol_tokenizer)
+    model.train()
+    fmt = RMFormat(smol_tokenizer, model, max_length=max_length)
+    pairs = [(PROMPTS[0], RESPONSES[0], RESPONSES[1]), (PROMPTS[1], RESPONSES[1], "No."),
+             (PROMPTS[2], RESPONSES[2], RESPONSES[0])]
+    n0 = max(len(fmt.response_ids(RESPONSES[0])), len(fmt.response_ids(RESPONSES[1])))
+    cuts = [list(range(1, n0 + 1)),          # TLT: every t
+            [2, 5, 5, 9, 40],                 # SST-like: a repeated cut, one beyond both sides' lengths
+            [1, 3, 100]]
+    weights = [[(0.0 if t % 4 == 0 else 0.5 + 0.1 * t) for t in cuts[0]], [1.0, 2.0, 0.0, 1.5, 0.7], [0.3, 1.0, 2.5]]
+    rows = _cut_rows(fmt, pairs, cuts, weights)
+
+    expected = _per_row_loss(model, fmt, rows)
+    expected_grads = torch.autograd.grad(expected, list(model.parameters()))
+    units = training_units(fmt, rows, grouped=True)
+    loss, counts = batch_loss(model, units, smol_tokenizer.pad_token_id, decoder=True, device="cpu")
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+
+    n_rows = sum(w > 0 for ws in weights for w in ws)
+    assert counts["rows"] == n_rows and counts["forwards"] < n_rows  # fewer forwards than rows
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    for g, e in zip(grads, expected_grads):
+        assert torch.allclose(g, e, atol=1e-5), (g - e).abs().max()
+    # the per-row units give the same loss too (the path encoders and --grouping off take)
+    flat, flat_counts = batch_loss(model, training_units(fmt, rows, grouped=False), smol_tokenizer.pad_token_id,
+                                   decoder=True, device="cpu")
+    assert flat.item() == pytest.approx(expected.item(), abs=1e-5) and flat_counts["forwards"] == 2 * n_rows

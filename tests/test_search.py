@@ -152,3 +152,21 @@ def test_cached_rm_costs_k_new_tokens(policy, decoder_rm):
     # prefill + per step (1 accepted + k candidates); the text path re-reads the whole sequence k times
     assert cached["rm_tokens"] <= prompt_len + 4 * (1 + 5)
     assert text["rm_tokens"] > 5 * prompt_len
+
+
+@pytest.mark.parametrize("rm_path", ["cached", "text"])
+def test_args_with_normalised_reward_matches_reference(policy, smol_tokenizer, rm_path):
+    """ARGS ranks log p(v) + w * (r - mean) / std; a small std lets the reward overrule the LM."""
+    model = tiny_rm("llama", smol_tokenizer, seed=1)
+    plain = RewardModel(model, smol_tokenizer, "tiny-llama-rm")
+    normed = RewardModel(model, smol_tokenizer, "tiny-llama-rm", stats={"mean": 3.0, "std": 0.05})
+    cfg = SearchConfig(method="argsg", k=5, w=1.5, max_new_tokens=6, reward_norm="std")
+    got = check(policy, cfg, normed, rm_path, 4)
+    unnormed = Search(policy, SearchConfig(method="argsg", k=5, w=1.5, max_new_tokens=6), plain, rm_path).run(PROMPTS)
+    assert any(g["tokens"] != u["tokens"] for g, u in zip(got, unnormed))
+    ref = Reference(policy, cfg, normed, rm_path)
+    for p, g in zip(PROMPTS, got):  # the reported reward is the RM's own score; the search's is normalised
+        raw = ref.reward(p["prompt"], g["tokens"])
+        assert g["reward"] == pytest.approx(raw, abs=1e-4)
+        assert g["search_reward"] == pytest.approx((raw - 3.0) / 0.05, abs=2e-3)
+    assert cfg.params()["reward_norm"] == "std"

@@ -24,7 +24,7 @@ def test_training_learns_a_separable_task(tmp_path, smol_tokenizer):
     evals = [e["eval"] for e in log if "eval" in e]
     assert losses[-1] < 0.5 * losses[0]
     assert len(evals) == 3 and evals[-1]["accuracy"] >= 0.9
-    assert all(e["pairs_per_s"] > 0 and e["tokens_per_s"] > 0 for e in log if "loss" in e)
+    assert all(e["rows_per_s"] > 0 and e["tokens_per_s"] > 0 for e in log if "loss" in e)
     # a standard HF folder that AutoModelForSequenceClassification loads
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -43,7 +43,7 @@ def test_zero_weights_train_nothing_and_weights_scale_the_loss(tmp_path, smol_to
     data = write_jsonl(tmp_path / "w.jsonl", rows)
     run_script("03_train.py", "--input", data, "--init", init, "--output", tmp_path / "rm", "--lr", 1e-3)
     manifest = json.load(open(tmp_path / "rm" / "manifest.json"))
-    assert manifest["pairs"] == 1 and manifest["zero_weight_skipped"] == 15
+    assert manifest["rows"] == 1 and manifest["zero_weight_skipped"] == 15
 
 
 def test_resume_gives_the_same_weights(tmp_path, smol_tokenizer):
