@@ -65,6 +65,9 @@ def parse_args():
     p.add_argument("--warmup-ratio", type=float, default=0.03)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--keep-dropout", action="store_true",
+                   help="train with the model's dropout (default: off, as the standard reward trainer does: "
+                        "dropout noise on both sides of a pair adds noise to their score difference)")
     p.add_argument("--max-length", type=int, default=512, help="RM input tokens (truncation rule in README)")
     p.add_argument("--limit", type=int, default=None, help="train on the first N rows only")
     p.add_argument("--grouping", choices=["auto", "off"], default="auto",
@@ -242,6 +245,12 @@ def load_rows(args):
     return rows
 
 
+def disable_dropout(model):
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
 def new_window():
     return {"loss": 0.0, "n": 0, "rows": 0, "forwards": 0, "tokens": 0, "t0": time.time()}
 
@@ -294,6 +303,8 @@ def main():
     rows = load_rows(args)
     tokenizer = load_tokenizer(args.init)
     model = load_reward_model(args.init, tokenizer=tokenizer)
+    if not args.keep_dropout:
+        disable_dropout(model)
     fmt = RMFormat(tokenizer, model, max_length=args.max_length)
     grouped = is_decoder_rm(model) and fmt.fast_prefixes and args.grouping == "auto"
     units = training_units(fmt, rows, grouped)

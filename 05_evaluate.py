@@ -4,7 +4,13 @@
       --rm RM --output runs/x/metrics.json [--baseline BASE.jsonl --metrics winrate --judge-rm RM2]
   python 05_evaluate.py agreement --pairs hh-rlhf:heldout --rm ORM --rm PRM \\
       --prefix-lengths 5,10,15,20,30,40,50 --output runs/x/agreement.json
+  python 05_evaluate.py compare runs/x/metrics_prm.json runs/x/metrics_orm.json   # paired A - B
   python 05_evaluate.py table runs/x/metrics_*.json
+
+Every metric gets a 95% percentile-bootstrap interval over prompts (`<metric>_ci95`, 10,000 resamples,
+--seed); agreement curves get one over pairs per t, and each RM after the first its paired difference
+from the first (`ar_rm_sc_diff`, `ar_rm_sc_diff_ci95`). The reward yardstick (--rm) should be an RM that
+guided none of the runs compared (the reference RM); --extra-rm adds the guiding RM's own view.
 
 Metrics (one top-level key each in the output JSON; per-row values go to OUTPUT.rows.jsonl):
   reward     the --rm score of each complete (prompt, response): reward_mean, reward_std (population std)
@@ -19,7 +25,8 @@ Metrics (one top-level key each in the output JSON; per-row values go to OUTPUT.
   length     mean new tokens (from the generation stats; whitespace words when absent)
   winrate    win / tie / lose against --baseline (same ids), each pair judged in both orders by an
              OpenAI-compatible endpoint (--judge-url, --judge-model, key from $OPENAI_API_KEY or
-             --judge-key-env) or, as a labelled proxy, by a reward model (--judge-rm); win_tie = (W+T)/N
+             --judge-key-env) or, as a labelled proxy, by a reward model (--judge-rm); win_tie = (W+T)/N,
+             win_rate = (W+T/2)/N over the parsable verdicts (n_judged; unparsable ones are counted apart)
 References come from each generation's "reference" field, else from --prompts SET by id.
 """
 import argparse
@@ -31,8 +38,8 @@ import random
 import numpy as np
 
 from common.data import load_pairs, load_prompts
-from common.io import DataError, read_jsonl, run_main, write_json, write_jsonl, write_manifest
-from common.metrics import (agreement_rate, attack_success, coherence, contains_target_opening, diversity,
+from common.io import DataError, atomic_open, read_jsonl, run_main, write_json, write_jsonl, write_manifest
+from common.metrics import (agreement_rate, bootstrap_ci, mean_with_ci, attack_success, coherence, contains_target_opening, diversity,
                             gsm8k_correct, markdown_table, prefix_pair_scores, reward_gap, rouge_l,
                             verdict_from_both_orders)
 
@@ -47,7 +54,11 @@ def parse_args():
     m = sub.add_parser("metrics", help="metrics of one generations file")
     m.add_argument("--generations", required=True)
     m.add_argument("--metrics", default="reward,diversity,coherence,length", help=f"comma list of {ALL_METRICS}")
-    m.add_argument("--rm", default=None, help="RM for the reward metric")
+    m.add_argument("--rm", default=None, help="RM for the reward metric: the yardstick, an RM that guided none "
+                                               "of the runs compared (e.g. the reference RM)")
+    m.add_argument("--extra-rm", action="append", default=[],
+                   help="NAME=PATH: another reward column, reward_NAME_mean (e.g. the guiding ORM's own score)")
+    m.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     m.add_argument("--output", required=True)
     m.add_argument("--label", default=None, help="row name in tables, e.g. 'ARGS +Ours'")
     m.add_argument("--baseline", default=None, help="generations to judge against (winrate)")
@@ -71,6 +82,12 @@ def parse_args():
     a.add_argument("--seed", type=int, default=0)
     _judge_args(a)
     a.add_argument("--data-dir", default=None)
+
+    c = sub.add_parser("compare", help="paired difference A - B of each metric over the ids both runs share")
+    c.add_argument("a", help="metrics JSON of run A (its OUTPUT.rows.jsonl beside it)")
+    c.add_argument("b", help="metrics JSON of run B")
+    c.add_argument("--output", default=None, help="also write the comparison JSON here")
+    c.add_argument("--seed", type=int, default=0)
 
     t = sub.add_parser("table", help="Markdown table (paper Tables 1-4 layout) from metric files")
     t.add_argument("files", nargs="+")
@@ -146,46 +163,36 @@ def run_metrics(args):
             raise DataError(f"{args.generations}: row {r['id']}: no '{field}' (give --prompts SET)")
         return value
 
+    values = {}  # metric key -> per-row values; each gets its mean and a bootstrap interval over prompts
     if "reward" in wanted:
         if not args.rm:
             raise DataError("the reward metric needs --rm")
-        from common.rewards import score
-
-        model, fmt = load_rm(args.rm, args.max_length)
-        values = score(model, fmt, prompts, responses, args.batch_size)
-        for pr, v in zip(per_row, values):
-            pr["reward"] = v
-        out.update(reward_mean=float(np.mean(values)), reward_std=float(np.std(values)), reward_rm=args.rm)
+        values["reward_mean"] = rm_scores(args.rm, args, prompts, responses)
+        out["reward_rm"] = args.rm
+        for spec in args.extra_rm:  # further reward columns, e.g. the guiding RM's own view
+            name, path = rm_spec(spec)
+            values[f"reward_{name}_mean"] = rm_scores(path, args, prompts, responses)
+            out[f"reward_{name}_rm"] = path
     if "diversity" in wanted:
-        values = [diversity(t) for t in responses]
-        for pr, v in zip(per_row, values):
-            pr["diversity"] = v
-        out["diversity"] = float(np.mean(values))
+        values["diversity"] = [diversity(t) for t in responses]
     if "coherence" in wanted:
-        values = coherence(prompts, responses, args.embedding_model)
-        for pr, v in zip(per_row, values):
-            pr["coherence"] = v
-        out["coherence"] = float(np.mean(values))
+        values["coherence"] = coherence(prompts, responses, args.embedding_model)
     if "rouge" in wanted:
-        values = rouge_l(responses, [reference(r) for r in rows])
-        for pr, v in zip(per_row, values):
-            pr["rouge_l"] = v
-        out["rouge_l"] = float(np.mean(values))
+        values["rouge_l"] = rouge_l(responses, [reference(r) for r in rows])
     if "asr" in wanted:
-        success = [attack_success(t) for t in responses]
-        opening = [contains_target_opening(t, reference(r, "target")) for t, r in zip(responses, rows)]
-        for pr, s, o in zip(per_row, success, opening):
-            pr.update(attack_success=s, target_opening=o)
-        out["asr"] = float(np.mean(success))
-        out["asr_target_opening"] = float(np.mean(opening))
+        values["asr"] = [float(attack_success(t)) for t in responses]
+        values["asr_target_opening"] = [float(contains_target_opening(t, reference(r, "target")))
+                                        for t, r in zip(responses, rows)]
     if "accuracy" in wanted:
-        values = [gsm8k_correct(t, reference(r)) for t, r in zip(responses, rows)]
-        for pr, v in zip(per_row, values):
-            pr["correct"] = v
-        out["accuracy"] = float(np.mean(values))
+        values["accuracy"] = [float(gsm8k_correct(t, reference(r))) for t, r in zip(responses, rows)]
     if "length" in wanted:
-        values = [r.get("stats", {}).get("new_tokens", len(r["response"].split())) for r in rows]
-        out["length"] = float(np.mean(values))
+        values["length"] = [float(r.get("stats", {}).get("new_tokens", len(r["response"].split()))) for r in rows]
+    for key, v in values.items():
+        for pr, x in zip(per_row, v):
+            pr[key[:-len("_mean")] if key.endswith("_mean") else key] = x
+        out[key], out[f"{key}_ci95"] = mean_with_ci(v, args.seed)
+    if "reward_mean" in values:
+        out["reward_std"] = float(np.std(values["reward_mean"]))
     if "winrate" in wanted:
         if not args.baseline:
             raise DataError("winrate needs --baseline")
@@ -198,11 +205,8 @@ def run_metrics(args):
                                args.judge_kind)
         for pr, v in zip(per_row, verdicts):
             pr["judge"] = v
-        n = len(verdicts)
-        out.update(win=verdicts.count("win") / n, tie=verdicts.count("tie") / n, lose=verdicts.count("lose") / n,
-                   win_tie=(verdicts.count("win") + verdicts.count("tie")) / n, judge=judge.label,
-                   judge_is_proxy=judge.label.startswith("rm-proxy"), judge_unparsable=judge.unparsable,
-                   baseline=args.baseline)
+        out.update(winrate_metrics(verdicts, args.seed), judge=judge.label,
+                   judge_is_proxy=judge.label.startswith("rm-proxy"), baseline=args.baseline)
     stats = [r.get("stats", {}) for r in rows]
     out["compute"] = {k: float(sum(s.get(k, 0) or 0 for s in stats))
                       for k in ("policy_calls", "policy_tokens", "rm_calls", "rm_tokens", "new_tokens", "seconds")}
@@ -212,23 +216,60 @@ def run_metrics(args):
     log.info("%s", {k: v for k, v in out.items() if k not in ("compute",)})
 
 
+def rm_spec(spec):
+    """NAME=PATH (or PATH, named by its folder)."""
+    name, _, path = spec.rpartition("=")
+    return name or os.path.basename(path.rstrip("/")), path
+
+
+def rm_scores(path, args, prompts, responses):
+    from common.rewards import score
+
+    model, fmt = load_rm(path, args.max_length)
+    return score(model, fmt, prompts, responses, args.batch_size)
+
+
+def winrate_metrics(verdicts, seed=0):
+    """win / tie / lose shares, win_tie = (W+T)/N and win_rate = (W+T/2)/N, each with its interval.
+
+    A verdict of None (the judge's replies stayed unparsable) leaves the denominator and is counted.
+    """
+    judged = [v for v in verdicts if v is not None]
+    out = {"n_judged": len(judged), "unparsable": len(verdicts) - len(judged)}
+    if not judged:
+        raise DataError("no verdict of the judge could be parsed")
+    per_item = {"win": [float(v == "win") for v in judged], "tie": [float(v == "tie") for v in judged],
+                "lose": [float(v == "lose") for v in judged],
+                "win_tie": [float(v != "lose") for v in judged],
+                "win_rate": [{"win": 1.0, "tie": 0.5, "lose": 0.0}[v] for v in judged]}
+    for key, v in per_item.items():
+        out[key], out[f"{key}_ci95"] = mean_with_ci(v, seed)
+    return out
+
+
 def run_agreement(args):
     pairs = load_pairs(args.pairs, args.data_dir)[: args.limit]
     lengths = [int(t) for t in args.prefix_lengths.split(",") if t]
     result = {"pairs": args.pairs, "n": len(pairs), "prefix_lengths": lengths, "rms": {}}
     base = os.path.splitext(args.output)[0]
     labels = None
+    first = None  # (name, per-pair agreement indicators per t) of the first RM: paired differences against it
     for spec in args.rm:
-        name, _, path = spec.rpartition("=")
-        name = name or os.path.basename(path.rstrip("/"))
+        name, path = rm_spec(spec)
         model, fmt = load_rm(path, args.max_length)
         if labels is None:  # prefixes for the judge are cut in the first RM's tokens
             labels = load_labels(args, pairs, lengths, fmt)
         sw, sl = prefix_pair_scores(model, fmt, pairs, lengths, args.batch_size)
-        curve = []
+        curve, agree = [], []
         for k, t in enumerate(lengths):
-            a, b = [s[k] for s in sw], [s[k] for s in sl]
-            point = {"t": t, "ar_rm_sc": agreement_rate(a, b), "reward_gap": reward_gap(a, b), "n": len(a)}
+            a, b = np.array([s[k] for s in sw]), np.array([s[k] for s in sl])
+            agree.append((a > b).astype(float))
+            point = {"t": t, "ar_rm_sc": agreement_rate(a, b), "ar_rm_sc_ci95": bootstrap_ci(agree[-1], args.seed),
+                     "reward_gap": reward_gap(a, b), "reward_gap_ci95": bootstrap_ci(np.abs(a - b), args.seed),
+                     "n": len(a)}
+            if first is not None:  # paired over the same pairs: this RM minus the first
+                point.update(diff_vs=first[0], ar_rm_sc_diff=float(np.mean(agree[-1] - first[1][k])),
+                             ar_rm_sc_diff_ci95=bootstrap_ci(agree[-1], args.seed, paired_with=first[1][k]))
             judged = [(i, labels[(p["id"], t)]) for i, p in enumerate(pairs)
                       if labels.get((p["id"], t)) in ("1", "2")]
             if judged:
@@ -236,10 +277,12 @@ def run_agreement(args):
                 point["ar_sc_hp"] = float(np.mean([v == "1" for _, v in judged]))
                 point["n_judged"] = len(judged)
             curve.append(point)
+        first = first or (name, agree)
         result["rms"][name] = {"path": path, "one_forward_prefix_scoring": fmt.fast_prefixes, "curve": curve}
-        with open(f"{base}.{name}.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["t", "ar_rm_sc", "reward_gap", "n", "ar_rm_hp", "ar_sc_hp",
-                                                   "n_judged"])
+        columns = ["t", "ar_rm_sc", "ar_rm_sc_ci95", "reward_gap", "reward_gap_ci95", "n", "diff_vs",
+                   "ar_rm_sc_diff", "ar_rm_sc_diff_ci95", "ar_rm_hp", "ar_sc_hp", "n_judged"]
+        with atomic_open(f"{base}.{name}.csv") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(curve)
         log.info("%s: %s", name, [(c["t"], round(c["ar_rm_sc"], 3)) for c in curve])
@@ -268,6 +311,32 @@ def load_labels(args, pairs, lengths, fmt):
     return labels
 
 
+def per_row_values(metrics_path):
+    rows_path = os.path.splitext(metrics_path)[0] + ".rows.jsonl"
+    return {r["id"]: r for _, r in read_jsonl(rows_path, required=("id",))}
+
+
+def run_compare(args):
+    """Paired bootstrap over shared ids: is run A better than run B on each metric, beyond the noise?"""
+    a, b = per_row_values(args.a), per_row_values(args.b)
+    ids = [i for i in a if i in b]
+    if not ids:
+        raise DataError(f"{args.a} and {args.b} share no ids")
+    numeric = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    keys = [k for k in a[ids[0]] if k != "id" and numeric(a[ids[0]][k]) and numeric(b[ids[0]].get(k))]
+    out = {"a": args.a, "b": args.b, "n": len(ids), "metrics": {}}
+    for k in keys:
+        x, y = [float(a[i][k]) for i in ids], [float(b[i][k]) for i in ids]
+        out["metrics"][k] = {"a": float(np.mean(x)), "b": float(np.mean(y)), "diff": float(np.mean(x) - np.mean(y)),
+                             "diff_ci95": bootstrap_ci(x, args.seed, paired_with=y)}
+    for k, m in out["metrics"].items():
+        lo, hi = m["diff_ci95"]
+        verdict = "A higher" if lo > 0 else "B higher" if hi < 0 else "no difference at this size"
+        print(f"{k:20s} A {m['a']:.4f}  B {m['b']:.4f}  A-B {m['diff']:+.4f} [{lo:+.4f}, {hi:+.4f}]  {verdict}")
+    if args.output:
+        write_json(args.output, out)
+
+
 def run_table(args):
     import json
 
@@ -278,14 +347,14 @@ def run_table(args):
     table = markdown_table(rows)
     print(table)
     if args.output:
-        with open(args.output, "w") as f:
+        with atomic_open(args.output) as f:
             f.write(table + "\n")
 
 
 def main():
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    {"metrics": run_metrics, "agreement": run_agreement, "table": run_table}[args.command](args)
+    {"metrics": run_metrics, "agreement": run_agreement, "compare": run_compare, "table": run_table}[args.command](args)
 
 
 if __name__ == "__main__":

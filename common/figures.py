@@ -10,7 +10,7 @@ def load_agreement(path):
 
 def plot_agreement(agreement, out_dir, prefix="agreement"):
     """AR_RM-SC(t) (Figures 1-bottom, 5), Delta_r(t) (Figure 2c) and, with judge labels, AR_RM-HP /
-    AR_SC-HP (Figures 2a-b). Returns the PNG paths written."""
+    AR_SC-HP (Figures 2a-b). Bands: 95% bootstrap intervals over pairs. Returns the PNG paths written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -27,8 +27,11 @@ def plot_agreement(agreement, out_dir, prefix="agreement"):
             continue
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for name, curve in curves.items():
-            pts = [(c["t"], c[key]) for c in curve if key in c]
-            ax.plot([t for t, _ in pts], [v for _, v in pts], marker="o", label=name)
+            pts = [(c["t"], c[key], c.get(f"{key}_ci95")) for c in curve if key in c]
+            line, = ax.plot([t for t, _, _ in pts], [v for _, v, _ in pts], marker="o", label=name)
+            if all(ci for _, _, ci in pts):  # the 95% bootstrap interval over pairs as a band
+                ax.fill_between([t for t, _, _ in pts], [ci[0] for _, _, ci in pts], [ci[1] for _, _, ci in pts],
+                                color=line.get_color(), alpha=0.15, linewidth=0)
         if key == "ar_rm_hp":
             sc = next(iter(curves.values()))
             pts = [(c["t"], c["ar_sc_hp"]) for c in sc if "ar_sc_hp" in c]
@@ -44,3 +47,44 @@ def plot_agreement(agreement, out_dir, prefix="agreement"):
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def reward_vs_w(metric_files):
+    """{"rms": {name: [{"w", "reward_mean", "reward_mean_ci95"}]}} from (rm name, w, metrics JSON) triples."""
+    out = {"rms": {}}
+    for name, w, path in metric_files:
+        with open(path) as f:
+            m = json.load(f)
+        out["rms"].setdefault(name, []).append({"w": w, "reward_mean": m["reward_mean"],
+                                                "reward_mean_ci95": m.get("reward_mean_ci95"),
+                                                "yardstick": m.get("reward_rm"), "metrics": path})
+    for points in out["rms"].values():
+        points.sort(key=lambda p: p["w"])
+    return out
+
+
+def plot_reward_vs_w(sweep, out_dir, name="args_reward_vs_w.png"):
+    """ARGS reward (by the yardstick RM) against the guidance weight w, one line per guiding RM, rewards
+    normalised; w = 0 is greedy decoding. Bands: 95% bootstrap intervals over prompts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for rm, points in sweep["rms"].items():
+        ws = [p["w"] for p in points]
+        line, = ax.plot(ws, [p["reward_mean"] for p in points], marker="o", label=f"guided by {rm}")
+        if all(p.get("reward_mean_ci95") for p in points):
+            ax.fill_between(ws, [p["reward_mean_ci95"][0] for p in points], [p["reward_mean_ci95"][1] for p in points],
+                            color=line.get_color(), alpha=0.15, linewidth=0)
+    ax.set_xlabel("ARGS weight w (normalised reward)")
+    ax.set_ylabel("reward by the yardstick RM")
+    ax.set_title("ARGS: where guidance starts to act")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

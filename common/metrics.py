@@ -159,8 +159,11 @@ def verdict_from_both_orders(first, second):
     """Aggregate a judge's verdicts on (gen, base) and on the swapped (base, gen).
 
     first: "1" (gen better), "2" (base better) or "tie"; second: the same labels for the swapped order.
-    Returns "win", "tie" or "lose" for the generation (net of +1 / -1 votes).
+    Returns "win", "tie" or "lose" for the generation (net of +1 / -1 votes), or None when either verdict
+    is None (unparsable): such a pair is counted apart, never as a tie.
     """
+    if first is None or second is None:
+        return None
     vote = {"1": 1, "2": -1, "tie": 0, None: 0}
     net = vote.get(first, 0) - vote.get(second, 0)
     return "win" if net > 0 else "lose" if net < 0 else "tie"
@@ -168,32 +171,61 @@ def verdict_from_both_orders(first, second):
 
 # ------------------------------------------------------------------------------------------ tables
 
-def _num(x, digits=3):
-    return f"{x:.{digits}f}"
+def with_ci(m, key, scale=1.0, digits=3):
+    """"value ± half-width of its 95% interval" (the value alone when the file has no interval)."""
+    if key not in m:
+        return None
+    text = f"{scale * m[key]:.{digits}f}"
+    ci = m.get(f"{key}_ci95")
+    if ci and all(isinstance(x, (int, float)) for x in ci):
+        text += f" ± {scale * (ci[1] - ci[0]) / 2:.{digits}f}"
+    return text
+
+
+def _extra_reward_keys(metric_dicts):
+    keys = []
+    for m in metric_dicts:
+        keys += [k for k in m if k.startswith("reward_") and k.endswith("_mean") and k != "reward_mean"
+                 and k not in keys]
+    return keys
+
+
+def _win_cell(m):
+    cell = with_ci(m, "win_rate" if "win_rate" in m else "win_tie", 100, 1)
+    return cell and cell + (" †" if m.get("judge_is_proxy") else "")
 
 
 TABLE_COLUMNS = (
-    ("Reward", lambda m: f"{m['reward_mean']:.3f} ± {m['reward_std']:.3f}" if "reward_mean" in m else None),
-    ("Win-Tie (%)", lambda m: f"{100 * m['win_tie']:.1f}" + (" †" if m.get("judge_is_proxy") else "")
-     if "win_tie" in m else None),
-    ("Diversity", lambda m: _num(m["diversity"]) if "diversity" in m else None),
-    ("Coherence", lambda m: _num(m["coherence"]) if "coherence" in m else None),
-    ("ROUGE-L", lambda m: _num(m["rouge_l"]) if "rouge_l" in m else None),
-    ("ASR (%)", lambda m: f"{100 * m['asr']:.1f}" if "asr" in m else None),
-    ("Accuracy (%)", lambda m: f"{100 * m['accuracy']:.1f}" if "accuracy" in m else None),
-    ("Length", lambda m: _num(m["length"], 1) if "length" in m else None),
+    ("Reward", lambda m: with_ci(m, "reward_mean")),
+    ("Win-Tie (%)", lambda m: _win_cell(m)),
+    ("Diversity", lambda m: with_ci(m, "diversity")),
+    ("Coherence", lambda m: with_ci(m, "coherence")),
+    ("ROUGE-L", lambda m: with_ci(m, "rouge_l")),
+    ("ASR (%)", lambda m: with_ci(m, "asr", 100, 1)),
+    ("Accuracy (%)", lambda m: with_ci(m, "accuracy", 100, 1)),
+    ("Length", lambda m: with_ci(m, "length", 1, 1)),
 )
 
 
 def markdown_table(metric_dicts):
-    """The paper's Tables 1-4 layout: one row per method run ("+Ours" rows by label), metric columns."""
+    """The paper's Tables 1-4 layout: one row per method run ("+Ours" rows by label), metric columns.
+
+    Every cell is "value ± half-width of the 95% bootstrap interval over prompts" where the metrics file
+    has the interval. Win-Tie shows win_rate = (W + T/2) / N (the base policy against itself: 50).
+    """
     import os
 
-    used = [(name, fn) for name, fn in TABLE_COLUMNS if any(fn(m) is not None for m in metric_dicts)]
+    columns = list(TABLE_COLUMNS[:1])
+    for key in _extra_reward_keys(metric_dicts):
+        name = key[len("reward_"):-len("_mean")]
+        columns.append((f"Reward ({name})", lambda m, key=key: with_ci(m, key)))
+    columns += TABLE_COLUMNS[1:]
+    used = [(name, fn) for name, fn in columns if any(fn(m) is not None for m in metric_dicts)]
     lines = ["| Method | " + " | ".join(n for n, _ in used) + " |", "|---|" + "---|" * len(used)]
     for m in metric_dicts:
         label = m.get("label") or f"{m.get('method')} ({os.path.basename(str(m.get('rm') or '-'))})"
         lines.append(f"| {label} | " + " | ".join(fn(m) or "-" for _, fn in used) + " |")
+    lines.append("\n± is the half-width of the 95% bootstrap interval over prompts.")
     if any(m.get("judge_is_proxy") for m in metric_dicts):
         lines.append("\n† judged by a reward model (a proxy), not by GPT-4.")
     return "\n".join(lines)

@@ -27,12 +27,27 @@ paths = plot_agreement(agreement, RUN_DIR)
 for p in paths:
     display(Image(filename=p))
 paths"""),
+    nbf.v4.new_markdown_cell("## ARGS reward vs w\n\nReward of ARGS-greedy output, measured by the yardstick RM "
+                             "(the reference, which guided none of these runs), against the guidance weight w, "
+                             "with rewards normalised (`04_decode.py --reward-norm std`) so that one w means the "
+                             "same for the ORM and the SP-PRM; w = 0 is greedy decoding. Bands: 95% bootstrap "
+                             "intervals over prompts. Input: `args_sweep.json` (written by the demo)."),
+    nbf.v4.new_code_cell("""from common.figures import plot_reward_vs_w
+path = os.path.join(RUN_DIR, "args_sweep.json")
+if os.path.exists(path):
+    with open(path) as f:
+        sweep = json.load(f)
+    for name, points in sweep["rms"].items():
+        print(f"guided by {name:7s}", "  ".join(f"w={p['w']:g}: {p['reward_mean']:.3f}" for p in points))
+    display(Image(filename=plot_reward_vs_w(sweep, RUN_DIR)))
+else:
+    print("no args_sweep.json in", RUN_DIR)"""),
 ]
 
 tables = nbf.v4.new_notebook()
 tables.cells = [
     nbf.v4.new_markdown_cell("# SP-PRM tables\n\nThe paper's table layouts (method rows, '+Ours' rows, metric "
-                             "columns, reward mean ± std) from the metric files of a run "
+                             "columns, each value ± the half-width of its 95% bootstrap interval over prompts) from the metric files of a run "
                              "(`05_evaluate.py metrics`). Table 1 (HH-RLHF dialogue) is what the demo "
                              "produces; Tables 2-5 appear when their runs (TL;DR, GSM8K, AdvBench, "
                              "ablations) are in RUN_DIR as `metrics_<task>_*.json`.\n\n"
@@ -52,7 +67,7 @@ def load(pattern):
     return out
 
 sections = {
-    "Table 1: HH-RLHF dialogue (reward by the ORM)": [m for m in load("metrics_*.json")
+    "Table 1: HH-RLHF dialogue (reward by the yardstick RM)": [m for m in load("metrics_*.json")
                                                      if not m["generations"].endswith(("tldr.jsonl", "gsm8k.jsonl", "advbench.jsonl"))],
     "Table 2: TL;DR summarization": load("metrics_tldr_*.json"),
     "Table 3: GSM8K": load("metrics_gsm8k_*.json"),
@@ -65,12 +80,14 @@ for title, rows in sections.items():
         print(f"{title}: no metric files in {RUN_DIR}")"""),
     nbf.v4.new_code_cell("""# Table 5 layout: the held-out accuracy and AR_RM-SC of each trained RM (from 03_train.py eval.json)
 rows = []
-for name in ("orm", "prm", "ablation"):
+for name in ("reference", "orm", "prm", "ablation", "filter"):
     path = os.path.join(RUN_DIR, name, "eval.json")
     if os.path.exists(path):
         with open(path) as f:
             e = json.load(f)
-        rows.append(f"| {name} | {e['accuracy']:.3f} | " + " | ".join(f"{v:.3f}" for v in e["ar_sc"].values()) + " |")
+        ci = e.get("accuracy_ci95")
+        acc = f"{e['accuracy']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+        rows.append(f"| {name} | {acc} | " + " | ".join(f"{v:.3f}" for v in e["ar_sc"].values()) + " |")
         header = "| RM | accuracy | " + " | ".join(f"AR t={t}" for t in e["ar_sc"]) + " |"
 if rows:
     display(Markdown("\\n".join([header, "|---" * (len(rows[0].split("|")) - 2) + "|"] + rows)))"""),

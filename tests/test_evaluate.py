@@ -122,6 +122,10 @@ def test_metrics_command_with_http_judge_and_table(gens, tmp_path):
         assert n == 8  # 4 pairs x both orders
         m = json.loads(out.read_text())
         assert m["win"] == 0.75 and m["tie"] == 0.25 and m["win_tie"] == 1.0 and not m["judge_is_proxy"]
+        assert m["win_rate"] == 0.875 and m["n_judged"] == 4 and m["unparsable"] == 0
+        # 3 wins and a tie: resampled means of the win indicator (k of 4 wins) have 2.5% / 97.5% points 0.25 / 1
+        assert m["win_ci95"] == [0.25, 1.0] and m["win_tie_ci95"] == [1.0, 1.0]
+        assert m["diversity_ci95"][0] <= m["diversity"] <= m["diversity_ci95"][1]
         assert m["length"] == 9 and m["compute"]["policy_tokens"] == 360
         rows = [json.loads(line) for line in open(tmp_path / "m.rows.jsonl")]
         assert [r["judge"] for r in rows] == ["win", "win", "win", "tie"]
@@ -135,7 +139,7 @@ def test_metrics_command_with_http_judge_and_table(gens, tmp_path):
     table = run_script("05_evaluate.py", "table", tmp_path / "b.json", out).stdout
     lines = table.strip().splitlines()
     assert lines[0].startswith("| Method | Win-Tie (%) | Diversity | Length |")
-    assert lines[2].startswith("| Greedy | - |") and lines[3].startswith("| ARGS +Ours | 100.0 |")
+    assert lines[2].startswith("| Greedy | - |") and lines[3].startswith("| ARGS +Ours | 87.5 ± ")
 
 
 def test_reward_and_rm_judge_and_agreement(gens, tmp_path, smol_tokenizer):

@@ -69,7 +69,7 @@ def test_both_order_aggregation():
     assert verdict_from_both_orders("1", "tie") == "win"
     assert verdict_from_both_orders("1", "1") == "tie"  # position bias: cancels
     assert verdict_from_both_orders("2", "1") == "lose"
-    assert verdict_from_both_orders("tie", None) == "tie"
+    assert verdict_from_both_orders("tie", None) is None  # unparsable: counted apart, never a tie
 
 
 def test_coherence_matches_direct_embeddings():
@@ -86,3 +86,27 @@ def test_coherence_matches_direct_embeddings():
     expected = [float(np.dot(x, y) / np.linalg.norm(x) / np.linalg.norm(y)) for x, y in zip(a, b)]
     assert got == pytest.approx(expected, abs=1e-5)
     assert got[0] > got[1]
+
+
+def test_bootstrap_interval_by_hand():
+    from common.metrics import bootstrap_ci
+
+    # values 0,0,0,1: a resample's mean is k/4 with k ~ Binomial(4, 1/4); P(k=0) = 0.316 > 2.5%, and
+    # P(k <= 2) = 0.949 < 97.5% < P(k <= 3) = 0.996, so the 95% percentile interval is [0, 0.75].
+    assert bootstrap_ci([0, 0, 0, 1], seed=3) == [0.0, 0.75]
+    # paired: the interval of mean(a - b) resampling items together; here a - b = 1,1,1,0 -> [0.25, 1]
+    assert bootstrap_ci([2, 3, 4, 5], paired_with=[1, 2, 3, 5], seed=3) == [0.25, 1.0]
+    assert bootstrap_ci([0.5]) == [0.5, 0.5] and bootstrap_ci([2.0, 2.0, 2.0]) == [2.0, 2.0]
+
+
+def test_bootstrap_interval_matches_a_literal_resampling():
+    import numpy as np
+
+    from common.metrics import bootstrap_ci
+
+    x = np.random.default_rng(0).normal(size=60)
+    rng = np.random.default_rng(1)
+    means = [x[rng.integers(0, len(x), len(x))].mean() for _ in range(20000)]
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    got = bootstrap_ci(x, seed=5)
+    assert abs(got[0] - lo) < 0.02 and abs(got[1] - hi) < 0.02

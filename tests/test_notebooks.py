@@ -22,6 +22,9 @@ def fixture_run(tmp_path):
         if name != "greedy":
             m.update(win_tie=0.6, judge_is_proxy=True)
         (tmp_path / f"metrics_{name}.json").write_text(json.dumps(m))
+    sweep = {"rms": {"ORM": [{"w": 0.0, "reward_mean": 0.1, "reward_mean_ci95": [0.0, 0.2]},
+                             {"w": 1.5, "reward_mean": 0.3, "reward_mean_ci95": [0.1, 0.5]}]}}
+    (tmp_path / "args_sweep.json").write_text(json.dumps(sweep))
     os.makedirs(tmp_path / "orm")
     (tmp_path / "orm" / "eval.json").write_text(json.dumps({"accuracy": 0.6, "ar_sc": {"5": 0.55, "10": 0.57}}))
     return tmp_path
@@ -37,6 +40,6 @@ def test_notebook_runs(name, fixture_run, monkeypatch):
                      for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     if name == "figures.ipynb":
         assert (fixture_run / "agreement_ar_rm_sc.png").exists() and (fixture_run / "agreement_ar_rm_hp.png").exists()
-        assert "SP-PRM" in text
+        assert "SP-PRM" in text and (fixture_run / "args_reward_vs_w.png").exists() and "w=1.5: 0.300" in text
     else:
         assert "ARGS +Ours (SP-PRM)" in text and "| orm | 0.600 |" in text

@@ -1,6 +1,7 @@
 import json
 import os
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -91,3 +92,46 @@ def test_deepspeed_two_processes_on_cpu(tmp_path, smol_tokenizer):
     after = model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before if k in after)
     assert json.load(open(out / "manifest.json"))["world_size"] == 2
+
+
+def test_training_on_weights_from_itself_is_refused(tmp_path, smol_tokenizer):
+    """The reference RM must not be the model being trained (a copy of the same weights counts as the same)."""
+    import shutil
+
+    init = save_tiny_rm(tmp_path / "init", "llama", smol_tokenizer)
+    other = save_tiny_rm(tmp_path / "other", "llama", smol_tokenizer, seed=5)
+    shutil.copytree(init, tmp_path / "copy")
+    partial = tmp_path / "partial.jsonl"
+    run_script("01_build_partial.py", "--input", write_jsonl(tmp_path / "p.jsonl", separable_pairs(12)),
+               "--output", partial, "--tokenizer", init, "--truncation", "sst", "--K", 2)
+    for ref, name in ((init, "self"), (other, "other")):
+        run_script("02_weight.py", "--input", partial, "--output", tmp_path / f"w_{name}.jsonl", "--ref-rm", ref)
+    for init_as in (init, tmp_path / "copy"):
+        proc = run_script("03_train.py", "--input", tmp_path / "w_self.jsonl", "--init", init_as,
+                          "--output", tmp_path / "rm", check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert proc.stderr.strip().startswith("error:") and "--allow-self-reference" in proc.stderr
+        assert not os.path.exists(tmp_path / "rm" / "model.safetensors")
+    run_script("03_train.py", "--input", tmp_path / "w_self.jsonl", "--init", init, "--output", tmp_path / "rm",
+               "--allow-self-reference")
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", separable_pairs(6, seed=9, prefix="h"))
+    run_script("03_train.py", "--input", tmp_path / "w_other.jsonl", "--init", init, "--output", tmp_path / "rm2",
+               "--eval", heldout, "--eval-prefix-lengths", "2")
+    manifest = json.load(open(tmp_path / "rm2" / "manifest.json"))
+    assert manifest["reference"]["path"] == os.path.realpath(other)
+    # reward_stats.json: mean and std of the trained RM's scores of the held-out complete responses
+    from transformers import AutoModelForSequenceClassification
+
+    from common.rewards import RMFormat
+
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm2").eval()
+    fmt = RMFormat(smol_tokenizer, model, max_length=512)
+    scores = []
+    for pair in separable_pairs(6, seed=9, prefix="h"):
+        for side in ("chosen", "rejected"):
+            ids = fmt.encode(pair["prompt"], pair[side])["input_ids"]
+            with torch.no_grad():
+                scores.append(model(input_ids=torch.tensor([ids])).logits[0, 0].item())
+    stats = json.load(open(tmp_path / "rm2" / "reward_stats.json"))
+    assert stats["n"] == 12 and abs(stats["mean"] - float(np.mean(scores))) < 1e-4
+    assert abs(stats["std"] - float(np.std(scores))) < 1e-4 and stats["std"] > 0
