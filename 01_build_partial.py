@@ -15,12 +15,11 @@ import logging
 
 import numpy as np
 from tqdm import tqdm
-from transformers import AutoConfig
 
 from common.data import load_pairs
-from common.io import run_main, write_jsonl, write_manifest
+from common.io import check_output_differs, input_checksums, positive_int, run_main, write_jsonl, write_manifest
 from common.losses import sst_cut_points, tlt_cut_points
-from common.models import load_tokenizer, resolve_model_path
+from common.models import load_config, load_tokenizer
 from common.rewards import RMFormat
 
 log = logging.getLogger("build_partial")
@@ -32,9 +31,9 @@ def parse_args():
     p.add_argument("--output", required=True, help="partial pairs JSONL to write")
     p.add_argument("--tokenizer", required=True, help="the RM's tokenizer: alias, hub id or folder")
     p.add_argument("--truncation", choices=["full", "tlt", "sst"], default="sst")
-    p.add_argument("--K", type=int, default=5, help="SST: k ~ U{0..2K} cut points per pair (default 5)")
+    p.add_argument("--K", type=positive_int, default=5, help="SST: k ~ U{0..2K} cut points per pair (default 5)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None, help="use only the first N pairs")
+    p.add_argument("--limit", type=positive_int, default=None, help="use only the first N pairs")
     p.add_argument("--data-dir", default=None, help="folder of the real data sets (else $SPPRM_DATA_DIR)")
     p.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                    help="bad input line: stop with a clear error (default) or skip it and count it")
@@ -45,11 +44,13 @@ def main():
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     stats = {}
+    check_output_differs(args.output, args.input)
+    checksums = input_checksums([args.input])
     pairs = load_pairs(args.input, args.data_dir, on_error=args.on_error, stats=stats)
     if args.limit:
         pairs = pairs[: args.limit]
     tokenizer = load_tokenizer(args.tokenizer)
-    fmt = RMFormat(tokenizer, AutoConfig.from_pretrained(resolve_model_path(args.tokenizer)))
+    fmt = RMFormat(tokenizer, load_config(args.tokenizer))
     rng = np.random.default_rng(args.seed)
 
     rows = []
@@ -78,7 +79,7 @@ def main():
     counts = {"pairs_read": stats.get("read", len(pairs)), "pairs_used": len(pairs),
               "pairs_skipped": stats.get("skipped", 0), "skip_reasons": stats.get("skip_reasons", {}),
               "rows_written": len(rows)}
-    write_manifest(args.output, args, inputs=[args.input], extra={"counts": counts})
+    write_manifest(args.output, args, inputs=checksums, extra={"counts": counts})
     log.info("read %d rows, skipped %d, used %d pairs, wrote %d partial pairs to %s", counts["pairs_read"],
              counts["pairs_skipped"], counts["pairs_used"], len(rows), args.output)
 

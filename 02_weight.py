@@ -10,11 +10,14 @@
 Weights are always finite: H is floored at --entropy-floor (default 0.01, so w <= 100), then, unless
 --no-normalize, all weights are scaled to mean 1 over the file (the loss keeps the ablation's scale).
 For a decoder reference RM, all rows cut from one pair are scored with one forward pass per response.
-Scores are appended to OUTPUT.scores.jsonl as they come (kept as a cache), so --resume continues a
-killed run and a rerun with another --scheme costs no forward pass.
+Scores are appended to OUTPUT.scores.jsonl as they come (kept as a cache, keyed by the reference's weights
+checksum, --max-length and a hash of prompt and both texts), so --resume continues a killed run, a rerun with
+another --scheme costs no forward pass, and a changed reference, length or text is scored afresh.
 In:  partial JSONL (01's output).  Out: the same rows plus "ref_chosen", "ref_rejected", "weight".
 """
 import argparse
+import hashlib
+import json
 import logging
 import math
 from collections import defaultdict
@@ -22,7 +25,9 @@ from collections import defaultdict
 import torch
 from tqdm import tqdm
 
-from common.io import (DataError, ResumableJsonlWriter, read_jsonl, run_main, write_jsonl, write_manifest)
+from common.data import check_unique
+from common.io import (DataError, ResumableJsonlWriter, check_output_differs, input_checksums, positive_float,
+                       positive_int, read_jsonl, run_main, write_jsonl, write_manifest)
 from common.losses import DEFAULT_ENTROPY_FLOOR, reference_weights
 from common.models import load_reward_model, load_tokenizer, model_identity
 from common.rewards import RMFormat, score, score_prefixes
@@ -36,27 +41,37 @@ def parse_args():
     p.add_argument("--output", required=True, help="weighted JSONL to write")
     p.add_argument("--ref-rm", required=True, help="reference RM: a folder from 03_train.py, hub id or alias")
     p.add_argument("--scheme", choices=["entropy", "uniform", "filter"], default="entropy")
-    p.add_argument("--entropy-floor", type=float, default=DEFAULT_ENTROPY_FLOOR,
+    p.add_argument("--entropy-floor", type=positive_float, default=DEFAULT_ENTROPY_FLOOR,
                    help="H is clamped at this value, so a weight is at most 1/floor (default 0.01)")
     p.add_argument("--no-normalize", action="store_true", help="keep raw 1/H weights (no mean-1 scaling)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=512, help="RM input tokens (use the training value)")
-    p.add_argument("--pairs-per-step", type=int, default=64, help="pairs scored between two appends")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--max-length", type=positive_int, default=512, help="RM input tokens (use the training value)")
+    p.add_argument("--pairs-per-step", type=positive_int, default=64, help="pairs scored between two appends")
     p.add_argument("--resume", action="store_true", help="keep the scores already in OUTPUT.scores.jsonl")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
 
 
 def load_partial(path):
-    rows = []
+    rows, seen = [], {}
     for lineno, row in read_jsonl(path, required=("id", "t"), nonempty=("prompt",),
                                   strings=("chosen", "rejected")):
+        if not isinstance(row["t"], int) or isinstance(row["t"], bool) or row["t"] < 0:
+            raise DataError(f"{path}:{lineno}: field 't': expected an integer >= 0, got {row['t']!r}")
+        row["id"] = str(row["id"])
         row.setdefault("pair_id", row["id"])
+        check_unique(seen, row["id"], path, lineno)
         rows.append(row)
-    ids = [r["id"] for r in rows]
-    if len(set(ids)) != len(ids):
-        raise DataError(f"{path}: duplicate ids")
+    if not rows:
+        raise DataError(f"{path}: no partial pairs in the file")
     return rows
+
+
+def score_key(reference, max_length, row):
+    """What a cached reference score depends on: the reference's weights, the input rule and the texts."""
+    ident = reference["weights_sha256"] or reference["path"] or reference["name"]
+    text = json.dumps([ident, max_length, row["prompt"], row["chosen"], row["rejected"]], ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def score_group(model, fmt, rows, batch_size):
@@ -100,16 +115,23 @@ def main():
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     torch.manual_seed(args.seed)
-    rows = load_partial(args.input)
     scores_path = args.output + ".scores.jsonl"
+    check_output_differs(args.output, args.input)
+    check_output_differs(scores_path, args.input)
+    checksums = input_checksums([args.input])
+    rows = load_partial(args.input)
+    reference = model_identity(args.ref_rm)
+    keys = [score_key(reference, args.max_length, r) for r in rows]
 
     tokenizer = load_tokenizer(args.ref_rm)
     model = load_reward_model(args.ref_rm, tokenizer=tokenizer).eval()
     fmt = RMFormat(tokenizer, model, max_length=args.max_length)
 
-    # Score pair by pair (all cuts of one pair together), appending as we go.
-    with ResumableJsonlWriter(scores_path, key="id", resume=args.resume) as writer:
-        todo = [r for r in rows if r["id"] not in writer.done]
+    # Score pair by pair (all cuts of one pair together), appending as we go. A cached score is reused only
+    # for the same reference weights, max length and texts (the key), never by row id alone.
+    with ResumableJsonlWriter(scores_path, key="key", resume=args.resume) as writer:
+        todo = [r for r, k in zip(rows, keys) if k not in writer.done]
+        key_of = {id(r): k for r, k in zip(rows, keys)}
         if args.resume:
             log.info("resuming: %d rows already scored, %d to go", len(rows) - len(todo), len(todo))
         pair_order = list(dict.fromkeys(r["pair_id"] for r in todo))
@@ -123,13 +145,13 @@ def main():
             for row, a, b in zip(chunk, sc, sr):
                 if not (math.isfinite(a) and math.isfinite(b)):
                     raise DataError(f"{args.input}: row {row['id']}: reference score is not finite ({a}, {b})")
-                writer.write({"id": row["id"], "ref_chosen": a, "ref_rejected": b})
+                writer.write({"id": row["id"], "key": key_of[id(row)], "ref_chosen": a, "ref_rejected": b})
             bar.update(len(chunk))
         bar.close()
 
-    scores = {r["id"]: r for _, r in read_jsonl(scores_path, required=("id", "ref_chosen", "ref_rejected"))}
-    ref_c = [scores[r["id"]]["ref_chosen"] for r in rows]
-    ref_r = [scores[r["id"]]["ref_rejected"] for r in rows]
+    scores = {r["key"]: r for _, r in read_jsonl(scores_path, required=("key", "ref_chosen", "ref_rejected"))}
+    ref_c = [scores[k]["ref_chosen"] for k in keys]
+    ref_r = [scores[k]["ref_rejected"] for k in keys]
     weights = reference_weights(ref_c, ref_r, args.scheme, args.entropy_floor, normalize=not args.no_normalize)
     out_rows = [{**r, "ref_chosen": a, "ref_rejected": b, "weight": float(w)}
                 for r, a, b, w in zip(rows, ref_c, ref_r, weights)]
@@ -139,8 +161,8 @@ def main():
                "weight_max": float(weights.max()) if len(weights) else 0.0,
                "zero_weight_rows": int((weights == 0).sum()), "truncated_inputs": fmt.truncated,
                "scheme": args.scheme}
-    write_manifest(args.output, args, inputs=[args.input, args.ref_rm],
-                   extra={"summary": summary, "reference": model_identity(args.ref_rm)})
+    write_manifest(args.output, args, inputs={**checksums, args.ref_rm: reference["weights_sha256"]},
+                   extra={"summary": summary, "reference": reference})
     log.info("%s", summary)
 
 

@@ -40,7 +40,9 @@ from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from common.data import load_pairs
-from common.io import DataError, dumps, run_main, write_json, write_manifest
+from common.io import (DataError, check_output_differs, dumps, fraction, input_checksums, make_manifest, non_negative_float,
+                       non_negative_int, positive_float, positive_int, prefix_lengths, read_jsonl, run_main,
+                       write_json, write_jsonl)
 from common.metrics import agreement_rate, bootstrap_ci, prefix_pair_scores, reward_gap
 from common.models import (is_decoder_rm, load_reward_model, load_tokenizer, model_family, model_identity,
                            same_model)
@@ -48,6 +50,11 @@ from common.rewards import RMFormat, batch_loss, length_batches, score, training
 
 log = logging.getLogger("train")
 DEFAULT_LR = {"decoder": 5e-6, "deberta": 1e-6, "encoder": 5e-5}
+# what a checkpoint must share with the run that resumes it
+FINGERPRINT_ARGS = ("lr", "epochs", "batch_size", "warmup_ratio", "weight_decay", "max_grad_norm", "max_length",
+                    "limit", "seed", "grouping", "keep_dropout", "deepspeed", "grad_accum")
+# the files of a finished run; removed when a new run starts in the folder
+FINAL_FILES = ("config.json", "model.safetensors", "manifest.json", "reward_stats.json", "eval.json")
 
 
 def parse_args():
@@ -56,30 +63,30 @@ def parse_args():
     p.add_argument("--init", required=True, help="starting model: alias, hub id or folder (an RM or backbone)")
     p.add_argument("--output", required=True, help="folder for the trained RM")
     p.add_argument("--eval", default=None, help="held-out pairs for accuracy and AR_RM-SC (e.g. hh-rlhf:heldout)")
-    p.add_argument("--eval-prefix-lengths", default="5,10,20,50")
-    p.add_argument("--eval-limit", type=int, default=None, help="use only the first N eval pairs")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=None, help="default by model family (see above)")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per device per micro-batch (whole pairs when grouped)")
-    p.add_argument("--grad-accum", type=int, default=None, help="default 16 under DeepSpeed, else 1")
-    p.add_argument("--warmup-ratio", type=float, default=0.03)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--eval-prefix-lengths", type=prefix_lengths, default=[5, 10, 20, 50])
+    p.add_argument("--eval-limit", type=positive_int, default=None, help="use only the first N eval pairs")
+    p.add_argument("--epochs", type=positive_int, default=1)
+    p.add_argument("--lr", type=positive_float, default=None, help="default by model family (see above)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="rows per device per micro-batch (whole pairs when grouped)")
+    p.add_argument("--grad-accum", type=positive_int, default=None, help="default 16 under DeepSpeed, else 1")
+    p.add_argument("--warmup-ratio", type=fraction, default=0.03)
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.0)
+    p.add_argument("--max-grad-norm", type=non_negative_float, default=1.0)
     p.add_argument("--keep-dropout", action="store_true",
                    help="train with the model's dropout (default: off, as the standard reward trainer does: "
                         "dropout noise on both sides of a pair adds noise to their score difference)")
-    p.add_argument("--max-length", type=int, default=512, help="RM input tokens (truncation rule in README)")
-    p.add_argument("--limit", type=int, default=None, help="train on the first N rows only")
+    p.add_argument("--max-length", type=positive_int, default=512, help="RM input tokens (truncation rule in README)")
+    p.add_argument("--limit", type=positive_int, default=None, help="train on the first N rows only")
     p.add_argument("--grouping", choices=["auto", "off"], default="auto",
                    help="auto: a decoder RM scores all cut points of a pair side from one forward (same loss)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--allow-self-reference", action="store_true",
                    help="train on weights that --init itself computed as the reference (self-confirmation)")
-    p.add_argument("--save-steps", type=int, default=100, help="checkpoint every N optimizer steps (0: never)")
+    p.add_argument("--save-steps", type=non_negative_int, default=100, help="checkpoint every N optimizer steps (0: never)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint if present")
-    p.add_argument("--stop-after-steps", type=int, default=None,
+    p.add_argument("--stop-after-steps", type=positive_int, default=None,
                    help="stop after N optimizer steps as if killed (the schedule still plans the whole run)")
-    p.add_argument("--log-steps", type=int, default=10)
+    p.add_argument("--log-steps", type=positive_int, default=10)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--deepspeed", default=None, help="DeepSpeed JSON config (e.g. configs/zero3.json)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)),
@@ -179,31 +186,50 @@ class Runtime:
             os.replace(tmp, folder)
         self.barrier()
 
-    def load_checkpoint(self, folder):
+    def load_checkpoint(self, folder, fingerprint):
+        """Continue from a checkpoint, which must come from the same input, starting model and settings."""
         with open(os.path.join(folder, "trainer_state.json")) as f:
             state = json.load(f)
+        saved = state.get("fingerprint") or {}
+        differs = [k for k in sorted(set(saved) | set(fingerprint)) if saved.get(k) != fingerprint.get(k)]
+        if differs:
+            raise DataError(f"{folder}: the checkpoint was made with other inputs or settings ("
+                            + ", ".join(f"{k}: {saved.get(k)!r} then, {fingerprint.get(k)!r} now" for k in differs)
+                            + "); rerun without --resume to start over")
         if self.deepspeed:
             self.engine.load_checkpoint(folder, tag="state")
         else:
             from safetensors.torch import load_file
 
-            self.model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")), strict=False)
-            opt = torch.load(os.path.join(folder, "optimizer.pt"), weights_only=False)
+            self.model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")), strict=True)
+            opt = torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True)
             self.optimizer.load_state_dict(opt["optimizer"])
             self.scheduler.load_state_dict(opt["scheduler"])
         torch.set_rng_state(torch.tensor(state.pop("torch_rng"), dtype=torch.uint8))
         return state
 
-    def save_model(self, output, tokenizer):
+    def save_model(self, output, tokenizer, extra_files):
+        """Write the model beside, then move it in with config.json last: a folder is a model only when
+        complete (a killed save leaves no loadable half)."""
+        tmp = os.path.join(output, ".final.tmp")
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.barrier()
         if self.deepspeed:
             state_dict = self.engine._zero3_consolidated_16bit_state_dict() \
                 if self.engine.zero_optimization_partition_weights() else self.model.state_dict()
             if self.is_main:
-                self.model.save_pretrained(output, state_dict=state_dict, safe_serialization=True)
+                self.model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         elif self.is_main:
-            self.model.save_pretrained(output, safe_serialization=True)
+            self.model.save_pretrained(tmp, safe_serialization=True)
         if self.is_main:
-            tokenizer.save_pretrained(output)
+            tokenizer.save_pretrained(tmp)
+            for name, obj in extra_files.items():
+                write_json(os.path.join(tmp, name), obj)
+            names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")
+            for name in names:
+                os.replace(os.path.join(tmp, name), os.path.join(output, name))
+            os.rmdir(tmp)
         self.barrier()
 
     def barrier(self):
@@ -213,7 +239,7 @@ class Runtime:
             dist.barrier()
 
 
-def check_reference(args):
+def check_reference(args, init_identity):
     """Refuse to train --init on rows weighted by --init itself: the paper's reference is a separate,
     stronger RM; with the model as its own reference the filter keeps only what it already believes."""
     manifest = args.input + ".manifest.json"
@@ -223,7 +249,7 @@ def check_reference(args):
         reference = json.load(f).get("reference")
     if not reference:
         return None
-    if same_model(reference, model_identity(args.init)):
+    if same_model(reference, init_identity):
         message = (f"{args.input}: its weights were computed with reference {reference['name']}, the model given "
                    f"as --init ({args.init}): the reference must be a different, stronger RM "
                    "(or pass --allow-self-reference)")
@@ -243,6 +269,14 @@ def load_rows(args):
         if not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
             raise DataError(f"{args.input}: row {row.get('id')}: field 'weight': expected a finite number >= 0")
     return rows
+
+
+def truncate_log(path, step):
+    """A resumed run repeats the steps after its checkpoint: drop their log entries."""
+    if not os.path.exists(path):
+        return
+    kept = [line for _, line in read_jsonl(path) if line.get("step", 0) <= step]
+    write_jsonl(path, kept)
 
 
 def disable_dropout(model):
@@ -299,10 +333,15 @@ def main():
     grad_accum = args.grad_accum or (16 if args.deepspeed else 1)
     torch.manual_seed(args.seed)
 
-    reference = check_reference(args)
+    check_output_differs(args.output, args.input)
+    checksums = input_checksums([args.input, args.eval])
+    init_identity = model_identity(args.init)
+    reference = check_reference(args, init_identity)
     rows = load_rows(args)
+    fingerprint = {"input": checksums.get(args.input) or args.input, "init": init_identity["weights_sha256"]
+                   or init_identity["name"], **{k: getattr(args, k) for k in FINGERPRINT_ARGS}}
     tokenizer = load_tokenizer(args.init)
-    model = load_reward_model(args.init, tokenizer=tokenizer)
+    model = load_reward_model(args.init, tokenizer=tokenizer, allow_new_head=True)
     if not args.keep_dropout:
         disable_dropout(model)
     fmt = RMFormat(tokenizer, model, max_length=args.max_length)
@@ -313,7 +352,7 @@ def main():
     if not units:
         raise DataError(f"{args.input}: no pair with a positive weight to train on")
     eval_pairs = load_pairs(args.eval, args.data_dir)[: args.eval_limit] if args.eval else None
-    prefix_lengths = [int(t) for t in args.eval_prefix_lengths.split(",") if t]
+    prefix_lengths = args.eval_prefix_lengths
 
     # Each rank takes every world-th batch; the optimizer steps once per grad_accum micro-batches.
     world = int(os.environ.get("WORLD_SIZE", 1)) if args.deepspeed else 1
@@ -327,10 +366,16 @@ def main():
     ckpt = os.path.join(args.output, "checkpoint")
     log_path = os.path.join(args.output, "train_log.jsonl")
 
-    state = {"epoch": 0, "micro": 0, "step": 0}
+    if rt.is_main:  # the model of an earlier run in this folder is stale from now on
+        for name in FINAL_FILES:
+            if os.path.exists(os.path.join(args.output, name)):
+                os.remove(os.path.join(args.output, name))
+    state = {"epoch": 0, "micro": 0, "step": 0, "fingerprint": fingerprint}
     if args.resume and os.path.exists(os.path.join(ckpt, "trainer_state.json")):
-        state = rt.load_checkpoint(ckpt)
+        state = rt.load_checkpoint(ckpt, fingerprint)
         log.info("resuming from %s at epoch %d, step %d", ckpt, state["epoch"], state["step"])
+        if rt.is_main:
+            truncate_log(log_path, state["step"])
     elif rt.is_main and os.path.exists(log_path):
         os.remove(log_path)
     if rt.is_main:
@@ -363,7 +408,7 @@ def main():
             bar.update(1)
             if not boundary:
                 continue
-            state = {"epoch": epoch, "micro": micro + 1, "step": state["step"] + 1}
+            state = {"epoch": epoch, "micro": micro + 1, "step": state["step"] + 1, "fingerprint": fingerprint}
             if state["step"] % args.log_steps == 0 or micro + 1 == len(batches):
                 dt = max(time.time() - window["t0"], 1e-9)
                 entry = {"step": state["step"], "epoch": epoch + (micro + 1) / len(batches),
@@ -386,7 +431,7 @@ def main():
         if stopped:
             log.info("stopped after %d steps; continue with --resume", state["step"])
             return
-        state = {"epoch": epoch + 1, "micro": 0, "step": state["step"]}
+        state = {"epoch": epoch + 1, "micro": 0, "step": state["step"], "fingerprint": fingerprint}
         if eval_pairs:
             result, eval_scores, eval_prefix_scores = evaluate(rt.model, fmt, eval_pairs, prefix_lengths,
                                                                args.batch_size)
@@ -407,15 +452,15 @@ def main():
     else:
         source = f"{args.eval} ({len(eval_scores) // 2} held-out pairs, chosen and rejected)"
     stats = reward_statistics(rt.model, fmt, eval_scores, eval_prefix_scores, source)
-    rt.save_model(args.output, tokenizer)
+    manifest = make_manifest(args.output, args, inputs=checksums, extra={
+        "reference": reference, "init": init_identity, "rows": n_rows, "grouped": grouped,
+        "zero_weight_skipped": skipped_zero, "truncated": fmt.truncated, "grad_accum": grad_accum,
+        "world_size": rt.world, "total_steps": total_steps})
+    extra_files = {"reward_stats.json": stats, "manifest.json": manifest}
+    if eval_history:
+        extra_files["eval.json"] = eval_history[-1]
+    rt.save_model(args.output, tokenizer, extra_files)
     if rt.is_main:
-        write_json(os.path.join(args.output, "reward_stats.json"), stats)
-        if eval_history:
-            write_json(os.path.join(args.output, "eval.json"), eval_history[-1])
-        write_manifest(args.output, args, inputs=[args.input, args.eval, args.init],
-                       extra={"reference": reference, "rows": n_rows, "grouped": grouped, "zero_weight_skipped": skipped_zero,
-                              "truncated": fmt.truncated, "grad_accum": grad_accum, "world_size": rt.world,
-                              "total_steps": total_steps})
         shutil.rmtree(ckpt, ignore_errors=True)
         log_file.close()
         log.info("saved %s", args.output)

@@ -18,7 +18,9 @@ Prompt sets: hh-rlhf:heldout, hh-helpful, advbench (--advbench-prefill starts th
 tldr, gsm8k, mt-bench (first turns), or a JSONL with "id" and "prompt".
 A decoder RM sharing the policy's tokenizer is scored on its own KV cache (--rm-path auto/cached); any other
 RM through decoded text (text). Out: one row per prompt {"id","prompt","response","method","params","rm",
-"policy","stats"}, appended and flushed one by one; --resume skips ids already written.
+"policy","stats"}, appended and flushed one by one to OUTPUT.partial, renamed to OUTPUT when every prompt is
+done; --resume continues the partial file (it refuses rows made with another method, settings, policy, RM or
+prompt set) and skips ids already written.
 """
 import argparse
 import dataclasses
@@ -26,12 +28,15 @@ import json
 import logging
 import math
 import os
+import shutil
 
 import torch
 from tqdm import tqdm
 
 from common.data import load_prompts
-from common.io import DataError, ResumableJsonlWriter, read_jsonl, run_main, write_jsonl, write_manifest
+from common.io import (DataError, ResumableJsonlWriter, check_output_differs, finite_float, input_checksums,
+                       non_negative_int, positive_float, positive_int, probability, read_jsonl, run_main, write_jsonl,
+                       write_manifest)
 from common.models import load_policy, load_reward_model, load_tokenizer
 from common.search import METHODS, Policy, RewardModel, Search, SearchConfig
 
@@ -45,34 +50,34 @@ def parse_args():
     p.add_argument("--rm", default=None, help="reward model folder / hub id (needed by all but greedy, sample)")
     p.add_argument("--method", choices=METHODS, required=True)
     p.add_argument("--output", required=True)
-    p.add_argument("--limit", type=int, default=None, help="first N prompts")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+    p.add_argument("--limit", type=positive_int, default=None, help="first N prompts")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=8, help="prompts decoded together")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--advbench-prefill", action="store_true", help="start AdvBench replies with \"Sure here's\"")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--rm-path", choices=["auto", "cached", "text"], default="auto")
-    p.add_argument("--rm-max-length", type=int, default=2048, help="text path: RM input tokens")
+    p.add_argument("--rm-max-length", type=positive_int, default=2048, help="text path: RM input tokens")
     p.add_argument("--reward-norm", choices=["none", "std"], default="none",
                    help="std: every method searches with (r - mean) / std, from the RM's reward_stats.json "
                         "(written by 03_train.py), so one --w means the same for RMs of different scales")
     p.add_argument("--reward-stats", default=None, help="reward statistics JSON (default: RM/reward_stats.json)")
     g = p.add_argument_group("method flags")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--w", type=float, default=1.5, help="ARGS reward weight")
-    g.add_argument("--k", type=int, default=30, help="ARGS candidates")
-    g.add_argument("--beam", type=int, default=8)
-    g.add_argument("--successors", type=int, default=8)
-    g.add_argument("--chunk", type=int, default=30)
-    g.add_argument("--n", type=int, default=16, help="Best-of-N samples")
-    g.add_argument("--entropy-threshold", type=float, default=7.0)
-    g.add_argument("--reward-threshold", type=float, default=None)
-    g.add_argument("--max-segment", type=int, default=32)
-    g.add_argument("--max-retries", type=int, default=4)
+    g.add_argument("--temperature", type=positive_float, default=1.0)
+    g.add_argument("--top-p", type=probability, default=1.0)
+    g.add_argument("--top-k", type=non_negative_int, default=0)
+    g.add_argument("--w", type=finite_float, default=1.5, help="ARGS reward weight")
+    g.add_argument("--k", type=positive_int, default=30, help="ARGS candidates")
+    g.add_argument("--beam", type=positive_int, default=8)
+    g.add_argument("--successors", type=positive_int, default=8)
+    g.add_argument("--chunk", type=positive_int, default=30)
+    g.add_argument("--n", type=positive_int, default=16, help="Best-of-N samples")
+    g.add_argument("--entropy-threshold", type=positive_float, default=7.0)
+    g.add_argument("--reward-threshold", type=finite_float, default=None)
+    g.add_argument("--max-segment", type=positive_int, default=32)
+    g.add_argument("--max-retries", type=non_negative_int, default=4)
     return p.parse_args()
 
 
@@ -107,6 +112,24 @@ def load_reward_stats(args):
     return {"mean": float(stats["mean"]), "std": float(stats["std"]), "path": path}
 
 
+def check_resumable(path, prompts, expected):
+    """Refuse to continue a file whose rows were made with another method, settings, policy, RM or prompts."""
+    if not os.path.exists(path):
+        return
+    by_id = {p["id"]: p for p in prompts}
+    for lineno, row in read_jsonl(path, on_error="skip"):
+        made = {k: row.get(k) for k in expected}
+        differs = [f"{k}: {made[k]!r} then, {expected[k]!r} now" for k in expected if made[k] != expected[k]]
+        prompt = by_id.get(row.get("id"))
+        if prompt is None:
+            differs.append(f"id {row.get('id')!r} is not in this prompt set")
+        elif row.get("prompt") != prompt["prompt"]:
+            differs.append(f"the prompt of id {row.get('id')!r} changed")
+        if differs:
+            raise DataError(f"{path}:{lineno}: made by another run ({'; '.join(differs)}); "
+                            "rerun without --resume to start over")
+
+
 def distributed():
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
@@ -124,23 +147,37 @@ def main():
     torch.manual_seed(args.seed)
     cfg = search_config(args)
     rank, world = distributed()
+    check_output_differs(args.output, args.prompts)
+    checksums = input_checksums([args.prompts])
     prompts = load_prompts(args.prompts, args.data_dir, args.limit, advbench_prefill=args.advbench_prefill)
+    if not prompts:
+        raise DataError(f"{args.prompts}: no prompts")
     mine = prompts[rank::world]
-    out_path = args.output if world == 1 else f"{args.output}.shard{rank}-of-{world}.jsonl"
-
+    # Rows go to a partial file, renamed to --output only when every prompt is done: a failed or killed
+    # run never touches an earlier complete output.
+    out_path = f"{args.output}.partial" if world == 1 else f"{args.output}.shard{rank}-of-{world}.jsonl"
+    if cfg.uses_rm and not args.rm:
+        raise DataError(f"--method {cfg.method} needs --rm")
     stats = load_reward_stats(args) if args.reward_norm == "std" else None
-    policy = Policy(load_policy(args.policy), load_tokenizer(args.policy, padding_side="left"), args.policy)
+    params = cfg.params()
+    if stats is not None:
+        params["reward_stats"] = {"mean": stats["mean"], "std": stats["std"]}
+    if args.resume:
+        if world == 1 and not os.path.exists(out_path) and os.path.exists(args.output):
+            shutil.copyfile(args.output, out_path)  # resuming a finished run: its rows count as done
+        check_resumable(out_path, mine, {"method": cfg.method, "params": params, "policy": args.policy,
+                                         "rm": args.rm})
+
+    policy_tok = load_tokenizer(args.policy, padding_side="left")
+    if cfg.method == "argsg" and args.k > len(policy_tok):
+        raise DataError(f"--k {args.k}: more candidates than the policy's vocabulary ({len(policy_tok)} tokens)")
+    policy = Policy(load_policy(args.policy), policy_tok, args.policy)
     rm = None
     if args.rm:
         rm_tok = load_tokenizer(args.rm)
         rm = RewardModel(load_reward_model(args.rm, tokenizer=rm_tok).eval(), rm_tok, args.rm, args.rm_max_length,
                          stats=stats)
-    elif cfg.uses_rm:
-        raise SystemExit(f"error: --method {cfg.method} needs --rm")
     search = Search(policy, cfg, rm, rm_path=args.rm_path)
-    params = cfg.params()
-    if stats is not None:
-        params["reward_stats"] = {"mean": stats["mean"], "std": stats["std"]}
 
     with ResumableJsonlWriter(out_path, key="id", resume=args.resume) as writer:
         todo = [p for p in mine if p["id"] not in writer.done]
@@ -172,10 +209,12 @@ def main():
                 os.remove(f"{args.output}.shard{r}-of-{world}.jsonl")
         dist.barrier()
         dist.destroy_process_group()
+    else:
+        os.replace(out_path, args.output)
     if rank == 0:
-        write_manifest(args.output, args, inputs=[args.prompts, args.policy, args.rm],
+        write_manifest(args.output, args, inputs={**checksums, args.policy: None, args.rm: None},
                        extra={"rm_path": search.cached_rm and "cached" or ("text" if rm else None),
-                              "world_size": world})
+                              "world_size": world, "rows": len(prompts), "complete": True})
         log.info("wrote %s", args.output)
 
 

@@ -38,7 +38,8 @@ import random
 import numpy as np
 
 from common.data import load_pairs, load_prompts
-from common.io import DataError, atomic_open, read_jsonl, run_main, write_json, write_jsonl, write_manifest
+from common.io import (DataError, atomic_open, check_output_differs, fraction, input_checksums, non_negative_int, positive_float, positive_int, prefix_lengths,
+                       read_jsonl, run_main, write_json, write_jsonl, write_manifest)
 from common.metrics import (agreement_rate, bootstrap_ci, mean_with_ci, attack_success, coherence, contains_target_opening, diversity,
                             gsm8k_correct, markdown_table, prefix_pair_scores, reward_gap, rouge_l,
                             verdict_from_both_orders)
@@ -59,26 +60,28 @@ def parse_args():
     m.add_argument("--extra-rm", action="append", default=[],
                    help="NAME=PATH: another reward column, reward_NAME_mean (e.g. the guiding ORM's own score)")
     m.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    m.add_argument("--allow-partial", action="store_true",
+                   help="evaluate a generations file with rows missing (a killed run), with a warning")
     m.add_argument("--output", required=True)
     m.add_argument("--label", default=None, help="row name in tables, e.g. 'ARGS +Ours'")
     m.add_argument("--baseline", default=None, help="generations to judge against (winrate)")
     m.add_argument("--prompts", default=None, help="prompt set to take references from by id")
     m.add_argument("--embedding-model", default="minilm-l6")
-    m.add_argument("--max-length", type=int, default=1024, help="RM input tokens")
-    m.add_argument("--batch-size", type=int, default=16)
+    m.add_argument("--max-length", type=positive_int, default=1024, help="RM input tokens")
+    m.add_argument("--batch-size", type=positive_int, default=16)
     _judge_args(m)
     m.add_argument("--data-dir", default=None)
 
     a = sub.add_parser("agreement", help="AR_RM-SC(t), reward gap, AR_RM-HP / AR_SC-HP per prefix length")
     a.add_argument("--pairs", required=True, help="held-out pairs: set name or JSONL")
     a.add_argument("--rm", action="append", required=True, help="repeatable; NAME=PATH to name it")
-    a.add_argument("--prefix-lengths", default="5,10,15,20,30,40,50")
+    a.add_argument("--prefix-lengths", type=prefix_lengths, default=[5, 10, 15, 20, 30, 40, 50])
     a.add_argument("--output", required=True)
-    a.add_argument("--limit", type=int, default=None)
+    a.add_argument("--limit", type=positive_int, default=None)
     a.add_argument("--labels", default=None, help='judge labels JSONL {"pair_id","t","verdict": "1"|"2"|"tie"}')
-    a.add_argument("--judge-sample", type=int, default=0, help="label this many pairs with the judge backend")
-    a.add_argument("--max-length", type=int, default=1024)
-    a.add_argument("--batch-size", type=int, default=16)
+    a.add_argument("--judge-sample", type=non_negative_int, default=0, help="label this many pairs with the judge backend")
+    a.add_argument("--max-length", type=positive_int, default=1024)
+    a.add_argument("--batch-size", type=positive_int, default=16)
     a.add_argument("--seed", type=int, default=0)
     _judge_args(a)
     a.add_argument("--data-dir", default=None)
@@ -102,6 +105,10 @@ def _judge_args(p):
     p.add_argument("--judge-rm", default=None, help="reward model used as a proxy judge")
     p.add_argument("--judge-kind", choices=["hh", "gsm8k"], default="hh")
     p.add_argument("--judge-cache", default=None, help="verdict cache (default: beside the output)")
+    p.add_argument("--judge-timeout", type=positive_float, default=120.0, help="seconds per judge request")
+    p.add_argument("--judge-retries", type=non_negative_int, default=4, help="retries of a failed request")
+    p.add_argument("--max-unparsable", type=fraction, default=0.1,
+                   help="fail when more than this share of the judged pairs has no parsable verdict")
 
 
 def load_rm(path, max_length):
@@ -120,7 +127,8 @@ def make_judge(args, output):
         if not args.judge_model:
             raise DataError("--judge-url needs --judge-model")
         cache = args.judge_cache or os.path.splitext(output)[0] + ".judge_cache.jsonl"
-        return ChatJudge(args.judge_url, args.judge_model, args.judge_key_env, cache_path=cache)
+        return ChatJudge(args.judge_url, args.judge_model, args.judge_key_env, cache_path=cache,
+                         max_retries=args.judge_retries, timeout=args.judge_timeout)
     if args.judge_rm:
         model, fmt = load_rm(args.judge_rm, 1024)
         return RMJudge(model, fmt, args.judge_rm)
@@ -145,9 +153,10 @@ def run_metrics(args):
     unknown = set(wanted) - set(ALL_METRICS)
     if unknown:
         raise DataError(f"unknown metrics {sorted(unknown)}; choose from {ALL_METRICS}")
-    rows = [r for _, r in read_jsonl(args.generations, required=("id", "prompt", "response"))]
-    if not rows:
-        raise DataError(f"{args.generations}: no generations")
+    check_output_differs(args.output, args.generations, args.baseline)
+    checksums = input_checksums([args.generations, args.baseline])
+    rows = read_generations(args.generations)
+    check_complete(args.generations, rows, args.allow_partial)
     refs = {}
     if args.prompts:
         refs = {p["id"]: p for p in load_prompts(args.prompts, args.data_dir)}
@@ -186,7 +195,7 @@ def run_metrics(args):
     if "accuracy" in wanted:
         values["accuracy"] = [float(gsm8k_correct(t, reference(r))) for t, r in zip(responses, rows)]
     if "length" in wanted:
-        values["length"] = [float(r.get("stats", {}).get("new_tokens", len(r["response"].split()))) for r in rows]
+        values["length"] = [float((r.get("stats") or {}).get("new_tokens", len(r["response"].split()))) for r in rows]
     for key, v in values.items():
         for pr, x in zip(per_row, v):
             pr[key[:-len("_mean")] if key.endswith("_mean") else key] = x
@@ -196,7 +205,7 @@ def run_metrics(args):
     if "winrate" in wanted:
         if not args.baseline:
             raise DataError("winrate needs --baseline")
-        base = {r["id"]: r for _, r in read_jsonl(args.baseline, required=("id", "response"))}
+        base = {r["id"]: r for r in read_generations(args.baseline)}
         missing = [r["id"] for r in rows if r["id"] not in base]
         if missing:
             raise DataError(f"{args.baseline}: no baseline response for ids {missing[:5]}")
@@ -205,15 +214,50 @@ def run_metrics(args):
                                args.judge_kind)
         for pr, v in zip(per_row, verdicts):
             pr["judge"] = v
-        out.update(winrate_metrics(verdicts, args.seed), judge=judge.label,
+        out.update(winrate_metrics(verdicts, args.seed, args.max_unparsable), judge=judge.label,
                    judge_is_proxy=judge.label.startswith("rm-proxy"), baseline=args.baseline)
-    stats = [r.get("stats", {}) for r in rows]
+    stats = [r.get("stats") or {} for r in rows]
     out["compute"] = {k: float(sum(s.get(k, 0) or 0 for s in stats))
                       for k in ("policy_calls", "policy_tokens", "rm_calls", "rm_tokens", "new_tokens", "seconds")}
     write_json(args.output, out)
     write_jsonl(os.path.splitext(args.output)[0] + ".rows.jsonl", per_row)
-    write_manifest(args.output, args, inputs=[args.generations, args.baseline, args.rm])
+    write_manifest(args.output, args, inputs={**checksums, **({args.rm: None} if args.rm else {})})
     log.info("%s", {k: v for k, v in out.items() if k not in ("compute",)})
+
+
+def read_generations(path):
+    """Generation rows, checked: string prompt and response, a stats object if any, unique ids."""
+    from common.data import check_unique
+
+    rows, seen = [], {}
+    for lineno, row in read_jsonl(path, required=("id",), nonempty=("prompt",), strings=("response",)):
+        if row.get("stats") is not None and not isinstance(row["stats"], dict):
+            raise DataError(f"{path}:{lineno}: field 'stats': expected an object, got {type(row['stats']).__name__}")
+        row["id"] = str(row["id"])
+        check_unique(seen, row["id"], path, lineno)
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no generations")
+    return rows
+
+
+def check_complete(path, rows, allow_partial):
+    """A killed decoding run leaves OUTPUT.partial (or a shard); its manifest says how many rows a run has."""
+    manifest_path = path + ".manifest.json"
+    expected = None
+    if os.path.exists(manifest_path):
+        import json
+
+        with open(manifest_path, encoding="utf-8") as f:
+            expected = json.load(f).get("rows")
+    partial = path.endswith(".partial") or ".shard" in os.path.basename(path)
+    if partial or (expected is not None and len(rows) < expected):
+        message = (f"{path}: a partial generations file ({len(rows)} rows"
+                   + (f" of {expected}" if expected is not None else "") + "): finish it with 04_decode.py "
+                   "--resume, or pass --allow-partial")
+        if not allow_partial:
+            raise DataError(message)
+        log.warning("WARNING: %s; evaluating it anyway (--allow-partial)", message.split(": ", 1)[1])
 
 
 def rm_spec(spec):
@@ -229,15 +273,16 @@ def rm_scores(path, args, prompts, responses):
     return score(model, fmt, prompts, responses, args.batch_size)
 
 
-def winrate_metrics(verdicts, seed=0):
+def winrate_metrics(verdicts, seed=0, max_unparsable=1.0):
     """win / tie / lose shares, win_tie = (W+T)/N and win_rate = (W+T/2)/N, each with its interval.
 
     A verdict of None (the judge's replies stayed unparsable) leaves the denominator and is counted.
     """
     judged = [v for v in verdicts if v is not None]
     out = {"n_judged": len(judged), "unparsable": len(verdicts) - len(judged)}
-    if not judged:
-        raise DataError("no verdict of the judge could be parsed")
+    if not judged or out["unparsable"] > max_unparsable * len(verdicts):
+        raise DataError(f"the judge's verdict could not be parsed for {out['unparsable']} of {len(verdicts)} pairs "
+                        f"(more than --max-unparsable {max_unparsable:g}); check the judge model and its replies")
     per_item = {"win": [float(v == "win") for v in judged], "tie": [float(v == "tie") for v in judged],
                 "lose": [float(v == "lose") for v in judged],
                 "win_tie": [float(v != "lose") for v in judged],
@@ -248,8 +293,11 @@ def winrate_metrics(verdicts, seed=0):
 
 
 def run_agreement(args):
+    check_output_differs(args.output, args.pairs)
     pairs = load_pairs(args.pairs, args.data_dir)[: args.limit]
-    lengths = [int(t) for t in args.prefix_lengths.split(",") if t]
+    if not pairs:
+        raise DataError(f"{args.pairs}: no pairs")
+    lengths = args.prefix_lengths
     result = {"pairs": args.pairs, "n": len(pairs), "prefix_lengths": lengths, "rms": {}}
     base = os.path.splitext(args.output)[0]
     labels = None
@@ -306,8 +354,14 @@ def load_labels(args, pairs, lengths, fmt):
                 a.append(fmt.cut(p["chosen"], t))
                 b.append(fmt.cut(p["rejected"], t))
                 keys.append((p["id"], t))
-        for key, v in zip(keys, judge_pairs(judge, prompts, a, b, args.judge_kind)):
-            labels[key] = {"win": "1", "lose": "2"}.get(v, "tie")
+        verdicts = judge_pairs(judge, prompts, a, b, args.judge_kind)
+        unparsable = sum(v is None for v in verdicts)
+        if unparsable > args.max_unparsable * len(verdicts):
+            raise DataError(f"the judge's verdict could not be parsed for {unparsable} of {len(verdicts)} prefix "
+                            f"pairs (more than --max-unparsable {args.max_unparsable:g})")
+        for key, v in zip(keys, verdicts):
+            if v is not None:  # an unparsable pair is left out, never a tie
+                labels[key] = {"win": "1", "lose": "2", "tie": "tie"}[v]
     return labels
 
 

@@ -30,6 +30,7 @@ test-slow: setup
 bench: setup
 	$(PY) bench/prefix_scoring.py
 	$(PY) bench/decode.py
+	$(PY) bench/train_partial.py
 
 clean-demo:
 	rm -rf runs/demo

@@ -20,6 +20,7 @@ A stage whose output (and manifest) exists is skipped; --redo STAGE[,STAGE] or -
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -80,6 +81,9 @@ def main():
           *limit(s["sst_pairs"]), *data)
     variants = [("entropy", "prm")] + ([("uniform", "ablation")] if s["ablation"] else [])
     for scheme, name in variants:
+        cache = f"{out}/weighted_{scheme}.jsonl.scores.jsonl"
+        if scheme != "entropy" and not os.path.exists(cache) and os.path.exists(f"{out}/weighted_entropy.jsonl"):
+            shutil.copy(f"{out}/weighted_entropy.jsonl.scores.jsonl", cache)  # same reference: keyed reuse
         stage(f"weight-{scheme}", f"{out}/weighted_{scheme}.jsonl", "02_weight.py", "--input", f"{out}/sst.jsonl",
               "--output", f"{out}/weighted_{scheme}.jsonl", "--ref-rm", f"{out}/reference", "--scheme", scheme,
               "--max-length", L, "--resume")

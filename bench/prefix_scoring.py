@@ -1,6 +1,7 @@
 """Benchmark: scores of all prefixes of 128-token responses, one forward per response vs one per prefix.
 
-    python bench/prefix_scoring.py [--responses 4] [--tokens 128] [--rounds 2]
+    python bench/prefix_scoring.py [--responses 2] [--tokens 64] [--rounds 2]
+    python bench/prefix_scoring.py --responses 4 --tokens 128      # the larger workload
 
 RM: SmolLM2-135M-Instruct with a fresh scalar head (the default decoder RM backbone); responses are real
 hh-rlhf:heldout replies cut to --tokens tokens. Prints one JSON object with `speedup` (per-prefix time
@@ -19,14 +20,14 @@ from common.rewards import RMFormat, score_prefixes, score_prefixes_reference
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--responses", type=int, default=4)
-    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--responses", type=int, default=2)
+    p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=16)
     args = p.parse_args()
     torch.manual_seed(0)
     tokenizer = load_tokenizer(SMOLLM2)
-    model = load_reward_model(SMOLLM2, tokenizer=tokenizer).eval()
+    model = load_reward_model(SMOLLM2, tokenizer=tokenizer, allow_new_head=True).eval()
     fmt = RMFormat(tokenizer, model, max_length=4096)
     prompts, responses = [], []
     for pair in load_pairs("hh-rlhf:heldout"):

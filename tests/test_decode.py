@@ -88,7 +88,7 @@ def test_real_smollm2_guided_by_smollm2_and_minilm_rms(tmp_path):
 
     for name in (SMOLLM2, MINILM):
         tok = load_tokenizer(name)
-        model = load_reward_model(name, tokenizer=tok)
+        model = load_reward_model(name, tokenizer=tok, allow_new_head=True)
         model.save_pretrained(tmp_path / name)
         tok.save_pretrained(tmp_path / name)
     responses = {}
@@ -107,3 +107,21 @@ def test_real_smollm2_guided_by_smollm2_and_minilm_rms(tmp_path):
                 assert rows[0]["stats"]["rm_path"] == ("cached" if rm == SMOLLM2 else "text")
     assert responses[(SMOLLM2, "argsg")] != responses[(SMOLLM2, "greedy")]
     assert responses[(MINILM, "bon")] != responses[(MINILM, "greedy")]
+
+
+def test_reward_norm_uses_the_rm_statistics(folders, tmp_path):
+    policy, rm, prompts = folders
+    common = ["--prompts", prompts, "--policy", policy, "--method", "argsg", "--k", 4, "--w", 1.5,
+              "--max-new-tokens", 5, "--limit", 3, "--reward-norm", "std"]
+    proc = run_script("04_decode.py", *common, "--rm", rm, "--output", tmp_path / "x.jsonl", check=False)
+    assert proc.returncode == 2 and "reward_stats.json" in proc.stderr and "Traceback" not in proc.stderr
+    assert not os.path.exists(tmp_path / "x.jsonl")
+    rm_with_stats = shutil.copytree(rm, tmp_path / "rm")
+    with open(os.path.join(rm_with_stats, "reward_stats.json"), "w") as f:
+        json.dump({"mean": 1.0, "std": 0.1}, f)
+    run_script("04_decode.py", *common, "--rm", rm_with_stats, "--output", tmp_path / "n.jsonl")
+    rows = read(tmp_path / "n.jsonl")
+    assert all(r["params"]["reward_norm"] == "std" and r["params"]["reward_stats"] == {"mean": 1.0, "std": 0.1}
+               for r in rows)
+    for r in rows:
+        assert abs(r["stats"]["search_reward"] - (r["stats"]["reward"] - 1.0) / 0.1) < 1e-3

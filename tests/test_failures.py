@@ -1,0 +1,356 @@
+"""Bad input, kills and reruns: each probe ends in a correct result or one `error:` line with exit code 2,
+no traceback, and no earlier output changed."""
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+from conftest import ROOT, run_script, save_tiny_rm, separable_pairs, write_jsonl
+from test_evaluate import ScriptedServer, prefer_reply_containing
+from test_search import tiny_policy
+
+
+def read(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def fails_cleanly(proc, *words):
+    """Exit 2, one `error:` line, no traceback; the message holds the given words."""
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    for w in words:
+        assert w in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, smol_tokenizer):
+    root = tmp_path_factory.mktemp("models")
+    pol = tiny_policy(smol_tokenizer, seed=0)
+    pol.model.save_pretrained(root / "policy")
+    smol_tokenizer.save_pretrained(root / "policy")
+    rm = save_tiny_rm(root / "rm", "llama", smol_tokenizer, seed=1)
+    ref = save_tiny_rm(root / "ref", "llama", smol_tokenizer, seed=2)
+    # a plain backbone: no score head in the checkpoint
+    from transformers import AutoModel
+
+    AutoModel.from_pretrained(rm).save_pretrained(root / "backbone")
+    smol_tokenizer.save_pretrained(root / "backbone")
+    prompts = write_jsonl(root / "prompts.jsonl", [
+        {"id": f"p{i}", "prompt": f"\n\nHuman: Question {i}: what is {i} + {i}?\n\nAssistant:"} for i in range(4)])
+    return {"policy": str(root / "policy"), "rm": rm, "ref": ref, "backbone": str(root / "backbone"),
+            "prompts": prompts}
+
+
+# 1. unparsable judge verdicts leave the denominator, are counted (also from the cache), and fail past a share
+def test_unparsable_verdicts_are_counted_not_ties(tmp_path):
+    rows = [{"id": f"g{i}", "prompt": f"Tell me about {i}", "response": f"good answer {i}" if i < 3 else "x"}
+            for i in range(6)]
+    base = [{**r, "response": f"plain answer {r['id']}"} for r in rows]
+    gen, baseline = write_jsonl(tmp_path / "gen.jsonl", rows), write_jsonl(tmp_path / "base.jsonl", base)
+    judge = prefer_reply_containing("good")
+
+    def sometimes_garbage(body):  # no verdict for the pairs about 4 and 5
+        text = body["messages"][-1]["content"]
+        return "no idea" if ("about 4" in text or "about 5" in text) else judge(body)
+
+    with ScriptedServer(default=sometimes_garbage) as server:
+        common = ["metrics", "--generations", gen, "--baseline", baseline, "--metrics", "winrate",
+                  "--judge-url", server.url, "--judge-model", "m", "--judge-cache", tmp_path / "cache" / "v.jsonl"]
+        proc = run_script("05_evaluate.py", *common, "--output", tmp_path / "m.json", check=False)
+        fails_cleanly(proc, "2 of 6", "--max-unparsable")
+        assert not os.path.exists(tmp_path / "m.json")
+        for out in ("m.json", "again.json"):  # the second run reads every verdict from the cache
+            run_script("05_evaluate.py", *common, "--output", tmp_path / out, "--max-unparsable", 0.5)
+            m = json.load(open(tmp_path / out))
+            assert m["n_judged"] == 4 and m["unparsable"] == 2
+            assert m["win"] == 0.75 and m["tie"] == 0.25 and m["win_rate"] == 0.875
+
+
+# 2. 02's cached reference scores are keyed by reference weights, max length and texts, not by row id
+def test_weight_resume_rescoring_when_reference_or_texts_change(tmp_path, models):
+    pairs = separable_pairs(6)
+    partial = tmp_path / "partial.jsonl"
+    run_script("01_build_partial.py", "--input", write_jsonl(tmp_path / "p.jsonl", pairs), "--output", partial,
+               "--tokenizer", models["rm"], "--truncation", "full")
+    out = tmp_path / "w.jsonl"
+    run_script("02_weight.py", "--input", partial, "--output", out, "--ref-rm", models["rm"], "--resume")
+    first = read(out)
+    run_script("02_weight.py", "--input", partial, "--output", out, "--ref-rm", models["ref"], "--resume")
+    other = read(out)
+    assert [r["ref_chosen"] for r in first] != [r["ref_chosen"] for r in other]
+    run_script("02_weight.py", "--input", partial, "--output", tmp_path / "fresh.jsonl", "--ref-rm", models["ref"])
+    fresh = read(tmp_path / "fresh.jsonl")
+    assert [r["ref_chosen"] for r in fresh] == pytest.approx([r["ref_chosen"] for r in other], abs=1e-5)
+    swapped = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in read(partial)]  # same ids
+    write_jsonl(partial, swapped)
+    run_script("02_weight.py", "--input", partial, "--output", out, "--ref-rm", models["ref"], "--resume")
+    flipped = read(out)
+    assert [r["ref_chosen"] for r in flipped] == pytest.approx([r["ref_rejected"] for r in other], abs=1e-5)
+
+
+# 3. a backbone is not a reward model: scoring stages refuse a freshly initialised head
+def test_random_score_heads_are_refused(tmp_path, models):
+    partial = tmp_path / "partial.jsonl"
+    run_script("01_build_partial.py", "--input", write_jsonl(tmp_path / "p.jsonl", separable_pairs(3)),
+               "--output", partial, "--tokenizer", models["rm"], "--truncation", "full")
+    proc = run_script("02_weight.py", "--input", partial, "--output", tmp_path / "w.jsonl", "--ref-rm",
+                      models["backbone"], check=False)
+    fails_cleanly(proc, "not a trained reward model")
+    proc = run_script("04_decode.py", "--prompts", models["prompts"], "--policy", models["policy"], "--rm",
+                      models["backbone"], "--method", "argsg", "--k", 2, "--max-new-tokens", 2,
+                      "--output", tmp_path / "g.jsonl", check=False)
+    fails_cleanly(proc, "not a trained reward model")
+    gen = write_jsonl(tmp_path / "gen.jsonl", [{"id": "a", "prompt": "hi", "response": "hello"}])
+    proc = run_script("05_evaluate.py", "metrics", "--generations", gen, "--metrics", "reward", "--rm",
+                      models["backbone"], "--output", tmp_path / "m.json", check=False)
+    fails_cleanly(proc, "not a trained reward model")
+    # training may start from a backbone, and says so
+    proc = run_script("03_train.py", "--input", write_jsonl(tmp_path / "t.jsonl", separable_pairs(4)), "--init",
+                      models["backbone"], "--output", tmp_path / "rm", "--lr", 1e-4)
+    assert "starting from a backbone" in proc.stderr
+
+
+# 4. resumes refuse rows or checkpoints made with other settings
+def test_resume_refuses_other_settings(tmp_path, models):
+    common = ["--prompts", models["prompts"], "--policy", models["policy"], "--max-new-tokens", 3,
+              "--output", tmp_path / "g.jsonl", "--resume"]
+    run_script("04_decode.py", *common, "--method", "greedy")
+    before = (tmp_path / "g.jsonl").read_bytes()
+    proc = run_script("04_decode.py", *common, "--method", "sample", check=False)
+    fails_cleanly(proc, "method: 'greedy' then, 'sample' now")
+    proc = run_script("04_decode.py", *common, "--method", "argsg", "--rm", models["rm"], "--k", 2, check=False)
+    fails_cleanly(proc, "method")
+    assert (tmp_path / "g.jsonl").read_bytes() == before
+    data = write_jsonl(tmp_path / "t.jsonl", separable_pairs(32))
+    train = ["--input", data, "--init", models["rm"], "--output", tmp_path / "rm", "--save-steps", 1,
+             "--batch-size", 4]
+    run_script("03_train.py", *train, "--lr", 1e-3, "--stop-after-steps", 2)
+    proc = run_script("03_train.py", *train, "--lr", 2e-3, "--resume", check=False)
+    fails_cleanly(proc, "lr: 0.001 then, 0.002 now")
+    write_jsonl(data, separable_pairs(32, seed=5))
+    proc = run_script("03_train.py", *train, "--lr", 1e-3, "--resume", check=False)
+    fails_cleanly(proc, "input:")
+
+
+# 5. a partial generations file is refused (or evaluated with a loud warning)
+def test_partial_generations_are_refused(tmp_path, models):
+    out = tmp_path / "g.jsonl"
+    run_script("04_decode.py", "--prompts", models["prompts"], "--policy", models["policy"], "--method", "greedy",
+               "--max-new-tokens", 3, "--output", out)
+    rows = read(out)
+    write_jsonl(out, rows[:2])  # as if two rows were lost; the manifest says 4
+    args = ["metrics", "--generations", out, "--metrics", "length", "--output", tmp_path / "m.json"]
+    fails_cleanly(run_script("05_evaluate.py", *args, check=False), "2 rows of 4", "--allow-partial")
+    proc = run_script("05_evaluate.py", *args, "--allow-partial")
+    assert "WARNING" in proc.stderr and json.load(open(tmp_path / "m.json"))["n"] == 2
+    partial = write_jsonl(tmp_path / "x.jsonl.partial", rows[:1])
+    fails_cleanly(run_script("05_evaluate.py", "metrics", "--generations", partial, "--metrics", "length",
+                             "--output", tmp_path / "p.json", check=False), "partial")
+
+
+# 6. a failed rerun leaves the earlier output as it was; a killed training run leaves no loadable stale model
+def test_failed_reruns_keep_earlier_outputs(tmp_path, models):
+    out = tmp_path / "g.jsonl"
+    common = ["--prompts", models["prompts"], "--policy", models["policy"], "--max-new-tokens", 3, "--output", out]
+    run_script("04_decode.py", *common, "--method", "greedy")
+    before = out.read_bytes()
+    proc = run_script("04_decode.py", *common, "--method", "argsg", "--rm", tmp_path / "nope", check=False)
+    assert proc.returncode == 2 and out.read_bytes() == before
+    data = write_jsonl(tmp_path / "t.jsonl", separable_pairs(16))
+    rm = tmp_path / "rm"
+    run_script("03_train.py", "--input", data, "--init", models["rm"], "--output", rm, "--lr", 1e-3)
+    assert os.path.exists(rm / "config.json")
+    run_script("03_train.py", "--input", data, "--init", models["rm"], "--output", rm, "--lr", 1e-3,
+               "--save-steps", 1, "--stop-after-steps", 1)  # a run killed after one step
+    assert not os.path.exists(rm / "config.json") and not os.path.exists(rm / "model.safetensors")
+    proc = run_script("05_evaluate.py", "metrics", "--generations", out, "--metrics", "reward", "--rm", rm,
+                      "--output", tmp_path / "m.json", check=False)
+    fails_cleanly(proc, "not a model folder")
+
+
+# 7. output == input is refused and the input kept
+def test_output_equal_to_input_is_refused(tmp_path, models):
+    pairs = write_jsonl(tmp_path / "p.jsonl", separable_pairs(3))
+    before = open(pairs, "rb").read()
+    fails_cleanly(run_script("01_build_partial.py", "--input", pairs, "--output", pairs, "--tokenizer", models["rm"],
+                             check=False), "is the input")
+    fails_cleanly(run_script("04_decode.py", "--prompts", pairs, "--policy", models["policy"], "--method", "greedy",
+                             "--output", pairs, check=False), "is the input")
+    fails_cleanly(run_script("05_evaluate.py", "metrics", "--generations", pairs, "--metrics", "length",
+                             "--output", pairs, check=False), "is the input")
+    assert open(pairs, "rb").read() == before
+
+
+# 8. a blank line in a resumable output is skipped, not the end of the rows
+def test_blank_line_in_a_resumable_output(tmp_path):
+    from common.io import ResumableJsonlWriter
+
+    path = tmp_path / "out.jsonl"
+    path.write_text('{"id": "a"}\n\n{"id": "b"}\n{"id": "c"')
+    with ResumableJsonlWriter(str(path), resume=True) as w:
+        assert w.done == {"a", "b"}
+        w.write({"id": "c"})
+    assert [r["id"] for r in read(path)] == ["a", "b", "c"]
+
+
+# 9. numeric arguments are checked by argparse, before any model loads
+BAD_ARGS = [
+    ("01_build_partial.py", ["--K", "-3"]), ("01_build_partial.py", ["--K", "0"]),
+    ("01_build_partial.py", ["--limit", "-1"]),
+    ("02_weight.py", ["--entropy-floor", "0"]), ("02_weight.py", ["--max-length", "0"]),
+    ("02_weight.py", ["--batch-size", "0"]),
+    ("03_train.py", ["--grad-accum", "-1"]), ("03_train.py", ["--epochs", "0"]), ("03_train.py", ["--lr", "-1"]),
+    ("03_train.py", ["--batch-size", "0"]), ("03_train.py", ["--eval-prefix-lengths", "-5,0"]),
+    ("03_train.py", ["--lr", "nan"]),
+    ("04_decode.py", ["--k", "0"]), ("04_decode.py", ["--beam", "0"]), ("04_decode.py", ["--successors", "0"]),
+    ("04_decode.py", ["--n", "0"]), ("04_decode.py", ["--chunk", "0"]), ("04_decode.py", ["--max-new-tokens", "-1"]),
+    ("04_decode.py", ["--temperature", "-1"]), ("04_decode.py", ["--top-p", "0"]),
+    ("05_evaluate.py", ["agreement", "--prefix-lengths", "-5,0"]), ("05_evaluate.py", ["metrics", "--max-length", "0"]),
+]
+REQUIRED = {"01_build_partial.py": ["--input", "x", "--output", "y", "--tokenizer", "t"],
+            "02_weight.py": ["--input", "x", "--output", "y", "--ref-rm", "r"],
+            "03_train.py": ["--input", "x", "--init", "i", "--output", "o"],
+            "04_decode.py": ["--prompts", "x", "--method", "argsg", "--output", "o"],
+            "05_evaluate.py": []}
+
+
+@pytest.mark.parametrize("script,bad", BAD_ARGS)
+def test_numeric_arguments_are_checked(script, bad, monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location(f"stage_{script[:2]}", os.path.join(ROOT, script))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if script == "05_evaluate.py":
+        sub = bad[0]
+        argv = [sub] + (["--pairs", "x", "--rm", "r", "--output", "o"] if sub == "agreement"
+                        else ["--generations", "g", "--output", "o"]) + bad[1:]
+    else:
+        argv = REQUIRED[script] + bad
+    monkeypatch.setattr(sys, "argv", [script] + argv)
+    with pytest.raises(SystemExit) as e:
+        module.parse_args()
+    assert e.value.code == 2 and "expected" in capsys.readouterr().err
+
+
+def test_k_above_the_vocabulary(tmp_path, models):
+    proc = run_script("04_decode.py", "--prompts", models["prompts"], "--policy", models["policy"], "--rm",
+                      models["rm"], "--method", "argsg", "--k", 10 ** 7, "--output", tmp_path / "g.jsonl", check=False)
+    fails_cleanly(proc, "vocabulary")
+
+
+# 10. expected failures are one line, not a traceback
+def test_expected_failures_are_one_line(tmp_path, models):
+    gen = write_jsonl(tmp_path / "gen.jsonl", [{"id": "a", "prompt": "hi", "response": "hello"}])
+    metrics = ["05_evaluate.py", "metrics", "--generations", gen, "--metrics", "reward", "--output", tmp_path / "m.json"]
+    fails_cleanly(run_script(*metrics, "--rm", "no-such-alias", check=False), "no-such-alias")
+    fails_cleanly(run_script(*metrics, "--rm", tmp_path, check=False), "not a model folder")
+    fails_cleanly(run_script(*metrics, "--rm", gen, check=False), "not a model folder")
+    partial = write_jsonl(tmp_path / "partial.jsonl", [{"id": "a", "t": "abc", "prompt": "p", "chosen": "c",
+                                                        "rejected": "r"}])
+    fails_cleanly(run_script("02_weight.py", "--input", partial, "--output", tmp_path / "w.jsonl", "--ref-rm",
+                             models["rm"], check=False), "field 't'")
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"id": "a", "prompt": "hi", "response": 12}])
+    fails_cleanly(run_script("05_evaluate.py", "metrics", "--generations", bad, "--metrics", "length", "--output",
+                             tmp_path / "b.json", check=False), "field 'response'")
+    null_stats = write_jsonl(tmp_path / "ns.jsonl", [{"id": "a", "prompt": "hi", "response": "x", "stats": None}])
+    run_script("05_evaluate.py", "metrics", "--generations", null_stats, "--metrics", "length", "--output",
+               tmp_path / "ns.json")
+    nan = tmp_path / "nan.jsonl"
+    nan.write_text('{"id": "a", "prompt": "p", "chosen": "c", "rejected": "r", "extra": NaN}\n')
+    fails_cleanly(run_script("01_build_partial.py", "--input", nan, "--output", tmp_path / "o.jsonl",
+                             "--tokenizer", models["rm"], check=False), "NaN")
+    with ScriptedServer(script=[(401, None)]) as server:
+        base = write_jsonl(tmp_path / "base.jsonl", [{"id": "a", "prompt": "hi", "response": "yo"}])
+        fails_cleanly(run_script("05_evaluate.py", "metrics", "--generations", gen, "--baseline", base, "--metrics",
+                                 "winrate", "--judge-url", server.url, "--judge-model", "m", "--output",
+                                 tmp_path / "w.json", check=False), "HTTP 401")
+    fails_cleanly(run_script("05_evaluate.py", "metrics", "--generations", gen, "--baseline", gen, "--metrics",
+                             "winrate", "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "m",
+                             "--judge-retries", 0, "--output", tmp_path / "w.json", check=False), "unreachable")
+
+
+# 11. empty input is a clear error in every stage
+def test_empty_input_is_an_error(tmp_path, models):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    out = tmp_path / "o.jsonl"
+    fails_cleanly(run_script("01_build_partial.py", "--input", empty, "--output", out, "--tokenizer", models["rm"],
+                             check=False), "no pairs")
+    fails_cleanly(run_script("02_weight.py", "--input", empty, "--output", out, "--ref-rm", models["rm"],
+                             check=False), "no partial pairs")
+    fails_cleanly(run_script("03_train.py", "--input", empty, "--init", models["rm"], "--output", tmp_path / "rm",
+                             check=False), "no pairs")
+    fails_cleanly(run_script("04_decode.py", "--prompts", empty, "--policy", models["policy"], "--method", "greedy",
+                             "--output", out, check=False), "no prompts")
+    fails_cleanly(run_script("05_evaluate.py", "metrics", "--generations", empty, "--metrics", "length",
+                             "--output", tmp_path / "m.json", check=False), "no generations")
+    assert not os.path.exists(out) and not os.path.exists(str(out) + ".manifest.json")
+
+
+# 12. duplicate ids are refused with both line numbers
+def test_duplicate_ids_are_refused(tmp_path, models):
+    pairs = separable_pairs(3)
+    pairs[2]["id"] = pairs[0]["id"]
+    dup = write_jsonl(tmp_path / "dup.jsonl", pairs)
+    for proc in (run_script("01_build_partial.py", "--input", dup, "--output", tmp_path / "o.jsonl", "--tokenizer",
+                            models["rm"], check=False),
+                 run_script("03_train.py", "--input", dup, "--init", models["rm"], "--output", tmp_path / "rm",
+                            check=False),
+                 run_script("04_decode.py", "--prompts", dup, "--policy", models["policy"], "--method", "greedy",
+                            "--output", tmp_path / "g.jsonl", check=False)):
+        fails_cleanly(proc, ":3:", "line 1")
+    gens = write_jsonl(tmp_path / "gens.jsonl", [{"id": "a", "prompt": "p", "response": "x"},
+                                                  {"id": "a", "prompt": "p", "response": "y"}])
+    fails_cleanly(run_script("05_evaluate.py", "metrics", "--generations", gens, "--metrics", "length",
+                             "--output", tmp_path / "m.json", check=False), ":2:", "line 1")
+
+
+# 13. the judge: timeout from the command line, Retry-After capped, the cache folder created
+def test_judge_timeout_retry_after_and_cache_folder(tmp_path, monkeypatch):
+    import time
+
+    from common.judge import ChatJudge
+
+    sleeps = []
+    monkeypatch.setattr(time, "sleep", lambda s: sleeps.append(s))
+    with ScriptedServer(default=lambda body: '{"verdict": "1"}') as server:
+        judge = ChatJudge(server.url, "m", cache_path=str(tmp_path / "new" / "folder" / "c.jsonl"), timeout=7,
+                          max_wait=5)
+        assert judge.timeout == 7 and judge.compare("p", "a", "b") == "1"
+        assert os.path.exists(tmp_path / "new" / "folder" / "c.jsonl")
+    import urllib.error
+
+    class Busy(urllib.error.HTTPError):
+        def __init__(self):
+            super().__init__("u", 429, "busy", {"Retry-After": "3600"}, None)
+
+    def busy(*a, **k):
+        raise Busy()
+    monkeypatch.setattr("urllib.request.urlopen", busy)
+    judge = ChatJudge("http://127.0.0.1:9/v1", "m", max_retries=2, max_wait=5)
+    with pytest.raises(Exception):
+        judge.compare("p", "a", "b")
+    assert sleeps and max(sleeps) == 5
+
+
+# 14. checkpoints load with weights_only, outputs get the usual mode, a resumed log has no repeated steps
+def test_output_mode_and_resumed_log(tmp_path, models):
+    data = write_jsonl(tmp_path / "t.jsonl", separable_pairs(32))
+    common = ["--input", data, "--init", models["rm"], "--output", tmp_path / "rm", "--lr", 1e-3, "--batch-size", 4,
+              "--save-steps", 2, "--log-steps", 1]
+    run_script("03_train.py", *common, "--stop-after-steps", 3)
+    run_script("03_train.py", *common, "--resume")
+    steps = [e["step"] for e in read(tmp_path / "rm" / "train_log.jsonl") if "loss" in e]
+    assert steps == list(range(1, 9))
+    out = tmp_path / "p.jsonl"
+    run_script("01_build_partial.py", "--input", data, "--output", out, "--tokenizer", models["rm"],
+               "--truncation", "full")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(out).st_mode & 0o777 == 0o666 & ~umask
+    assert "weights_only=True" in open(os.path.join(ROOT, "03_train.py")).read()
