@@ -1,6 +1,6 @@
 """Benchmark: SP-PRM training epochs, one forward per row and side vs one forward per pair side (grouped).
 
-    python bench/train_partial.py [--pairs 16] [--K 5] [--max-length 128] [--rounds 2]
+    python bench/train_partial.py [--pairs 16] [--K 5] [--max-length 128] [--rounds 2] [--cost-rounds 1]
 
 RM: SmolLM2-135M-Instruct with a fresh scalar head (a decoder RM). Data: SST cuts (K = --K, seed 0) of the
 first --pairs real hh-rlhf:train pairs. An epoch is the forward and backward pass of every batch (batches
@@ -69,7 +69,8 @@ def main():
     p.add_argument("--K", type=int, default=5)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8, help="rows per batch (whole pairs)")
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of per-row vs grouped")
+    p.add_argument("--cost-rounds", type=int, default=1, help="interleaved rounds of TLT vs ORM epochs")
     args = p.parse_args()
     torch.manual_seed(0)
     tokenizer = load_tokenizer(SMOLLM2)
@@ -87,9 +88,12 @@ def main():
     timing, results = interleaved({
         "per_row": lambda: epoch(model, per_row, pad),
         "grouped": lambda: epoch(model, grouped, pad),
+    }, args.rounds)
+    cost, _ = interleaved({  # TLT vs ORM epochs: a cost ratio near 1, one round is enough
         "tlt_grouped": lambda: epoch(model, tlt_grouped, pad),
         "orm": lambda: epoch(model, orm_rows, pad),
-    }, args.rounds)
+    }, args.cost_rounds)
+    timing.update(cost)
     (forwards_row, grads_row), (forwards_grouped, grads_grouped) = results["per_row"], results["grouped"]
     max_grad_diff = max(float((a - b).abs().max()) for a, b in zip(grads_row, grads_grouped))
     median = {name: t["median_s"] for name, t in timing.items()}
@@ -105,7 +109,7 @@ def main():
         "tlt_rows": sum(len(b) for b in tlt), "tlt_epoch_s": round(median["tlt_grouped"], 3),
         "orm_epoch_s": round(median["orm"], 3),
         "tlt_over_orm_epoch": round(median["tlt_grouped"] / median["orm"], 2),
-        "rounds": args.rounds, "timing": timing, "threads": torch.get_num_threads(),
+        "rounds": args.rounds, "cost_rounds": args.cost_rounds, "timing": timing, "threads": torch.get_num_threads(),
         "load_1min_end": load_average(),
     }, indent=2))
 
