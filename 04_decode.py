@@ -37,7 +37,7 @@ from common.data import load_prompts
 from common.io import (DataError, ResumableJsonlWriter, check_output_differs, finite_float, input_checksums,
                        non_negative_int, positive_float, positive_int, probability, read_jsonl, run_main, write_jsonl,
                        write_manifest)
-from common.models import load_policy, load_reward_model, load_tokenizer
+from common.models import load_policy, load_reward_model, load_tokenizer, trained_max_length
 from common.search import METHODS, Policy, RewardModel, Search, SearchConfig
 
 log = logging.getLogger("decode")
@@ -59,7 +59,8 @@ def parse_args():
     p.add_argument("--advbench-prefill", action="store_true", help="start AdvBench replies with \"Sure here's\"")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--rm-path", choices=["auto", "cached", "text"], default="auto")
-    p.add_argument("--rm-max-length", type=positive_int, default=2048, help="text path: RM input tokens")
+    p.add_argument("--rm-max-length", type=positive_int, default=None,
+                   help="text path: RM input tokens (default: the RM's training --max-length, else 2048)")
     p.add_argument("--reward-norm", choices=["none", "std"], default="none",
                    help="std: every method searches with (r - mean) / std, from the RM's reward_stats.json "
                         "(written by 03_train.py), so one --w means the same for RMs of different scales")
@@ -175,7 +176,8 @@ def main():
     rm = None
     if args.rm:
         rm_tok = load_tokenizer(args.rm)
-        rm = RewardModel(load_reward_model(args.rm, tokenizer=rm_tok).eval(), rm_tok, args.rm, args.rm_max_length,
+        max_length = args.rm_max_length or trained_max_length(args.rm, 2048)
+        rm = RewardModel(load_reward_model(args.rm, tokenizer=rm_tok).eval(), rm_tok, args.rm, max_length,
                          stats=stats)
     search = Search(policy, cfg, rm, rm_path=args.rm_path)
 

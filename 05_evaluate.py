@@ -67,7 +67,8 @@ def parse_args():
     m.add_argument("--baseline", default=None, help="generations to judge against (winrate)")
     m.add_argument("--prompts", default=None, help="prompt set to take references from by id")
     m.add_argument("--embedding-model", default="minilm-l6")
-    m.add_argument("--max-length", type=positive_int, default=1024, help="RM input tokens")
+    m.add_argument("--max-length", type=positive_int, default=None,
+                   help="RM input tokens (default: each RM's training --max-length, else 1024)")
     m.add_argument("--batch-size", type=positive_int, default=16)
     _judge_args(m)
     m.add_argument("--data-dir", default=None)
@@ -80,7 +81,8 @@ def parse_args():
     a.add_argument("--limit", type=positive_int, default=None)
     a.add_argument("--labels", default=None, help='judge labels JSONL {"pair_id","t","verdict": "1"|"2"|"tie"}')
     a.add_argument("--judge-sample", type=non_negative_int, default=0, help="label this many pairs with the judge backend")
-    a.add_argument("--max-length", type=positive_int, default=1024)
+    a.add_argument("--max-length", type=positive_int, default=None,
+                   help="RM input tokens (default: each RM's training --max-length, else 1024)")
     a.add_argument("--batch-size", type=positive_int, default=16)
     a.add_argument("--seed", type=int, default=0)
     _judge_args(a)
@@ -111,13 +113,20 @@ def _judge_args(p):
                    help="fail when more than this share of the judged pairs has no parsable verdict")
 
 
+_LOADED_RMS = {}
+
+
 def load_rm(path, max_length):
-    from common.models import load_reward_model, load_tokenizer
+    from common.models import load_reward_model, load_tokenizer, trained_max_length
     from common.rewards import RMFormat
 
-    tok = load_tokenizer(path)
-    model = load_reward_model(path, tokenizer=tok).eval()
-    return model, RMFormat(tok, model, max_length=max_length)
+    key = (path, max_length)
+    if key not in _LOADED_RMS:  # the yardstick and the judge are often the same RM: load it once
+        tok = load_tokenizer(path)
+        model = load_reward_model(path, tokenizer=tok).eval()
+        _LOADED_RMS[key] = (model, tok)
+    model, tok = _LOADED_RMS[key]
+    return model, RMFormat(tok, model, max_length=max_length or trained_max_length(path, 1024))
 
 
 def make_judge(args, output):
@@ -130,7 +139,7 @@ def make_judge(args, output):
         return ChatJudge(args.judge_url, args.judge_model, args.judge_key_env, cache_path=cache,
                          max_retries=args.judge_retries, timeout=args.judge_timeout)
     if args.judge_rm:
-        model, fmt = load_rm(args.judge_rm, 1024)
+        model, fmt = load_rm(args.judge_rm, args.max_length)
         return RMJudge(model, fmt, args.judge_rm)
     raise DataError("winrate needs a judge: --judge-url/--judge-model or --judge-rm")
 
