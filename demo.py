@@ -9,7 +9,7 @@
    the model it trains.
 2. SP-PRM: SST partial pairs (01 --truncation sst --K 5), entropy weights from the reference (02), training
    from the ORM (03); at full scale also the ablation with uniform weights
-3. decoding held-out HH prompts with SmolLM2-135M-Instruct: greedy (base), ARGS-greedy, CBS and Best-of-N,
+3. decoding held-out HH prompts with SmolLM2-135M-Instruct: greedy (base), ARGS-greedy, Best-of-N (and CBS at full scale),
    each guided by the ORM and by the SP-PRM, with normalised rewards (--reward-norm std), so one w means the
    same for both RMs and guidance acts
 4. evaluation with the reference RM as the yardstick (it guided none of the runs): reward and RM-judge
@@ -27,15 +27,16 @@ import sys
 import time
 
 SCALES = {
-    # Sized for a 2-core CPU: under 10 minutes with setup. ARGS's w is in std units of the RM's scores
+    # Sized for a 2-core CPU: about 8 minutes with setup (CBS and the w sweep at full scale, or --sweep). ARGS's w is in std units of the RM's scores
     # (--reward-norm std): the demo RMs' single-token score differences are a small fraction of a std, so
     # guidance acts from about w = 5 (the reward-vs-w figure); the paper's w = 1.5 suits its RMs' raw scale.
-    "small": dict(ref_pairs=480, orm_pairs=160, sst_pairs=48, ablation=False, max_length=128, eval_pairs=100,
-                  prompts=8, new_tokens=24, args_k=5, args_w=10.0, cbs=(2, 2, 8), bon=4, prefix_lengths="5,10,20,50",
-                  batch_size=8, sweep_w=(1.5,)),
+    "small": dict(ref_pairs=320, orm_pairs=128, sst_pairs=48, ablation=False, max_length=128, eval_pairs=64,
+                  prompts=8, new_tokens=24, methods=("argsg", "bon"), args_k=5, args_w=10.0, cbs=(2, 2, 8), bon=4,
+                  prefix_lengths="5,10,20,50", batch_size=8, sweep_w=()),
     # The paper's settings (GPU-sized).
     "full": dict(ref_pairs=None, orm_pairs=None, sst_pairs=None, ablation=True, max_length=512, eval_pairs=None,
-                 prompts=None, new_tokens=128, args_k=30, args_w=1.5, cbs=(8, 8, 30), bon=16,
+                 prompts=None, new_tokens=128, methods=("argsg", "cbs", "bon"), args_k=30, args_w=1.5, cbs=(8, 8, 30),
+                 bon=16,
                  prefix_lengths="5,10,15,20,30,40,50", batch_size=8, sweep_w=(0.5, 1.0, 3.0, 5.0, 10.0)),
 }
 
@@ -46,8 +47,12 @@ def main():
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--redo", default="", help="stages to rerun: comma list of names printed below, or all")
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--sweep", default=None,
+                   help="ARGS weights w to add to the reward-vs-w curve, e.g. 1.5,5 (each costs two decodes)")
     args = p.parse_args()
-    s = SCALES[args.scale]
+    s = dict(SCALES[args.scale])
+    if args.sweep:
+        s["sweep_w"] = tuple(float(w) for w in args.sweep.split(",") if w.strip())
     out = args.out
     os.makedirs(out, exist_ok=True)
     redo = set(args.redo.split(",")) if args.redo else set()
@@ -99,9 +104,10 @@ def main():
               str(s["batch_size"]), "--resume", *data]
     stage("decode-greedy", f"{out}/gen_greedy.jsonl", *decode, "--method", "greedy", "--output",
           f"{out}/gen_greedy.jsonl")
-    methods = {"argsg": ["--k", str(s["args_k"]), "--w", str(s["args_w"])],
-               "cbs": ["--beam", str(W), "--successors", str(K), "--chunk", str(C)],
-               "bon": ["--n", str(s["bon"])]}
+    flags = {"argsg": ["--k", str(s["args_k"]), "--w", str(s["args_w"])],
+             "cbs": ["--beam", str(W), "--successors", str(K), "--chunk", str(C)],
+             "bon": ["--n", str(s["bon"])]}
+    methods = {m: flags[m] for m in s["methods"]}
     runs = []
     for method, flags in methods.items():
         for rm in ("orm", "prm"):
