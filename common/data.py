@@ -179,7 +179,8 @@ def load_pairs(spec, data_dir=None, on_error="raise", stats=None):
             check_unique(seen, row["id"], spec, lineno)
             pairs.append(row)
         if not pairs:
-            raise DataError(f"{spec}: no pairs in the file")
+            skipped = f" ({stats['skipped']} bad lines skipped)" if stats.get("skipped") else ""
+            raise DataError(f"{spec}: no pairs in the file{skipped}")
         return pairs
     stats["read"] = total  # rows of the whole set; the split keeps len(pairs) of the usable ones
     stats["skipped"] = skipped
