@@ -7,7 +7,8 @@ Named sets (deterministic splits, usable wherever a file path is):
   hh-rlhf:train / hh-rlhf:heldout / hh-rlhf     Anthropic HH-RLHF harmless-base test file, 2,000 / 307 / all
   hh-rlhf-hub:SPLIT                            the same set from the Hugging Face hub (needs a network)
   gsm8k-pairs:train / gsm8k-pairs:heldout       GSM8K correct/incorrect model solutions, split by problem
-  prompt sets: hh-rlhf:heldout, hh-helpful, advbench, tldr, gsm8k, mt-bench
+  prompt sets: hh-rlhf:heldout, hh-helpful, advbench, tldr, gsm8k (GSM8K test; :train), gsm8k:heldout (the
+               held-out problems of gsm8k-pairs, for RMs trained on gsm8k-pairs:train), mt-bench
 """
 import gzip
 import hashlib
@@ -131,11 +132,9 @@ def render_plain(messages):
 
 # ---------------------------------------------------------------------------------------------- GSM8K
 
-def load_gsm8k_pairs(data_dir=None, split="all"):
-    """Correct/incorrect model solutions of the same GSM8K test problem (every correct x incorrect combination).
-
-    Problems (not pairs) are split: sorted by SHA-1 of the question, the first 80% are train.
-    """
+def _gsm8k_problems(data_dir=None):
+    """GSM8K test problems that have a correct and an incorrect model solution, in split order (sorted by
+    SHA-1 of the question), and how many of them are train. Each: (sha1, line, row, pairs)."""
     path = os.path.join(resolve_data_dir(data_dir), "gsm8k", "example_model_solutions.jsonl")
     problems = []
     for lineno, row in read_jsonl(path, required=("question",)):
@@ -145,12 +144,31 @@ def load_gsm8k_pairs(data_dir=None, split="all"):
         pairs = [{"id": f"gsm8k-{lineno - 1:04d}-{i}-{j}", "prompt": row["question"], "chosen": c, "rejected": w}
                  for i, c in enumerate(correct) for j, w in enumerate(wrong)]
         if pairs:
-            problems.append((_sha1(row["question"]), lineno, pairs))
+            problems.append((_sha1(row["question"]), lineno, row, pairs))
     problems.sort(key=lambda p: (p[0], p[1]))
-    n_train = int(round(len(problems) * GSM8K_TRAIN_SHARE))
+    return problems, int(round(len(problems) * GSM8K_TRAIN_SHARE))
+
+
+def load_gsm8k_pairs(data_dir=None, split="all"):
+    """Correct/incorrect model solutions of the same GSM8K test problem (every correct x incorrect combination).
+
+    Problems (not pairs) are split: sorted by SHA-1 of the question, the first 80% are train.
+    """
+    problems, n_train = _gsm8k_problems(data_dir)
     chosen_problems = _take_split(problems, split, n_train, "gsm8k-pairs")
-    chosen_pairs = [pair for _, _, pairs in chosen_problems for pair in pairs]
-    return chosen_pairs, 0, sum(len(pairs) for _, _, pairs in problems)
+    chosen_pairs = [pair for *_, pairs in chosen_problems for pair in pairs]
+    return chosen_pairs, 0, sum(len(pairs) for *_, pairs in problems)
+
+
+def load_gsm8k_heldout_prompts(data_dir=None):
+    """gsm8k:heldout: the held-out problems of the gsm8k-pairs split, once each, with GSM8K's own answer
+    (steps and "#### N") as the reference. No RM trained on gsm8k-pairs:train has seen one of them."""
+    problems, n_train = _gsm8k_problems(data_dir)
+    path = os.path.join(resolve_data_dir(data_dir), "gsm8k", "test.jsonl")
+    answers = {r["question"]: r["answer"] for _, r in read_jsonl(path, required=("question", "answer"))}
+    return [{"id": f"gsm8k-{lineno - 1:04d}", "prompt": row["question"],
+             "reference": answers.get(row["question"], row.get("ground_truth"))}
+            for _, lineno, row, _ in problems[n_train:]]
 
 
 # ---------------------------------------------------------------------------------------------- pairs
@@ -222,6 +240,8 @@ def load_prompts(spec, data_dir=None, limit=None, advbench_prefill=False):
         if advbench_prefill:
             for r in rows:
                 r["prefill"] = ADVBENCH_PREFILL
+    elif name == "gsm8k" and split == "heldout":
+        rows = load_gsm8k_heldout_prompts(data_dir)
     elif name == "gsm8k":
         path = os.path.join(root, "gsm8k", f"{split or 'test'}.jsonl")
         rows = [{"id": f"gsm8k-{split or 'test'}-{n - 1:04d}", "prompt": r["question"],

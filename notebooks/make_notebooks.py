@@ -70,8 +70,8 @@ sections = {
     "Table 1: HH-RLHF dialogue (reward by the yardstick RM)": [m for m in load("metrics_*.json")
                                                      if not m["generations"].endswith(("tldr.jsonl", "gsm8k.jsonl", "advbench.jsonl"))],
     "Table 2: TL;DR summarization": load("metrics_tldr_*.json"),
-    "Table 3: GSM8K": load("metrics_gsm8k_*.json"),
-    "Table 4: AdvBench": load("metrics_advbench_*.json"),
+    "Table 3: AdvBench": load("metrics_advbench_*.json"),
+    "Table 4: GSM8K": load("metrics_gsm8k_*.json"),
 }
 for title, rows in sections.items():
     if rows:

@@ -115,3 +115,17 @@ def test_resumable_writer_repairs_a_torn_line(tmp_path):
     w.close()
     rows = [r for _, r in read_jsonl(str(path))]
     assert [r["id"] for r in rows] == ["a", "b", "c"]
+
+
+def test_gsm8k_heldout_prompts_are_the_unseen_problems():
+    from common.metrics import gsm8k_correct
+
+    rows = load_prompts("gsm8k:heldout")
+    train_problems = {p["prompt"] for p in load_gsm8k_pairs(split="train")[0]}
+    heldout_problems = {p["prompt"] for p in load_gsm8k_pairs(split="heldout")[0]}
+    assert len(rows) == len({r["prompt"] for r in rows}) == len(heldout_problems) == 146  # 731 problems, 20%
+    assert {r["prompt"] for r in rows} == heldout_problems and not heldout_problems & train_problems
+    assert all(r["reference"].strip().splitlines()[-1].startswith("####") for r in rows)
+    # the reference is GSM8K's own answer: its final number is judged correct against itself
+    assert all(gsm8k_correct(r["reference"], r["reference"]) for r in rows[:20])
+    assert len({r["id"] for r in rows}) == len(rows)
