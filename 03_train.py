@@ -366,10 +366,6 @@ def main():
     ckpt = os.path.join(args.output, "checkpoint")
     log_path = os.path.join(args.output, "train_log.jsonl")
 
-    if rt.is_main:  # the model of an earlier run in this folder is stale from now on
-        for name in FINAL_FILES:
-            if os.path.exists(os.path.join(args.output, name)):
-                os.remove(os.path.join(args.output, name))
     state = {"epoch": 0, "micro": 0, "step": 0, "fingerprint": fingerprint}
     if args.resume and os.path.exists(os.path.join(ckpt, "trainer_state.json")):
         state = rt.load_checkpoint(ckpt, fingerprint)
@@ -378,6 +374,10 @@ def main():
             truncate_log(log_path, state["step"])
     elif rt.is_main and os.path.exists(log_path):
         os.remove(log_path)
+    if rt.is_main:  # training starts: the model of an earlier run in this folder is stale from now on
+        for name in FINAL_FILES:
+            if os.path.exists(os.path.join(args.output, name)):
+                os.remove(os.path.join(args.output, name))
     if rt.is_main:
         log.info("%d rows (%d of weight 0 skipped, %d truncated inputs), %s: %d forward sequences an epoch, "
                  "%d optimizer steps, lr %g, accum %d, world %d", n_rows, skipped_zero, fmt.truncated,

@@ -49,7 +49,7 @@ tables.cells = [
     nbf.v4.new_markdown_cell("# SP-PRM tables\n\nThe paper's table layouts (method rows, '+Ours' rows, metric "
                              "columns, each value ± the half-width of its 95% bootstrap interval over prompts) from the metric files of a run "
                              "(`05_evaluate.py metrics`). Table 1 (HH-RLHF dialogue) is what the demo "
-                             "produces; Tables 2-5 appear when their runs (TL;DR, GSM8K, AdvBench, "
+                             "produces; Tables 2-5 appear when their runs (TL;DR, AdvBench, GSM8K, "
                              "ablations) are in RUN_DIR as `metrics_<task>_*.json`.\n\n"
                              "The paper's reported numbers belong beside rows whose settings match its own "
                              "(its policies, e.g. Llama-3.2-1B-Instruct, and RMs, e.g. RM-Gemma-2B). The "
