@@ -25,7 +25,7 @@ from collections import defaultdict
 import torch
 from tqdm import tqdm
 
-from common.data import check_unique
+from common.data import read_rows
 from common.io import (DataError, ResumableJsonlWriter, check_output_differs, input_checksums, positive_float,
                        positive_int, read_jsonl, run_main, write_jsonl, write_manifest)
 from common.losses import DEFAULT_ENTROPY_FLOOR, reference_weights
@@ -53,17 +53,13 @@ def parse_args():
 
 
 def load_partial(path):
-    rows, seen = [], {}
-    for lineno, row in read_jsonl(path, required=("id", "t"), nonempty=("prompt",),
-                                  strings=("chosen", "rejected")):
+    rows = []
+    for lineno, row in read_rows(path, "partial pairs", id_required=True, required=("t",), nonempty=("prompt",),
+                                 strings=("chosen", "rejected")):
         if not isinstance(row["t"], int) or isinstance(row["t"], bool) or row["t"] < 0:
             raise DataError(f"{path}:{lineno}: field 't': expected an integer >= 0, got {row['t']!r}")
-        row["id"] = str(row["id"])
         row.setdefault("pair_id", row["id"])
-        check_unique(seen, row["id"], path, lineno)
         rows.append(row)
-    if not rows:
-        raise DataError(f"{path}: no partial pairs in the file")
     return rows
 
 
@@ -131,7 +127,7 @@ def main():
     # for the same reference weights, max length and texts (the key), never by row id alone.
     with ResumableJsonlWriter(scores_path, key="key", resume=args.resume) as writer:
         todo = [r for r, k in zip(rows, keys) if k not in writer.done]
-        key_of = {id(r): k for r, k in zip(rows, keys)}
+        key_of = {r["id"]: k for r, k in zip(rows, keys)}  # ids are unique (load_partial)
         if args.resume:
             log.info("resuming: %d rows already scored, %d to go", len(rows) - len(todo), len(todo))
         pair_order = list(dict.fromkeys(r["pair_id"] for r in todo))
@@ -145,7 +141,7 @@ def main():
             for row, a, b in zip(chunk, sc, sr):
                 if not (math.isfinite(a) and math.isfinite(b)):
                     raise DataError(f"{args.input}: row {row['id']}: reference score is not finite ({a}, {b})")
-                writer.write({"id": row["id"], "key": key_of[id(row)], "ref_chosen": a, "ref_rejected": b})
+                writer.write({"id": row["id"], "key": key_of[row["id"]], "ref_chosen": a, "ref_rejected": b})
             bar.update(len(chunk))
         bar.close()
 

@@ -10,8 +10,8 @@ Loss: L = -mean(w * log sigmoid(r(x, y_w) - r(x, y_l))) over the rows of a batch
 "weight" field (1 when absent; rows of weight 0 add nothing and are skipped). Pairs are batched by length
 and truncated by the RM input rule (README), never dropped. AdamW, linear schedule with warm-up, 1 epoch.
 Defaults per model family: lr 5e-6 for decoder RMs (Gemma, Llama) and 1e-6 for DeBERTa (the paper's),
-5e-5 for small encoders (MiniLM: the standard reward trainer's setting, which our 2e-5 trailed by several
-points of held-out accuracy); grad-accum 16 under DeepSpeed, 1 in plain mode.
+5e-5 for small encoders (MiniLM: the standard reward trainer's setting; README, parity table); grad-accum 16
+under DeepSpeed, 1 in plain mode.
 
 Grouped training (decoder RMs): the score of a prefix y[:t] is the head at the position of its last token
 in one causal forward over (x, y), so all cut points of a pair share one forward of the chosen side and
@@ -305,8 +305,7 @@ def evaluate(model, fmt, pairs, prefix_lengths, batch_size):
     return result, r_w + r_l, prefix_scores
 
 
-@torch.no_grad()
-def reward_statistics(model, fmt, complete_scores, prefix_scores, source):
+def reward_statistics(complete_scores, prefix_scores, source):
     """Mean and std of the RM's scores of complete responses (and of prefixes, when at hand)."""
     stats = {"mean": float(np.mean(complete_scores)), "std": float(np.std(complete_scores)),
              "n": len(complete_scores), "source": source}
@@ -451,7 +450,7 @@ def main():
         source = f"{args.input} (complete responses of {len(responses) // 2} training pairs)"
     else:
         source = f"{args.eval} ({len(eval_scores) // 2} held-out pairs, chosen and rejected)"
-    stats = reward_statistics(rt.model, fmt, eval_scores, eval_prefix_scores, source)
+    stats = reward_statistics(eval_scores, eval_prefix_scores, source)
     manifest = make_manifest(args.output, args, inputs=checksums, extra={
         "reference": reference, "init": init_identity, "rows": n_rows, "grouped": grouped,
         "zero_weight_skipped": skipped_zero, "truncated": fmt.truncated, "grad_accum": grad_accum,

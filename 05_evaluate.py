@@ -37,12 +37,13 @@ import random
 
 import numpy as np
 
-from common.data import load_pairs, load_prompts
-from common.io import (DataError, atomic_open, check_output_differs, fraction, input_checksums, non_negative_int, positive_float, positive_int, prefix_lengths,
-                       read_jsonl, run_main, write_json, write_jsonl, write_manifest)
-from common.metrics import (agreement_rate, bootstrap_ci, mean_with_ci, attack_success, coherence, contains_target_opening, diversity,
-                            gsm8k_correct, markdown_table, prefix_pair_scores, reward_gap, rouge_l,
-                            verdict_from_both_orders)
+from common.data import load_pairs, load_prompts, read_rows
+from common.io import (DataError, atomic_open, check_output_differs, fraction, input_checksums, non_negative_int,
+                       positive_float, positive_int, prefix_lengths, read_jsonl, run_main, write_json, write_jsonl,
+                       write_manifest)
+from common.metrics import (agreement_rate, attack_success, bootstrap_ci, coherence, contains_target_opening,
+                            diversity, gsm8k_correct, markdown_table, mean_with_ci, prefix_pair_scores, reward_gap,
+                            rouge_l, verdict_from_both_orders)
 
 log = logging.getLogger("evaluate")
 ALL_METRICS = ("reward", "diversity", "coherence", "rouge", "asr", "accuracy", "length", "winrate")
@@ -236,18 +237,11 @@ def run_metrics(args):
 
 def read_generations(path):
     """Generation rows, checked: string prompt and response, a stats object if any, unique ids."""
-    from common.data import check_unique
-
-    rows, seen = [], {}
-    for lineno, row in read_jsonl(path, required=("id",), nonempty=("prompt",), strings=("response",)):
+    rows = read_rows(path, "generations", id_required=True, nonempty=("prompt",), strings=("response",))
+    for lineno, row in rows:
         if row.get("stats") is not None and not isinstance(row["stats"], dict):
             raise DataError(f"{path}:{lineno}: field 'stats': expected an object, got {type(row['stats']).__name__}")
-        row["id"] = str(row["id"])
-        check_unique(seen, row["id"], path, lineno)
-        rows.append(row)
-    if not rows:
-        raise DataError(f"{path}: no generations")
-    return rows
+    return [row for _, row in rows]
 
 
 def check_complete(path, rows, allow_partial):
@@ -282,16 +276,23 @@ def rm_scores(path, args, prompts, responses):
     return score(model, fmt, prompts, responses, args.batch_size)
 
 
+def check_parsable(verdicts, max_unparsable, what):
+    """The parsable verdicts; fails when none, or more than a max_unparsable share, could be parsed."""
+    judged = [v for v in verdicts if v is not None]
+    unparsable = len(verdicts) - len(judged)
+    if not judged or unparsable > max_unparsable * len(verdicts):
+        raise DataError(f"the judge's verdict could not be parsed for {unparsable} of {len(verdicts)} {what} "
+                        f"(more than --max-unparsable {max_unparsable:g}); check the judge model and its replies")
+    return judged
+
+
 def winrate_metrics(verdicts, seed=0, max_unparsable=1.0):
     """win / tie / lose shares, win_tie = (W+T)/N and win_rate = (W+T/2)/N, each with its interval.
 
     A verdict of None (the judge's replies stayed unparsable) leaves the denominator and is counted.
     """
-    judged = [v for v in verdicts if v is not None]
+    judged = check_parsable(verdicts, max_unparsable, "pairs")
     out = {"n_judged": len(judged), "unparsable": len(verdicts) - len(judged)}
-    if not judged or out["unparsable"] > max_unparsable * len(verdicts):
-        raise DataError(f"the judge's verdict could not be parsed for {out['unparsable']} of {len(verdicts)} pairs "
-                        f"(more than --max-unparsable {max_unparsable:g}); check the judge model and its replies")
     per_item = {"win": [float(v == "win") for v in judged], "tie": [float(v == "tie") for v in judged],
                 "lose": [float(v == "lose") for v in judged],
                 "win_tie": [float(v != "lose") for v in judged],
@@ -364,10 +365,7 @@ def load_labels(args, pairs, lengths, fmt):
                 b.append(fmt.cut(p["rejected"], t))
                 keys.append((p["id"], t))
         verdicts = judge_pairs(judge, prompts, a, b, args.judge_kind)
-        unparsable = sum(v is None for v in verdicts)
-        if unparsable > args.max_unparsable * len(verdicts):
-            raise DataError(f"the judge's verdict could not be parsed for {unparsable} of {len(verdicts)} prefix "
-                            f"pairs (more than --max-unparsable {args.max_unparsable:g})")
+        check_parsable(verdicts, args.max_unparsable, "prefix pairs")
         for key, v in zip(keys, verdicts):
             if v is not None:  # an unparsable pair is left out, never a tie
                 labels[key] = {"win": "1", "lose": "2", "tie": "tie"}[v]

@@ -153,12 +153,14 @@ def main():
         print(f"\n{labels[method]}: SP-PRM-guided minus ORM-guided, paired over prompts (95% interval):")
         subprocess.run([py, "05_evaluate.py", "compare", f"{out}/metrics_{method}_prm.json",
                         f"{out}/metrics_{method}_orm.json", "--output", f"{out}/compare_{method}.json"], check=True)
-    greedy = {r["id"]: r["response"] for r in read_rows(f"{out}/gen_greedy.jsonl")}
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from common.io import read_jsonl
+
+    greedy = {r["id"]: r["response"] for _, r in read_jsonl(f"{out}/gen_greedy.jsonl")}
     for rm in ("orm", "prm"):
-        rows = read_rows(f"{out}/gen_argsg_{rm}.jsonl")
+        rows = [r for _, r in read_jsonl(f"{out}/gen_argsg_{rm}.jsonl")]
         differ = sum(r["response"] != greedy.get(r["id"]) for r in rows)
         print(f"ARGS guided by {rm.upper()} differs from greedy on {differ} of {len(rows)} prompts")
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from common.figures import load_agreement, plot_agreement, plot_reward_vs_w, reward_vs_w
 
     agreement = load_agreement(f"{out}/agreement.json")
@@ -182,11 +184,6 @@ def main():
     total = time.time() - t_start
     print(f"\ndemo finished in {total / 60:.1f} min ({args.scale} scale); stages run: "
           + ", ".join(f"{n} {t:.0f}s" for n, t in timings))
-
-
-def read_rows(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def limit_eval(s):

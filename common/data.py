@@ -187,19 +187,10 @@ def load_pairs(spec, data_dir=None, on_error="raise", stats=None):
     elif name == "gsm8k-pairs":
         pairs, skipped, total = load_gsm8k_pairs(data_dir, split or "all")
     else:
-        pairs, seen = [], {}
         # An empty reply is a legitimate side of a preference (the real HH data has one), so chosen and
         # rejected must be strings but may be empty; the prompt may not.
-        for lineno, row in read_jsonl(spec, nonempty=("prompt",), strings=("chosen", "rejected"),
-                                      on_error=on_error, stats=stats):
-            row.setdefault("id", f"line-{lineno}")
-            row["id"] = str(row["id"])
-            check_unique(seen, row["id"], spec, lineno)
-            pairs.append(row)
-        if not pairs:
-            skipped = f" ({stats['skipped']} bad lines skipped)" if stats.get("skipped") else ""
-            raise DataError(f"{spec}: no pairs in the file{skipped}")
-        return pairs
+        return [row for _, row in read_rows(spec, "pairs", nonempty=("prompt",), strings=("chosen", "rejected"),
+                                            on_error=on_error, stats=stats)]
     stats["read"] = total  # rows of the whole set; the split keeps len(pairs) of the usable ones
     stats["skipped"] = skipped
     if skipped:
@@ -214,15 +205,7 @@ def load_prompts(spec, data_dir=None, limit=None, advbench_prefill=False):
     root = resolve_data_dir(data_dir)
     name, _, split = spec.partition(":")
     if os.path.exists(spec):
-        rows, seen = [], {}
-        for lineno, row in read_jsonl(spec, required=("prompt",)):
-            if not isinstance(row["prompt"], str) or not row["prompt"].strip():
-                raise DataError(f"{spec}:{lineno}: field 'prompt': expected a non-empty string")
-            row["id"] = str(row.get("id", f"line-{lineno}"))
-            check_unique(seen, row["id"], spec, lineno)
-            rows.append(row)
-        if not rows:
-            raise DataError(f"{spec}: no prompts in the file")
+        rows = [row for _, row in read_rows(spec, "prompts", nonempty=("prompt",))]
     elif name in ("hh-rlhf", "hh-rlhf-hub", "gsm8k-pairs"):
         rows = [{"id": p["id"], "prompt": p["prompt"]} for p in load_pairs(spec, data_dir)]
     elif name == "hh-helpful":
@@ -256,11 +239,24 @@ def load_prompts(spec, data_dir=None, limit=None, advbench_prefill=False):
     return rows[:limit] if limit else rows
 
 
-def check_unique(seen, row_id, path, lineno):
-    """Refuse a repeated id (later lookups by id would skip or overwrite rows), naming both lines."""
-    if row_id in seen:
-        raise DataError(f"{path}:{lineno}: field 'id': {row_id!r} repeats the id of line {seen[row_id]}")
-    seen[row_id] = lineno
+def read_rows(path, what, id_required=False, **checks):
+    """[(line, row)] of a JSONL file of rows keyed by "id" (a string; "line-N" where absent unless
+    id_required). `checks` go to read_jsonl. A repeated id (later lookups by id would skip or overwrite rows)
+    is refused naming both lines, and a file without rows is refused too."""
+    stats = checks.setdefault("stats", {})
+    if id_required:
+        checks["required"] = ("id",) + tuple(checks.get("required", ()))
+    rows, seen = [], {}
+    for lineno, row in read_jsonl(path, **checks):
+        row["id"] = str(row.get("id", f"line-{lineno}"))
+        if row["id"] in seen:
+            raise DataError(f"{path}:{lineno}: field 'id': {row['id']!r} repeats the id of line {seen[row['id']]}")
+        seen[row["id"]] = lineno
+        rows.append((lineno, row))
+    if not rows:
+        skipped = f" ({stats['skipped']} bad lines skipped)" if stats.get("skipped") else ""
+        raise DataError(f"{path}: no {what} in the file{skipped}")
+    return rows
 
 
 def tldr_prompt(row):

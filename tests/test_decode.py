@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import ROOT, run_script, save_tiny_rm, write_jsonl
-from test_search import tiny_policy
+from test_search import save_tiny_policy
 
 
 def read(path):
@@ -19,14 +19,12 @@ def read(path):
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory, smol_tokenizer):
     root = tmp_path_factory.mktemp("models")
-    pol = tiny_policy(smol_tokenizer, seed=0)
-    pol.model.save_pretrained(root / "policy")
-    smol_tokenizer.save_pretrained(root / "policy")
+    policy = save_tiny_policy(root / "policy", smol_tokenizer)
     rm = save_tiny_rm(root / "rm", "llama", smol_tokenizer, seed=1)
     prompts = write_jsonl(root / "prompts.jsonl", [
         {"id": f"p{i}", "prompt": f"\n\nHuman: Question number {i}: what is {i} + {i}?\n\nAssistant:"}
         for i in range(6)])
-    return str(root / "policy"), rm, prompts
+    return policy, rm, prompts
 
 
 def decode(folders, out, *extra):

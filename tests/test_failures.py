@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT, run_script, save_tiny_rm, separable_pairs, write_jsonl
 from test_evaluate import ScriptedServer, prefer_reply_containing
-from test_search import tiny_policy
+from test_search import save_tiny_policy
 
 
 def read(path):
@@ -31,9 +31,7 @@ def fails_cleanly(proc, *words):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, smol_tokenizer):
     root = tmp_path_factory.mktemp("models")
-    pol = tiny_policy(smol_tokenizer, seed=0)
-    pol.model.save_pretrained(root / "policy")
-    smol_tokenizer.save_pretrained(root / "policy")
+    policy = save_tiny_policy(root / "policy", smol_tokenizer)
     rm = save_tiny_rm(root / "rm", "llama", smol_tokenizer, seed=1)
     ref = save_tiny_rm(root / "ref", "llama", smol_tokenizer, seed=2)
     # a plain backbone: no score head in the checkpoint
@@ -43,7 +41,7 @@ def models(tmp_path_factory, smol_tokenizer):
     smol_tokenizer.save_pretrained(root / "backbone")
     prompts = write_jsonl(root / "prompts.jsonl", [
         {"id": f"p{i}", "prompt": f"\n\nHuman: Question {i}: what is {i} + {i}?\n\nAssistant:"} for i in range(4)])
-    return {"policy": str(root / "policy"), "rm": rm, "ref": ref, "backbone": str(root / "backbone"),
+    return {"policy": policy, "rm": rm, "ref": ref, "backbone": str(root / "backbone"),
             "prompts": prompts}
 
 

@@ -33,6 +33,13 @@ def tiny_policy(tokenizer, seed=0, eos_often=False):
     return Policy(model, tokenizer, "tiny-llama")
 
 
+def save_tiny_policy(folder, tokenizer, seed=0):
+    pol = tiny_policy(tokenizer, seed=seed)
+    pol.model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.fixture(scope="module")
 def policy(smol_tokenizer):
     return tiny_policy(smol_tokenizer)
