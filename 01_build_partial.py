@@ -7,6 +7,9 @@
              tlt   every t in 1..T, T = max(|y_w|, |y_l|)
              sst   per pair k ~ U{0..2K}, then t_1..t_k ~ U{1..T} (the paper's stochastic sampling)
 t counts response tokens of the RM's tokenizer; a prefix longer than its response is the whole response.
+--max-rows N / --match-rows FILE keep a seeded uniform sample of N rows (or as many as FILE has), in their
+order: paper Table 5 compares TLT and SST at the same number of training rows, e.g.
+    python 01_build_partial.py --truncation tlt ... --match-rows runs/x/sst.jsonl --output runs/x/tlt_matched.jsonl
 In:  pairs JSONL {"id","prompt","chosen","rejected"} or a named set (hh-rlhf:train, gsm8k-pairs:train, ...)
 Out: partial JSONL: the pair's fields plus "pair_id", "t", "complete", with chosen/rejected cut at t.
 """
@@ -17,7 +20,8 @@ import numpy as np
 from tqdm import tqdm
 
 from common.data import load_pairs
-from common.io import check_output_differs, input_checksums, positive_int, run_main, write_jsonl, write_manifest
+from common.io import (check_output_differs, input_checksums, positive_int, probability, read_jsonl, run_main,
+                       write_jsonl, write_manifest)
 from common.losses import sst_cut_points, tlt_cut_points
 from common.models import load_config, load_tokenizer
 from common.rewards import RMFormat
@@ -34,6 +38,11 @@ def parse_args():
     p.add_argument("--K", type=positive_int, default=5, help="SST: k ~ U{0..2K} cut points per pair (default 5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=positive_int, default=None, help="use only the first N pairs")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--max-rows", type=positive_int, default=None, help="keep a seeded sample of N rows")
+    size.add_argument("--match-rows", default=None, help="keep as many rows as this partial JSONL has (Table 5)")
+    p.add_argument("--subset", default=None, help="hh-rlhf-hub: comma list of its subsets (default: all four)")
+    p.add_argument("--fraction", type=probability, default=None, help="keep a seeded share of the pairs (--seed)")
     p.add_argument("--data-dir", default=None, help="folder of the real data sets (else $SPPRM_DATA_DIR)")
     p.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                    help="bad input line: stop with a clear error (default) or skip it and count it")
@@ -44,9 +53,13 @@ def main():
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     stats = {}
-    check_output_differs(args.output, args.input)
-    checksums = input_checksums([args.input])
-    pairs = load_pairs(args.input, args.data_dir, on_error=args.on_error, stats=stats)
+    check_output_differs(args.output, args.input, args.match_rows)
+    checksums = input_checksums([args.input] + ([args.match_rows] if args.match_rows else []))
+    max_rows = args.max_rows
+    if args.match_rows:
+        max_rows = sum(1 for _ in read_jsonl(args.match_rows, required=("t",)))
+    pairs = load_pairs(args.input, args.data_dir, on_error=args.on_error, stats=stats, subset=args.subset,
+                       fraction=args.fraction, seed=args.seed)
     if args.limit:
         pairs = pairs[: args.limit]
     tokenizer = load_tokenizer(args.tokenizer)
@@ -75,10 +88,16 @@ def main():
                 "chosen": fmt.cut(pair["chosen"], t),
                 "rejected": fmt.cut(pair["rejected"], t),
             })
+    rows_cut = len(rows)
+    if max_rows is not None and max_rows < len(rows):
+        keep = np.random.default_rng([args.seed, 1]).choice(len(rows), size=max_rows, replace=False)
+        rows = [rows[i] for i in sorted(keep)]
+    elif max_rows is not None:
+        log.warning("%d rows asked for, %d cut: all are kept", max_rows, len(rows))
     write_jsonl(args.output, rows)
     counts = {"pairs_read": stats.get("read", len(pairs)), "pairs_used": len(pairs),
               "pairs_skipped": stats.get("skipped", 0), "skip_reasons": stats.get("skip_reasons", {}),
-              "rows_written": len(rows)}
+              "rows_cut": rows_cut, "rows_written": len(rows)}
     write_manifest(args.output, args, inputs=checksums, extra={"counts": counts})
     log.info("read %d rows, skipped %d, used %d pairs, wrote %d partial pairs to %s", counts["pairs_read"],
              counts["pairs_skipped"], counts["pairs_used"], len(rows), args.output)

@@ -47,6 +47,8 @@ def parse_args():
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--max-length", type=positive_int, default=512, help="RM input tokens (use the training value)")
     p.add_argument("--pairs-per-step", type=positive_int, default=64, help="pairs scored between two appends")
+    p.add_argument("--rm-format", choices=["open", "closed"], default="open",
+                   help="closed: the reference sees every cut as a closed chat turn (README: RM inputs)")
     p.add_argument("--resume", action="store_true", help="keep the scores already in OUTPUT.scores.jsonl")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
@@ -117,11 +119,15 @@ def main():
     checksums = input_checksums([args.input])
     rows = load_partial(args.input)
     reference = model_identity(args.ref_rm)
-    keys = [score_key(reference, args.max_length, r) for r in rows]
+    keys = [score_key(reference, args.max_length if args.rm_format == "open" else (args.max_length, "closed"), r)
+            for r in rows]
 
     tokenizer = load_tokenizer(args.ref_rm)
     model = load_reward_model(args.ref_rm, tokenizer=tokenizer).eval()
-    fmt = RMFormat(tokenizer, model, max_length=args.max_length)
+    try:
+        fmt = RMFormat(tokenizer, model, max_length=args.max_length, closed=args.rm_format == "closed")
+    except ValueError as e:
+        raise DataError(f"--rm-format {args.rm_format}: {e}") from None
 
     # Score pair by pair (all cuts of one pair together), appending as we go. A cached score is reused only
     # for the same reference weights, max length and texts (the key), never by row id alone.

@@ -40,19 +40,20 @@ from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from common.data import load_pairs
-from common.io import (DataError, check_output_differs, dumps, fraction, input_checksums, make_manifest, non_negative_float,
-                       non_negative_int, positive_float, positive_int, prefix_lengths, read_jsonl, run_main,
-                       write_json, write_jsonl)
+from common.io import (DataError, check_output_differs, dumps, fraction, input_checksums, make_manifest,
+                       non_negative_float, non_negative_int, positive_float, positive_int, prefix_lengths, probability,
+                       read_jsonl, run_main, write_json, write_jsonl)
 from common.metrics import agreement_rate, bootstrap_ci, prefix_pair_scores, reward_gap
 from common.models import (is_decoder_rm, load_reward_model, load_tokenizer, model_family, model_identity,
                            same_model)
-from common.rewards import RMFormat, batch_loss, length_batches, score, training_units
+from common.rewards import RMFormat, batch_loss, score, training_batches, training_units
 
 log = logging.getLogger("train")
 DEFAULT_LR = {"decoder": 5e-6, "deberta": 1e-6, "encoder": 5e-5}
 # what a checkpoint must share with the run that resumes it
 FINGERPRINT_ARGS = ("lr", "epochs", "batch_size", "warmup_ratio", "weight_decay", "max_grad_norm", "max_length",
-                    "limit", "seed", "grouping", "keep_dropout", "deepspeed", "grad_accum")
+                    "limit", "seed", "grouping", "keep_dropout", "deepspeed", "grad_accum", "subset", "fraction",
+                    "batching")
 # the files of a finished run; removed when a new run starts in the folder
 FINAL_FILES = ("config.json", "model.safetensors", "manifest.json", "reward_stats.json", "eval.json")
 
@@ -77,6 +78,9 @@ def parse_args():
                         "dropout noise on both sides of a pair adds noise to their score difference)")
     p.add_argument("--max-length", type=positive_int, default=512, help="RM input tokens (truncation rule in README)")
     p.add_argument("--limit", type=positive_int, default=None, help="train on the first N rows only")
+    p.add_argument("--batching", choices=["random", "length"], default="random",
+                   help="random: batches drawn at random (the standard trainer's); length: similar lengths "
+                        "together, less padding, lower accuracy (README)")
     p.add_argument("--grouping", choices=["auto", "off"], default="auto",
                    help="auto: a decoder RM scores all cut points of a pair side from one forward (same loss)")
     p.add_argument("--seed", type=int, default=0)
@@ -87,6 +91,8 @@ def parse_args():
     p.add_argument("--stop-after-steps", type=positive_int, default=None,
                    help="stop after N optimizer steps as if killed (the schedule still plans the whole run)")
     p.add_argument("--log-steps", type=positive_int, default=10)
+    p.add_argument("--subset", default=None, help="hh-rlhf-hub: comma list of its subsets (default: all four)")
+    p.add_argument("--fraction", type=probability, default=None, help="keep a seeded share of the pairs (--seed)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--deepspeed", default=None, help="DeepSpeed JSON config (e.g. configs/zero3.json)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)),
@@ -261,7 +267,8 @@ def check_reference(args, init_identity):
 
 def load_rows(args):
     stats = {}
-    rows = load_pairs(args.input, args.data_dir, stats=stats)
+    rows = load_pairs(args.input, args.data_dir, stats=stats, subset=args.subset, fraction=args.fraction,
+                      seed=args.seed)
     if args.limit:
         rows = rows[: args.limit]
     for row in rows:
@@ -355,7 +362,7 @@ def main():
 
     # Each rank takes every world-th batch; the optimizer steps once per grad_accum micro-batches.
     world = int(os.environ.get("WORLD_SIZE", 1)) if args.deepspeed else 1
-    n_batches = len(length_batches(units, args.batch_size, args.seed, 0))
+    n_batches = len(training_batches(units, args.batch_size, args.seed, 0, args.batching == "length"))
     micro_per_rank = math.ceil(n_batches / world)
     steps_per_epoch = math.ceil(micro_per_rank / grad_accum)
     total_steps = steps_per_epoch * args.epochs
@@ -387,7 +394,8 @@ def main():
     eval_history, eval_scores, eval_prefix_scores = [], None, None
     stopped = False
     for epoch in range(state["epoch"], args.epochs):
-        batches = length_batches(units, args.batch_size, args.seed, epoch)[rt.rank::rt.world]
+        batches = training_batches(units, args.batch_size, args.seed, epoch, args.batching == "length")
+        batches = batches[rt.rank::rt.world]
         rt.train()
         window = new_window()
         bar = tqdm(total=len(batches), initial=state["micro"], desc=f"epoch {epoch + 1}/{args.epochs}",

@@ -10,12 +10,20 @@ Methods (paper defaults):
   tbs, cbs               token / chunk beam search: --beam W (8) beams, --successors K (8) samples of
                          --chunk L (30; tbs: 1) tokens each, keep the top-W by r
   bon                    Best-of-N: --n (16) samples, keep the best by r
-  cards                  CARDS: a segment grows while next-token entropy <= --entropy-threshold (7.0) and up
-                         to --max-segment (32) tokens; it is accepted if r >= --reward-threshold (default:
-                         r of the accepted prefix, i.e. the reward must not drop), else resampled, at most
-                         --max-retries (4) times, after which the best attempt is kept
+  cards                  CARDS (Li et al., 2024): a segment grows from --min-segment (4) tokens until the
+                         next token's entropy reaches --entropy-threshold (7.0, the SP-PRM paper's tau_u) or
+                         it has --max-segment (64) tokens. --cards-rule soft (default) accepts it with
+                         probability min(1, exp((r - tau(t)) / --cards-beta (0.7))), where the threshold
+                         tau(t) = min(r_0 + t (r* - r_0) / max_new_tokens, r*), r_0 = (1 - --cards-alpha
+                         (0.5)) r(x) + alpha r*, r* = --reward-threshold (default: 1.0 with --reward-norm
+                         std, else mean + std from the RM's reward_stats.json); hard: r >= tau(t); prefix:
+                         the reward must not drop (r >= r of the accepted prefix, or >= --reward-threshold).
+                         A rejected segment is resampled; after --max-retries (20) rejections the best
+                         attempt is kept. CARDS samples with --top-k 40 --temperature 0.7 by default.
 Prompt sets: hh-rlhf:heldout, hh-helpful, advbench (--advbench-prefill starts the reply with "Sure here's"),
 tldr, gsm8k, mt-bench (first turns), or a JSONL with "id" and "prompt".
+Prompts that the RM was trained on (its manifest.json names its training pairs) are refused unless
+--allow-train-overlap. CBS and TBS start from W copies of the prompt (the paper's Algorithm 3).
 A decoder RM sharing the policy's tokenizer is scored on its own KV cache (--rm-path auto/cached); any other
 RM through decoded text (text). Out: one row per prompt {"id","prompt","response","method","params","rm",
 "policy","stats"}, appended and flushed one by one to OUTPUT.partial, renamed to OUTPUT when every prompt is
@@ -33,12 +41,12 @@ import shutil
 import torch
 from tqdm import tqdm
 
-from common.data import load_prompts
-from common.io import (DataError, ResumableJsonlWriter, check_output_differs, finite_float, input_checksums,
-                       non_negative_int, positive_float, positive_int, probability, read_jsonl, run_main, write_jsonl,
+from common.data import check_prompt_overlap, load_prompts
+from common.io import (DataError, ResumableJsonlWriter, check_output_differs, finite_float, fraction,
+                       input_checksums, non_negative_int, positive_float, positive_int, probability, read_jsonl, run_main, write_jsonl,
                        write_manifest)
 from common.models import load_policy, load_reward_model, load_tokenizer, trained_max_length
-from common.search import METHODS, Policy, RewardModel, Search, SearchConfig
+from common.search import CARDS_RULES, METHODS, Policy, RewardModel, Search, SearchConfig
 
 log = logging.getLogger("decode")
 
@@ -64,22 +72,51 @@ def parse_args():
     p.add_argument("--reward-norm", choices=["none", "std"], default="none",
                    help="std: every method searches with (r - mean) / std, from the RM's reward_stats.json "
                         "(written by 03_train.py), so one --w means the same for RMs of different scales")
+    p.add_argument("--rm-format", choices=["open", "closed"], default="open",
+                   help="closed: the RM sees every candidate as a finished, closed chat turn (README: RM inputs)")
     p.add_argument("--reward-stats", default=None, help="reward statistics JSON (default: RM/reward_stats.json)")
     g = p.add_argument_group("method flags")
-    g.add_argument("--temperature", type=positive_float, default=1.0)
+    g.add_argument("--temperature", type=positive_float, default=None, help="default 1.0 (cards: 0.7)")
     g.add_argument("--top-p", type=probability, default=1.0)
-    g.add_argument("--top-k", type=non_negative_int, default=0)
+    g.add_argument("--top-k", type=non_negative_int, default=None, help="default 0: off (cards: 40)")
     g.add_argument("--w", type=finite_float, default=1.5, help="ARGS reward weight")
     g.add_argument("--k", type=positive_int, default=30, help="ARGS candidates")
     g.add_argument("--beam", type=positive_int, default=8)
     g.add_argument("--successors", type=positive_int, default=8)
     g.add_argument("--chunk", type=positive_int, default=30)
     g.add_argument("--n", type=positive_int, default=16, help="Best-of-N samples")
+    g.add_argument("--cards-rule", choices=CARDS_RULES, default="soft")
     g.add_argument("--entropy-threshold", type=positive_float, default=7.0)
-    g.add_argument("--reward-threshold", type=finite_float, default=None)
-    g.add_argument("--max-segment", type=positive_int, default=32)
-    g.add_argument("--max-retries", type=non_negative_int, default=4)
-    return p.parse_args()
+    g.add_argument("--reward-threshold", type=finite_float, default=None, help="CARDS' target reward r*")
+    g.add_argument("--cards-alpha", type=fraction, default=0.5)
+    g.add_argument("--cards-beta", type=positive_float, default=0.7)
+    g.add_argument("--min-segment", type=positive_int, default=4)
+    g.add_argument("--max-segment", type=positive_int, default=64)
+    g.add_argument("--max-retries", type=non_negative_int, default=20)
+    g.add_argument("--allow-train-overlap", action="store_true",
+                   help="decode prompts that the RM was trained on (refused by default: see its manifest)")
+    args = p.parse_args()
+    cards = args.method == "cards"
+    if args.temperature is None:
+        args.temperature = 0.7 if cards else 1.0
+    if args.top_k is None:
+        args.top_k = 40 if cards else 0
+    if cards and args.min_segment > args.max_segment:
+        p.error(f"--min-segment {args.min_segment} is above --max-segment {args.max_segment}")
+    return args
+
+
+def cards_target(args, stats):
+    """CARDS' r* when --reward-threshold is not given: one standard deviation above the RM's mean reward
+    (1.0 in --reward-norm std units). CARDS tunes r* per RM; this default needs the RM's reward statistics."""
+    if args.reward_norm == "std":
+        return 1.0
+    path = args.reward_stats or os.path.join(args.rm, "reward_stats.json")
+    if not os.path.isfile(path):
+        raise DataError(f"--cards-rule {args.cards_rule} needs a target reward: give --reward-threshold R, or "
+                        f"--reward-norm std, or reward statistics ({path} is missing)")
+    stats = load_reward_stats(args)
+    return stats["mean"] + stats["std"]
 
 
 def search_config(args):
@@ -159,8 +196,14 @@ def main():
     out_path = f"{args.output}.partial" if world == 1 else f"{args.output}.shard{rank}-of-{world}.jsonl"
     if cfg.uses_rm and not args.rm:
         raise DataError(f"--method {cfg.method} needs --rm")
+    if args.rm:
+        check_prompt_overlap(prompts, args.prompts, [args.rm], args.data_dir, args.allow_train_overlap)
     stats = load_reward_stats(args) if args.reward_norm == "std" else None
+    if cfg.method == "cards" and cfg.cards_rule != "prefix" and cfg.reward_threshold is None:
+        cfg.reward_threshold = cards_target(args, stats)
     params = cfg.params()
+    if args.rm_format != "open":
+        params["rm_format"] = args.rm_format
     if stats is not None:
         params["reward_stats"] = {"mean": stats["mean"], "std": stats["std"]}
     if args.resume:
@@ -177,8 +220,11 @@ def main():
     if args.rm:
         rm_tok = load_tokenizer(args.rm)
         max_length = args.rm_max_length or trained_max_length(args.rm, 2048)
-        rm = RewardModel(load_reward_model(args.rm, tokenizer=rm_tok).eval(), rm_tok, args.rm, max_length,
-                         stats=stats)
+        try:
+            rm = RewardModel(load_reward_model(args.rm, tokenizer=rm_tok).eval(), rm_tok, args.rm, max_length,
+                             stats=stats, closed=args.rm_format == "closed")
+        except ValueError as e:
+            raise DataError(f"--rm-format {args.rm_format}: {e}") from None
     search = Search(policy, cfg, rm, rm_path=args.rm_path)
 
     with ResumableJsonlWriter(out_path, key="id", resume=args.resume) as writer:

@@ -26,8 +26,15 @@ Metrics (one top-level key each in the output JSON; per-row values go to OUTPUT.
   winrate    win / tie / lose against --baseline (same ids), each pair judged in both orders by an
              OpenAI-compatible endpoint (--judge-url, --judge-model, key from $OPENAI_API_KEY or
              --judge-key-env) or, as a labelled proxy, by a reward model (--judge-rm); win_tie = (W+T)/N,
-             win_rate = (W+T/2)/N over the parsable verdicts (n_judged; unparsable ones are counted apart)
+             win_rate = (W+T/2)/N over the parsable verdicts (n_judged; unparsable ones are counted apart).
+             --judge-template paper (default: the paper's Figure 6 prompt, a forced choice, "-1" only for
+             identical replies, which counts as a tie) or lenient (invites ties)
+  judge_accuracy  GSM8K: share of answers the HTTP judge calls correct (the paper's Figure 7 judge; it also
+             sees the reference solution), beside the exact-match accuracy
 References come from each generation's "reference" field, else from --prompts SET by id.
+An RM is not evaluated on prompts or pairs it was trained on: the RM's manifest.json names its training
+input, and an overlap is refused unless --allow-train-overlap. --rm-format closed scores complete
+responses with the chat turn closed (for hub chat RMs trained that way; see the README).
 """
 import argparse
 import csv
@@ -37,7 +44,7 @@ import random
 
 import numpy as np
 
-from common.data import load_pairs, load_prompts, read_rows
+from common.data import check_prompt_overlap, load_pairs, load_prompts, read_rows
 from common.io import (DataError, atomic_open, check_output_differs, fraction, input_checksums, non_negative_int,
                        positive_float, positive_int, prefix_lengths, read_jsonl, run_main, write_json, write_jsonl,
                        write_manifest)
@@ -46,7 +53,8 @@ from common.metrics import (agreement_rate, attack_success, bootstrap_ci, cohere
                             rouge_l, verdict_from_both_orders)
 
 log = logging.getLogger("evaluate")
-ALL_METRICS = ("reward", "diversity", "coherence", "rouge", "asr", "accuracy", "length", "winrate")
+ALL_METRICS = ("reward", "diversity", "coherence", "rouge", "asr", "accuracy", "judge_accuracy", "length",
+               "winrate")
 
 
 def parse_args():
@@ -112,12 +120,18 @@ def _judge_args(p):
     p.add_argument("--judge-retries", type=non_negative_int, default=4, help="retries of a failed request")
     p.add_argument("--max-unparsable", type=fraction, default=0.1,
                    help="fail when more than this share of the judged pairs has no parsable verdict")
+    p.add_argument("--judge-template", choices=["paper", "lenient"], default="paper",
+                   help="paper: the paper's forced-choice prompts (Figures 6, 7); lenient: ties invited")
+    p.add_argument("--rm-format", choices=["open", "closed"], default="open",
+                   help="closed: the RM sees each response with its chat turn closed (end-of-turn token)")
+    p.add_argument("--allow-train-overlap", action="store_true",
+                   help="evaluate an RM on prompts it was trained on (refused by default)")
 
 
 _LOADED_RMS = {}
 
 
-def load_rm(path, max_length):
+def load_rm(path, max_length, rm_format="open"):
     from common.models import load_reward_model, load_tokenizer, trained_max_length
     from common.rewards import RMFormat
 
@@ -127,7 +141,11 @@ def load_rm(path, max_length):
         model = load_reward_model(path, tokenizer=tok).eval()
         _LOADED_RMS[key] = (model, tok)
     model, tok = _LOADED_RMS[key]
-    return model, RMFormat(tok, model, max_length=max_length or trained_max_length(path, 1024))
+    try:
+        return model, RMFormat(tok, model, max_length=max_length or trained_max_length(path, 1024),
+                               closed=rm_format == "closed")
+    except ValueError as e:
+        raise DataError(f"{path}: --rm-format {rm_format}: {e}") from None
 
 
 def make_judge(args, output):
@@ -138,9 +156,9 @@ def make_judge(args, output):
             raise DataError("--judge-url needs --judge-model")
         cache = args.judge_cache or os.path.splitext(output)[0] + ".judge_cache.jsonl"
         return ChatJudge(args.judge_url, args.judge_model, args.judge_key_env, cache_path=cache,
-                         max_retries=args.judge_retries, timeout=args.judge_timeout)
+                         max_retries=args.judge_retries, timeout=args.judge_timeout, template=args.judge_template)
     if args.judge_rm:
-        model, fmt = load_rm(args.judge_rm, args.max_length)
+        model, fmt = load_rm(args.judge_rm, args.max_length, args.rm_format)
         return RMJudge(model, fmt, args.judge_rm)
     raise DataError("winrate needs a judge: --judge-url/--judge-model or --judge-rm")
 
@@ -170,6 +188,9 @@ def run_metrics(args):
     refs = {}
     if args.prompts:
         refs = {p["id"]: p for p in load_prompts(args.prompts, args.data_dir)}
+    rm_paths = ([args.rm] if args.rm and "reward" in wanted else []) + \
+        [rm_spec(s)[1] for s in args.extra_rm if "reward" in wanted]
+    check_prompt_overlap(rows, args.generations, rm_paths, args.data_dir, args.allow_train_overlap)
     prompts = [r["prompt"] for r in rows]
     responses = [r["response"] for r in rows]
     per_row = [{"id": r["id"]} for r in rows]
@@ -204,6 +225,8 @@ def run_metrics(args):
                                         for t, r in zip(responses, rows)]
     if "accuracy" in wanted:
         values["accuracy"] = [float(gsm8k_correct(t, reference(r))) for t, r in zip(responses, rows)]
+    if "judge_accuracy" in wanted:
+        out.update(judge_accuracy(args, rows, per_row, reference))
     if "length" in wanted:
         values["length"] = [float((r.get("stats") or {}).get("new_tokens", len(r["response"].split()))) for r in rows]
     for key, v in values.items():
@@ -272,7 +295,7 @@ def rm_spec(spec):
 def rm_scores(path, args, prompts, responses):
     from common.rewards import score
 
-    model, fmt = load_rm(path, args.max_length)
+    model, fmt = load_rm(path, args.max_length, args.rm_format)
     return score(model, fmt, prompts, responses, args.batch_size)
 
 
@@ -284,6 +307,32 @@ def check_parsable(verdicts, max_unparsable, what):
         raise DataError(f"the judge's verdict could not be parsed for {unparsable} of {len(verdicts)} {what} "
                         f"(more than --max-unparsable {max_unparsable:g}); check the judge model and its replies")
     return judged
+
+
+def judge_accuracy(args, rows, per_row, reference):
+    """The paper's Figure 7 judge over GSM8K answers: share judged correct, over the parsable verdicts."""
+    from common.judge import ChatJudge
+
+    judge = make_judge(args, args.output)
+    if not isinstance(judge, ChatJudge):
+        raise DataError("judge_accuracy needs an LLM judge (--judge-url, --judge-model); an RM cannot tell "
+                        "a correct answer")
+    verdicts = [judge.judge_single(r["prompt"], r["response"], r.get("reference") or _maybe(reference, r))
+                for r in rows]
+    for pr, v in zip(per_row, verdicts):
+        pr["judge_correct"] = None if v is None else v == "correct"
+    judged = check_parsable(verdicts, args.max_unparsable, "answers")
+    value, ci = mean_with_ci([float(v == "correct") for v in judged], args.seed)
+    return {"judge_accuracy": value, "judge_accuracy_ci95": ci, "judge_accuracy_n": len(judged),
+            "judge_accuracy_unparsable": len(verdicts) - len(judged), "judge": judge.label,
+            "judge_template": args.judge_template}
+
+
+def _maybe(reference, row):
+    try:
+        return reference(row)
+    except DataError:
+        return None
 
 
 def winrate_metrics(verdicts, seed=0, max_unparsable=1.0):
@@ -307,6 +356,8 @@ def run_agreement(args):
     pairs = load_pairs(args.pairs, args.data_dir)[: args.limit]
     if not pairs:
         raise DataError(f"{args.pairs}: no pairs")
+    check_prompt_overlap(pairs, args.pairs, [rm_spec(s)[1] for s in args.rm], args.data_dir,
+                         args.allow_train_overlap)
     lengths = args.prefix_lengths
     result = {"pairs": args.pairs, "n": len(pairs), "prefix_lengths": lengths, "rms": {}}
     base = os.path.splitext(args.output)[0]
@@ -314,7 +365,7 @@ def run_agreement(args):
     first = None  # (name, per-pair agreement indicators per t) of the first RM: paired differences against it
     for spec in args.rm:
         name, path = rm_spec(spec)
-        model, fmt = load_rm(path, args.max_length)
+        model, fmt = load_rm(path, args.max_length, args.rm_format)
         if labels is None:  # prefixes for the judge are cut in the first RM's tokens
             labels = load_labels(args, pairs, lengths, fmt)
         sw, sl = prefix_pair_scores(model, fmt, pairs, lengths, args.batch_size)
@@ -328,17 +379,24 @@ def run_agreement(args):
             if first is not None:  # paired over the same pairs: this RM minus the first
                 point.update(diff_vs=first[0], ar_rm_sc_diff=float(np.mean(agree[-1] - first[1][k])),
                              ar_rm_sc_diff_ci95=bootstrap_ci(agree[-1], args.seed, paired_with=first[1][k]))
+            # Appendix B counts over all judged pairs, ties included: a tie agrees with neither order
+            # (the RM's strict order, the data's chosen-over-rejected), so it lowers both rates.
             judged = [(i, labels[(p["id"], t)]) for i, p in enumerate(pairs)
-                      if labels.get((p["id"], t)) in ("1", "2")]
+                      if labels.get((p["id"], t)) in ("1", "2", "tie")]
             if judged:
-                point["ar_rm_hp"] = float(np.mean([(a[i] > b[i]) == (v == "1") for i, v in judged]))
+                point["ar_rm_hp"] = float(np.mean([v != "tie" and (a[i] > b[i]) == (v == "1") for i, v in judged]))
                 point["ar_sc_hp"] = float(np.mean([v == "1" for _, v in judged]))
                 point["n_judged"] = len(judged)
+                point["n_judge_ties"] = sum(v == "tie" for _, v in judged)
             curve.append(point)
         first = first or (name, agree)
-        result["rms"][name] = {"path": path, "one_forward_prefix_scoring": fmt.fast_prefixes, "curve": curve}
+        # Observation 1 (agreement grows with t): the paired change from the shortest to the longest prefix
+        growth = {"from_t": lengths[0], "to_t": lengths[-1], "diff": float(np.mean(agree[-1] - agree[0])),
+                  "diff_ci95": bootstrap_ci(agree[-1], args.seed, paired_with=agree[0])} if len(lengths) > 1 else None
+        result["rms"][name] = {"path": path, "one_forward_prefix_scoring": fmt.fast_prefixes, "curve": curve,
+                               "growth": growth}
         columns = ["t", "ar_rm_sc", "ar_rm_sc_ci95", "reward_gap", "reward_gap_ci95", "n", "diff_vs",
-                   "ar_rm_sc_diff", "ar_rm_sc_diff_ci95", "ar_rm_hp", "ar_sc_hp", "n_judged"]
+                   "ar_rm_sc_diff", "ar_rm_sc_diff_ci95", "ar_rm_hp", "ar_sc_hp", "n_judged", "n_judge_ties"]
         with atomic_open(f"{base}.{name}.csv") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()

@@ -26,6 +26,8 @@ import subprocess
 import sys
 import time
 
+from common.pipeline import Pipeline
+
 SCALES = {
     # Sized for a 2-core CPU: about 8 minutes with setup (CBS and the w sweep at full scale, or --sweep). ARGS's w is in std units of the RM's scores
     # (--reward-norm std): the demo RMs' single-token score differences are a small fraction of a std, so
@@ -55,24 +57,11 @@ def main():
         s["sweep_w"] = tuple(float(w) for w in args.sweep.split(",") if w.strip())
     out = args.out
     os.makedirs(out, exist_ok=True)
-    redo = set(args.redo.split(",")) if args.redo else set()
     py = sys.executable
     data = ["--data-dir", args.data_dir] if args.data_dir else []
     limit = lambda n: ["--limit", str(n)] if n else []  # noqa: E731
-    t_start = time.time()
-    timings = []
-
-    def stage(name, output, *cmd):
-        done = os.path.exists(output) and (os.path.exists(output + ".manifest.json") or
-                                           os.path.exists(os.path.join(output, "manifest.json")))
-        if done and name not in redo and "all" not in redo:
-            print(f"[skip] {name}: {output} exists", flush=True)
-            return
-        print(f"\n[run] {name}: {' '.join(cmd)}", flush=True)
-        t0 = time.time()
-        if subprocess.run([py, *cmd]).returncode != 0:
-            sys.exit(f"demo: stage {name} failed (its message is above); fix it and rerun: finished stages are kept")
-        timings.append((name, time.time() - t0))
+    pipeline = Pipeline("demo", args.redo)
+    stage = pipeline.stage
 
     L = str(s["max_length"])
     train = ["--max-length", L, "--eval", "hh-rlhf:heldout", *limit_eval(s), *data]
@@ -181,9 +170,8 @@ def main():
         print(f"  guided by {name:7s} " + "  ".join(f"w={p['w']:g}: {p['reward_mean']:.3f}" for p in points))
     for path in plot_agreement(agreement, out) + [plot_reward_vs_w(sweep, out)]:
         print(f"figure: {path}")
-    total = time.time() - t_start
-    print(f"\ndemo finished in {total / 60:.1f} min ({args.scale} scale); stages run: "
-          + ", ".join(f"{n} {t:.0f}s" for n, t in timings))
+    total = time.time() - pipeline.started
+    print(f"\ndemo finished in {total / 60:.1f} min ({args.scale} scale); stages run: {pipeline.summary()}")
 
 
 def limit_eval(s):

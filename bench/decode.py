@@ -74,7 +74,7 @@ def main():
         "tbs": SearchConfig(method="tbs", beam=2, successors=4, chunk=1, max_new_tokens=T),
         "cbs": SearchConfig(method="cbs", beam=2, successors=4, chunk=16, max_new_tokens=T),
         "bon": SearchConfig(method="bon", n=4, max_new_tokens=T),
-        "cards": SearchConfig(method="cards", max_new_tokens=T, max_segment=16, max_retries=2),
+        "cards": SearchConfig(method="cards", max_new_tokens=T, max_segment=16, max_retries=2, reward_threshold=0.0),
     }
     report = {"benchmark": "decode", "policy": SMOLLM2, "rm": rm.name, "prompts": len(prompts),
               "max_new_tokens": T, "threads": torch.get_num_threads(), "methods": {}}

@@ -21,7 +21,7 @@ from common_bench import interleaved, load_average
 from common.data import load_pairs
 from common.losses import sst_cut_points, tlt_cut_points
 from common.models import SMOLLM2, load_reward_model, load_tokenizer
-from common.rewards import RMFormat, batch_loss, length_batches, training_units
+from common.rewards import RMFormat, batch_loss, training_batches, training_units
 
 
 def cut_rows(fmt, pairs, truncation, K, seed=0):
@@ -46,7 +46,7 @@ def batches_of_rows(fmt, rows, batch_size):
         by_pair.setdefault(row["pair_id"], []).append(row)
     pair_ids = list(by_pair)
     return [[row for i in batch for row in by_pair[pair_ids[i]]]
-            for batch in length_batches(units, batch_size, seed=0, epoch=0)]
+            for batch in training_batches(units, batch_size, seed=0, epoch=0, by_length=True)]
 
 
 def epoch(model, batches, pad_id):

@@ -5,8 +5,13 @@ prompts: {"id", "prompt", ...}                     extra fields (reference, targ
 
 Named sets (deterministic splits, usable wherever a file path is):
   hh-rlhf:train / hh-rlhf:heldout / hh-rlhf     Anthropic HH-RLHF harmless-base test file, 2,000 / 307 / all
-  hh-rlhf-hub:SPLIT                            the same set from the Hugging Face hub (needs a network)
   gsm8k-pairs:train / gsm8k-pairs:heldout       GSM8K correct/incorrect model solutions, split by problem
+  hub sets (need a network, or $SPPRM_HUB_MIRROR, a local copy laid out as on the hub):
+  hh-rlhf-hub:train|test       all of Anthropic/hh-rlhf (4 preference subsets; --subset picks some)
+  tldr-hub:train|validation    openai/summarize_from_feedback comparisons (TL;DR)
+  math-pairs-hub:train         RLHFlow/Deepseek-ORM-Data-Pairwise (pairwise math solutions)
+  hh-redteam-hub               prompt set: first requests of the HH red-team attempts
+  Any pairs source takes --fraction F (a seeded share: the paper's 20% / 33% subsets).
   prompt sets: hh-rlhf:heldout, hh-helpful, advbench, tldr, gsm8k (GSM8K test; :train), gsm8k:heldout (the
                held-out problems of gsm8k-pairs, for RMs trained on gsm8k-pairs:train), mt-bench
 """
@@ -80,13 +85,108 @@ def load_hh_rlhf(data_dir=None, split="all"):
     return _take_split(pairs, split, HH_TRAIN_SIZE, "hh-rlhf"), skipped, len(rows)
 
 
-def load_hh_rlhf_hub(split="test", subset="harmless-base"):
-    """The hub copy of HH-RLHF (online users); same prompt split rule."""
+# ---------------------------------------------------------------------------------------------- the hub
+
+HUB_MIRROR_ENV = "SPPRM_HUB_MIRROR"
+HH_PAIR_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
+
+
+def hub_rows(repo, split, subfolder=None, config=None):
+    """Rows of a Hugging Face hub data set. With $SPPRM_HUB_MIRROR=FOLDER they are read from FOLDER/<repo>,
+    laid out as on the hub (subfolder or config name, then files named by split): offline copies, tests."""
     from datasets import load_dataset
 
-    ds = load_dataset("Anthropic/hh-rlhf", data_dir=subset, split=split)
-    pairs, skipped = hh_rows_to_pairs(ds, id_prefix=f"hh-rlhf-hub-{split}")
+    mirror = os.environ.get(HUB_MIRROR_ENV)
+    try:
+        if mirror:
+            local = os.path.join(mirror, repo)
+            if not os.path.isdir(local):
+                raise DataError(f"{local}: no such folder (${HUB_MIRROR_ENV} mirror of {repo})")
+            return load_dataset(local, data_dir=subfolder or config, split=split)
+        return load_dataset(repo, config, data_dir=subfolder, split=split)
+    except (OSError, ValueError, ConnectionError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{repo} ({subfolder or config or 'default'}, split {split}): cannot load it from the "
+                        f"hub (no network here? set ${HUB_MIRROR_ENV} to a local copy): {first}") from None
+
+
+def load_hh_rlhf_hub(split="test", subset=None):
+    """All of HH-RLHF from the hub (its four preference subsets, or the comma list `subset`); the same
+    dialogue split rule as the local file, ids keep subset and row."""
+    subsets = subset.split(",") if subset else HH_PAIR_SUBSETS
+    unknown = sorted(set(subsets) - set(HH_PAIR_SUBSETS))
+    if unknown:
+        raise DataError(f"hh-rlhf-hub: unknown subset {unknown} (choose from {', '.join(HH_PAIR_SUBSETS)})")
+    pairs, skipped, total = [], 0, 0
+    for name in subsets:
+        ds = hub_rows("Anthropic/hh-rlhf", split, subfolder=name)
+        got, lost = hh_rows_to_pairs(ds, id_prefix=f"hh-rlhf-hub-{name}-{split}")
+        pairs, skipped, total = pairs + got, skipped + lost, total + len(ds)
+    return pairs, skipped, total
+
+
+def load_redteam_prompts_hub():
+    """HH-RLHF red-team attempts (harmful requests for the AdvBench setting): the first human turn of each
+    transcript as a one-turn prompt, once per distinct request."""
+    rows, seen = [], set()
+    for index, row in enumerate(hub_rows("Anthropic/hh-rlhf", "train", subfolder="red-team-attempts")):
+        messages = prompt_to_messages(row["transcript"])
+        if not messages or messages[0]["role"] != "user" or not messages[0]["content"]:
+            continue
+        text = messages[0]["content"]
+        if text not in seen:
+            seen.add(text)
+            rows.append({"id": f"hh-redteam-{index:05d}", "prompt": f"{HUMAN} {text}{ASSISTANT}"})
+    return rows
+
+
+def load_tldr_comparisons_hub(split="train"):
+    """TL;DR human comparisons (openai/summarize_from_feedback, "comparisons"): the preferred summary
+    (summaries[choice]) is chosen; the prompt is the post as in the tldr prompt set."""
+    pairs, skipped = [], 0
+    ds = hub_rows("openai/summarize_from_feedback", split, config="comparisons")
+    for index, row in enumerate(ds):
+        info, summaries, choice = row.get("info") or {}, row.get("summaries") or [], row.get("choice")
+        post = info.get("post") or info.get("article")
+        if choice not in (0, 1) or len(summaries) != 2 or not post:
+            skipped += 1
+            continue
+        prompt = tldr_prompt({"subreddit": info.get("subreddit") or "", "title": info.get("title") or "",
+                              "instruction": post})
+        pairs.append({"id": f"tldr-hub-{split}-{index:06d}", "prompt": prompt,
+                      "chosen": summaries[choice]["text"].strip(), "rejected": summaries[1 - choice]["text"].strip()})
     return pairs, skipped, len(ds)
+
+
+def load_math_pairs_hub(split="train"):
+    """Pairwise math solutions (RLHFlow/Deepseek-ORM-Data-Pairwise): chosen / rejected are chat message lists
+    that share every turn but the last assistant one. A one-turn question becomes the prompt text itself."""
+    pairs, skipped = [], 0
+    ds = hub_rows("RLHFlow/Deepseek-ORM-Data-Pairwise", split)
+    for index, row in enumerate(ds):
+        chosen, rejected = row.get("chosen") or [], row.get("rejected") or []
+        if (not chosen or not rejected or chosen[:-1] != rejected[:-1] or chosen[-1].get("role") != "assistant"
+                or rejected[-1].get("role") != "assistant" or not chosen[:-1]):
+            skipped += 1
+            continue
+        context = chosen[:-1]
+        if len(context) == 1 and context[0]["role"] == "user":
+            prompt = context[0]["content"]
+        else:
+            prompt = "".join(f"{HUMAN if m['role'] == 'user' else ASSISTANT} {m['content']}" for m in context) + ASSISTANT
+        pairs.append({"id": f"math-pairs-hub-{split}-{index:07d}", "prompt": prompt,
+                      "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]})
+    return pairs, skipped, len(ds)
+
+
+def sample_fraction(items, fraction, seed):
+    """A seeded uniform share of the items in their order (the paper's 20% / 33% subsets)."""
+    import random
+
+    if fraction is None or fraction >= 1:
+        return items
+    keep = sorted(random.Random(seed).sample(range(len(items)), int(round(len(items) * fraction))))
+    return [items[i] for i in keep]
 
 
 def _take_split(items, split, train_size, name):
@@ -173,29 +273,37 @@ def load_gsm8k_heldout_prompts(data_dir=None):
 
 # ---------------------------------------------------------------------------------------------- pairs
 
-def load_pairs(spec, data_dir=None, on_error="raise", stats=None):
+def load_pairs(spec, data_dir=None, on_error="raise", stats=None, subset=None, fraction=None, seed=0):
     """Pairs from a named set ("hh-rlhf:train") or a pairs JSONL file. Returns a list of dicts.
 
-    stats (a dict) receives read / skipped counts.
+    stats (a dict) receives read / skipped counts. subset: hh-rlhf-hub subsets (comma list); fraction: keep
+    a seeded uniform share of the pairs (any source).
     """
     stats = stats if stats is not None else {}
     name, _, split = spec.partition(":")
-    if name == "hh-rlhf" and not os.path.exists(spec):
-        pairs, skipped, total = load_hh_rlhf(data_dir, split or "all")
-    elif name == "hh-rlhf-hub":
-        pairs, skipped, total = load_hh_rlhf_hub(split or "test")
-    elif name == "gsm8k-pairs":
-        pairs, skipped, total = load_gsm8k_pairs(data_dir, split or "all")
-    else:
+    if subset and name != "hh-rlhf-hub":
+        raise DataError(f"{spec}: --subset applies to hh-rlhf-hub only")
+    if os.path.exists(spec) or name not in ("hh-rlhf", "hh-rlhf-hub", "gsm8k-pairs", "tldr-hub", "math-pairs-hub"):
         # An empty reply is a legitimate side of a preference (the real HH data has one), so chosen and
         # rejected must be strings but may be empty; the prompt may not.
-        return [row for _, row in read_rows(spec, "pairs", nonempty=("prompt",), strings=("chosen", "rejected"),
+        rows = [row for _, row in read_rows(spec, "pairs", nonempty=("prompt",), strings=("chosen", "rejected"),
                                             on_error=on_error, stats=stats)]
+        return sample_fraction(rows, fraction, seed)
+    if name == "hh-rlhf":
+        pairs, skipped, total = load_hh_rlhf(data_dir, split or "all")
+    elif name == "hh-rlhf-hub":
+        pairs, skipped, total = load_hh_rlhf_hub(split or "test", subset)
+    elif name == "tldr-hub":
+        pairs, skipped, total = load_tldr_comparisons_hub(split or "train")
+    elif name == "math-pairs-hub":
+        pairs, skipped, total = load_math_pairs_hub(split or "train")
+    else:
+        pairs, skipped, total = load_gsm8k_pairs(data_dir, split or "all")
     stats["read"] = total  # rows of the whole set; the split keeps len(pairs) of the usable ones
     stats["skipped"] = skipped
     if skipped:
-        stats["skip_reasons"] = {"dialogues do not share a prompt": skipped}
-    return pairs
+        stats["skip_reasons"] = {"rows without a usable pair": skipped}
+    return sample_fraction(pairs, fraction, seed)
 
 
 # ---------------------------------------------------------------------------------------------- prompt sets
@@ -206,8 +314,10 @@ def load_prompts(spec, data_dir=None, limit=None, advbench_prefill=False):
     name, _, split = spec.partition(":")
     if os.path.exists(spec):
         rows = [row for _, row in read_rows(spec, "prompts", nonempty=("prompt",))]
-    elif name in ("hh-rlhf", "hh-rlhf-hub", "gsm8k-pairs"):
+    elif name in ("hh-rlhf", "hh-rlhf-hub", "gsm8k-pairs", "tldr-hub", "math-pairs-hub"):
         rows = [{"id": p["id"], "prompt": p["prompt"]} for p in load_pairs(spec, data_dir)]
+    elif name == "hh-redteam-hub":
+        rows = load_redteam_prompts_hub()
     elif name == "hh-helpful":
         path = os.path.join(root, "dove_tldr_helpful", "anthropic_helpful_test.jsonl")
         rows = [{"id": f"hh-helpful-{n - 1:03d}", "prompt": r["instruction"], "reference": r["gold_response"]}
@@ -237,6 +347,60 @@ def load_prompts(spec, data_dir=None, limit=None, advbench_prefill=False):
         raise DataError(f"{spec}: neither a file nor a known prompt set "
                         "(hh-rlhf:heldout, hh-helpful, advbench, tldr, gsm8k, mt-bench)")
     return rows[:limit] if limit else rows
+
+
+# ---------------------------------------------------------------------------------------------- contamination
+
+def _normal_text(text):
+    return " ".join(str(text).split())
+
+
+def rm_training_prompts(model_path, data_dir=None):
+    """(input spec, set of prompt texts) an RM was trained on, read from the manifest.json that 03_train.py
+    writes beside it; (None, None) when that is not known (a hub RM, or an input no longer on disk)."""
+    manifest = os.path.join(model_path, "manifest.json") if os.path.isdir(model_path) else None
+    if not manifest or not os.path.isfile(manifest):
+        return None, None
+    try:
+        with open(manifest, encoding="utf-8") as f:
+            spec = json.load(f).get("args", {}).get("input")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None, None
+    if not spec:
+        return None, None
+    if os.path.isfile(spec):
+        prompts = {_normal_text(row["prompt"]) for _, row in read_jsonl(spec, on_error="skip") if "prompt" in row}
+    elif spec.partition(":")[0] in ("hh-rlhf", "gsm8k-pairs"):
+        prompts = {_normal_text(p["prompt"]) for p in load_pairs(spec, data_dir)}
+    else:
+        return spec, None
+    return spec, prompts
+
+
+def check_prompt_overlap(rows, what, rm_paths, data_dir=None, allow=False):
+    """Refuse to evaluate an RM on prompts it was trained on (e.g. gsm8k against an RM trained on
+    gsm8k-pairs:train, whose problems are GSM8K test problems). rows: dicts with "prompt". Returns the
+    number of overlapping rows per RM; raises DataError unless allow."""
+    import logging
+
+    log = logging.getLogger("data")
+    texts = [_normal_text(r["prompt"]) for r in rows]
+    found = {}
+    for path in rm_paths:
+        spec, trained = rm_training_prompts(path, data_dir)
+        if trained is None:
+            if spec:
+                log.warning("%s: its training input %s cannot be read; overlap with %s not checked", path, spec, what)
+            continue
+        n = sum(t in trained for t in texts)
+        found[path] = n
+        if n and not allow:
+            raise DataError(f"{what}: {n} of {len(texts)} prompts are prompts of {spec}, the training data of "
+                            f"the RM {path} (its manifest.json says so); use held-out prompts (e.g. "
+                            "gsm8k:heldout, hh-rlhf:heldout) or pass --allow-train-overlap")
+        if n:
+            log.warning("%s: %d of %d prompts were in the training data of %s (allowed)", what, n, len(texts), path)
+    return found
 
 
 def read_rows(path, what, id_required=False, **checks):

@@ -188,6 +188,8 @@ def load_reward_model(name, dtype=torch.float32, device="cpu", tokenizer=None, a
     model, info = _from_pretrained(AutoModelForSequenceClassification.from_pretrained, name, num_labels=1,
                                    dtype=dtype, output_loading_info=True)
     fresh = list(info.get("missing_keys") or []) + [str(k) for k in info.get("mismatched_keys") or []]
+    if fresh and _load_custom_head(model, name, fresh):
+        fresh = []
     if fresh and not allow_new_head:
         raise DataError(f"{name}: not a trained reward model: {len(fresh)} weights (e.g. {fresh[0]}) would be "
                         "newly initialised at random; train one with 03_train.py --init " + str(name))
@@ -198,6 +200,47 @@ def load_reward_model(name, dtype=torch.float32, device="cpu", tokenizer=None, a
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.to(device)
+
+
+# Scalar heads that RM checkpoints store under their own names (UltraRM: regression_head; TRL value-head
+# models: v_head.summary; others: v_head, value_head, reward_head). Each is a [1, hidden] linear layer.
+CUSTOM_HEAD_PREFIXES = ("regression_head", "v_head.summary", "v_head", "value_head", "reward_head", "rm_head")
+
+
+def _load_custom_head(model, name, missing):
+    """Copy a checkpoint's own scalar head into the model's when the library did not recognise it; True if
+    every missing weight is that head and it was loaded. Only local folders of safetensors are read."""
+    head_name = next((n for n in ("score", "classifier") if hasattr(model, n)), None)
+    head = getattr(model, head_name) if head_name else None
+    if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
+        return False
+    if not all(k.startswith(head_name + ".") for k in missing):
+        return False
+    path = resolve_model_path(name)
+    if not os.path.isdir(path):
+        return False
+    from safetensors import safe_open
+
+    for file in sorted(f for f in os.listdir(path) if f.endswith(".safetensors")):
+        with safe_open(os.path.join(path, file), framework="pt") as f:
+            keys = set(f.keys())
+            for prefix in CUSTOM_HEAD_PREFIXES:
+                weight = next((k for k in keys if k == f"{prefix}.weight" or k.endswith(f".{prefix}.weight")), None)
+                if weight is None:
+                    continue
+                w = f.get_tensor(weight)
+                if tuple(w.shape) != tuple(head.weight.shape):
+                    continue
+                bias_key = weight[: -len("weight")] + "bias"
+                with torch.no_grad():
+                    head.weight.copy_(w)
+                    if head.bias is not None:
+                        head.bias.copy_(f.get_tensor(bias_key) if bias_key in keys else torch.zeros_like(head.bias))
+                    elif bias_key in keys and float(f.get_tensor(bias_key).abs().max()) > 0:
+                        return False  # a bias our head cannot hold: refuse rather than drop it
+                log.info("%s: loaded its own reward head %s into %s", name, weight, head_name)
+                return True
+    return False
 
 
 def is_decoder_rm(model_or_config):

@@ -44,6 +44,8 @@ class RMFormat:
         else:
             self.kind = "chat" if tokenizer.chat_template else "plain"
         # An RM that must see its turn closed (opt-in): response inside the template, no prefix fast path.
+        if closed and self.kind != "chat":
+            raise ValueError("the closed RM format needs a tokenizer with a chat template (a chat RM)")
         self.closed = closed
         self._prompt_cache = {}
         self.truncated = 0
@@ -362,19 +364,26 @@ def training_units(fmt, rows, grouped=False, weight_field="weight"):
     return units
 
 
-def length_batches(units, batch_size, seed, epoch):
-    """Batches of units of similar length (little padding), each of about batch_size rows, in a shuffled
-    order fixed by (seed, epoch). A unit is never split: a batch is a set of whole pairs."""
+def training_batches(units, batch_size, seed, epoch, by_length=False):
+    """Batches of about batch_size rows in an order fixed by (seed, epoch); a unit (a pair, or all the cuts
+    of a pair when grouped) is never split.
+
+    by_length=False (the default, as the standard reward trainer): each batch is a random draw of units.
+    by_length=True: units of similar length share a batch (less padding, faster), sorted within random
+    mega-chunks of 50 batches; each step then sees one length range, which costs held-out accuracy
+    (MiniLM ORM parity, seed 0: 0.586 bucketed, 0.612 random).
+    """
     g = torch.Generator().manual_seed(seed * 1000003 + epoch)
     jitter = torch.rand(len(units), generator=g).tolist()
-    # Sort by length within random mega-chunks of 50 batches: batches stay homogeneous in length
-    # while the data order still changes from epoch to epoch.
     order = torch.randperm(len(units), generator=g).tolist()
-    mega = batch_size * 50
+    mega = batch_size * 50 if by_length else batch_size
     batches = []
     for s in range(0, len(order), mega):
+        chunk = order[s:s + mega]
+        if by_length:
+            chunk = sorted(chunk, key=lambda i: (units[i]["n_tokens"], jitter[i]))
         current, rows = [], 0
-        for i in sorted(order[s:s + mega], key=lambda i: (units[i]["n_tokens"], jitter[i])):
+        for i in chunk:
             current.append(i)
             rows += units[i]["n_rows"]
             if rows >= batch_size:

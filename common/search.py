@@ -47,10 +47,15 @@ class SearchConfig:
     successors: int = 8           # CBS/TBS successors K per beam
     chunk: int = 30               # CBS chunk length L (TBS: 1)
     n: int = 16                   # Best-of-N
-    entropy_threshold: float = 7.0   # CARDS tau_u: a segment ends before a token whose entropy exceeds it
-    reward_threshold: float = None   # CARDS: accept a segment if r >= this; None: if r >= r(accepted prefix)
-    max_segment: int = 32            # CARDS: longest segment
-    max_retries: int = 4             # CARDS: resamples of a segment before the best attempt is taken
+    # CARDS (Li et al., 2024, "Cascade Reward Sampling"): see cards_threshold / cards_accepts below
+    entropy_threshold: float = 7.0   # tau_u: a segment ends before a token whose entropy is >= it (SP-PRM's 7.0)
+    cards_rule: str = "soft"         # soft / hard: CARDS' adaptive threshold; prefix: r >= r(accepted prefix)
+    reward_threshold: float = None   # r*: CARDS' target reward (soft/hard); prefix rule: a fixed bar if set
+    cards_alpha: float = 0.5         # r_0 = (1 - alpha) r(x) + alpha r*
+    cards_beta: float = 0.7          # soft acceptance: P = min(1, exp((r - tau(t)) / beta))
+    min_segment: int = 4             # tokens before the entropy cut may end a segment
+    max_segment: int = 64            # longest segment
+    max_retries: int = 20            # rejections of a segment before the best attempt is taken
     reward_norm: str = "none"        # "std": every method uses (r - mean) / std of the RM's reward_stats.json
     seed: int = 0
     stop_strings: tuple = ()
@@ -77,7 +82,8 @@ class SearchConfig:
         sampling = ["temperature", "top_p", "top_k"]
         keep = {"greedy": [], "sample": sampling, "argsg": ["w", "k"], "tbs": ["beam", "successors"] + sampling,
                 "cbs": ["beam", "successors", "chunk"] + sampling, "bon": ["n"] + sampling,
-                "cards": ["entropy_threshold", "reward_threshold", "max_segment", "max_retries"] + sampling}
+                "cards": ["cards_rule", "entropy_threshold", "reward_threshold", "cards_alpha", "cards_beta",
+                          "min_segment", "max_segment", "max_retries"] + sampling}
         out = {k: getattr(self, k) for k in keep[self.method]}
         if self.uses_rm:
             out["reward_norm"] = self.reward_norm
@@ -126,6 +132,30 @@ def pick_tokens(logits, us, cfg):
     cdf = probs.cumsum(-1)
     u = torch.as_tensor(us, dtype=cdf.dtype).unsqueeze(-1) * cdf[..., -1:]
     return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=logits.shape[-1] - 1)
+
+
+CARDS_RULES = ("soft", "hard", "prefix")
+
+
+def cards_threshold(r_prompt, target, alpha, t, n):
+    """CARDS' adaptive reward threshold after t of n response tokens (Li et al., 2024, Sec. 3.2): it starts at
+    r_0 = (1 - alpha) r(x) + alpha r* and rises linearly to the target r*, which it never exceeds:
+    tau(t) = min(r_0 + t (r* - r_0) / n, r*)."""
+    r0 = (1 - alpha) * r_prompt + alpha * target
+    return min(r0 + t * (target - r0) / n, target)
+
+
+def cards_accepts(rule, r, u, r_prefix=None, threshold=None, beta=0.7):
+    """Whether a segment whose response scores r is accepted. soft (CARDS' default): with probability
+    min(1, exp((r - tau) / beta)), decided by the uniform u; hard: r >= tau; prefix (this tool's earlier
+    rule): r >= threshold if one is given, else r >= r(accepted prefix), i.e. the reward must not drop."""
+    if rule == "soft":
+        return u < math.exp(min(0.0, (r - threshold) / beta))
+    if rule == "hard":
+        return r >= threshold
+    if rule == "prefix":
+        return r >= (threshold if threshold is not None else r_prefix)
+    raise ValueError(f"unknown CARDS rule {rule!r}; choose from {CARDS_RULES}")
 
 
 def entropy(logits):
@@ -283,10 +313,11 @@ class RewardModel:
     max_length: int = 2048
     fmt: RMFormat = None
     stats: dict = None     # {"mean", "std"}: set to search with (r - mean) / std instead of r
+    closed: bool = False   # every input a closed chat turn (an RM trained on finished, closed turns)
 
     def __post_init__(self):
         self.model.eval()
-        self.fmt = RMFormat(self.tokenizer, self.model, max_length=self.max_length)
+        self.fmt = RMFormat(self.tokenizer, self.model, max_length=self.max_length, closed=self.closed)
 
     def normalize(self, scores):
         """The reward the search sees: raw, or (r - mean) / std when stats are set (a tensor or a list)."""
@@ -329,6 +360,10 @@ class Search:
         self.policy, self.cfg, self.rm = policy, cfg, rm
         if cfg.uses_rm and rm is None:
             raise ValueError(f"method {cfg.method} needs a reward model (--rm)")
+        if cfg.method == "cards" and cfg.cards_rule not in CARDS_RULES:
+            raise ValueError(f"unknown CARDS rule {cfg.cards_rule!r}; choose from {CARDS_RULES}")
+        if cfg.method == "cards" and cfg.cards_rule != "prefix" and cfg.reward_threshold is None:
+            raise ValueError(f"CARDS' {cfg.cards_rule} rule needs its target reward r* (reward_threshold)")
         self.cached_rm = rm is not None and (
             rm_path == "cached" or (rm_path == "auto" and rm.shares_tokens_with(policy)))
         if rm_path == "cached" and rm is not None and not rm.shares_tokens_with(policy):
@@ -385,6 +420,18 @@ class Search:
                 rm_calls += 1
             for r, s in zip(rows, scores0.tolist()):
                 r.score = s
+            self.prompt_scores = scores0.tolist()  # CARDS: r(x), where its threshold starts
+
+        # Algorithm 3 starts H with W copies of the prompt: the first round ranks W*K candidates, and the
+        # copies differ because each beam slot draws its own samples. The prompt is encoded once.
+        if cfg.method in ("tbs", "cbs") and W > 1:
+            parents = [b for b in range(len(prompts)) for _ in range(W)]
+            policy_cache.select_rows(parents)
+            last_logits = last_logits[torch.tensor(parents)]
+            if rm_cache is not None:
+                rm_cache.select_rows(parents)
+            rows = [Row(prompt=b, slot=s, tokens=list(rows[b].tokens), score=rows[b].score)
+                    for b in range(len(prompts)) for s in range(W)]
 
         pending = [[] for _ in rows]      # accepted tokens not yet fed to the policy / RM
         attempts = [0] * len(rows)         # CARDS retries of the current segment
@@ -417,7 +464,8 @@ class Search:
                         scores[i] = r.score
                     n_attempts[r.prompt] += 1 if not r.finished else 0
             # 4. choose
-            choice = self._choose(rows, chains, chain_done, chain_logp, scores, W, K, attempts, best_attempt)
+            choice = self._choose(rows, chains, chain_done, chain_logp, scores, W, K, attempts, best_attempt,
+                                  keys, round_idx)
             # 5. move the caches to the chosen rows and queue the chosen chains
             policy_cache.drop_chains()
             if rm_cache is not None:
@@ -492,10 +540,10 @@ class Search:
             if not active:
                 break
             flat = logits.reshape(R * K, -1)
-            if cfg.method == "cards" and step > 0:
+            if cfg.method == "cards" and step >= max(1, cfg.min_segment):
                 ent = entropy(flat[torch.tensor([i * K + j for i, j in active])]).tolist()
                 for (i, j), e in zip(active, ent):
-                    if e > cfg.entropy_threshold:
+                    if e >= cfg.entropy_threshold:
                         stopped[i][j] = True  # segment boundary: this uncertain token opens the next one
                 active = [(i, j) for i, j in active if not stopped[i][j]]
                 if not active:
@@ -578,7 +626,17 @@ class Search:
         return self.rm.normalize(score_encoded(self.rm.model, examples, self.rm.tokenizer.pad_token_id, batch_size=64))
 
     # -- step 4 -------------------------------------------------------------------------------------
-    def _choose(self, rows, chains, done, logp, scores, W, K, attempts, best_attempt):
+    def _cards_accepts(self, row, chain, s, key, round_idx):
+        cfg = self.cfg
+        threshold = cfg.reward_threshold
+        if cfg.cards_rule != "prefix":
+            t = len(row.tokens) + len(chain) - self.prefill_len[row.prompt]
+            threshold = cards_threshold(self.prompt_scores[row.prompt], cfg.reward_threshold, cfg.cards_alpha,
+                                        t, cfg.max_new_tokens)
+        u = uniform(cfg.seed, key, round_idx, row.slot, "accept", 0) if cfg.cards_rule == "soft" else None
+        return cards_accepts(cfg.cards_rule, s, u, r_prefix=row.score, threshold=threshold, beta=cfg.cards_beta)
+
+    def _choose(self, rows, chains, done, logp, scores, W, K, attempts, best_attempt, keys=None, round_idx=0):
         """[(parent row, new Row, accepted tokens)] in the new row order."""
         cfg = self.cfg
         out = []
@@ -591,17 +649,20 @@ class Search:
                     obj = logp[i] + cfg.w * scores[i]
                     j = int(torch.argmax(obj))
                 elif cfg.method == "cards":
-                    j = 0
                     s = float(scores[i, 0])
-                    threshold = cfg.reward_threshold if cfg.reward_threshold is not None else r.score
                     attempt = (s, chains[i][0], done[i][0])
                     if best_attempt[i] is None or s > best_attempt[i][0]:
                         best_attempt[i] = attempt
-                    if s < threshold and attempts[i] < cfg.max_retries:
+                    # as CARDS: after max_retries rejections the best attempt so far (this one included) is
+                    # taken; before that, the attempt is accepted or the segment is resampled next round
+                    if attempts[i] >= cfg.max_retries:
+                        s, chain, fin = best_attempt[i]
+                    elif self._cards_accepts(r, chains[i][0], s, keys[r.prompt], round_idx):
+                        s, chain, fin = attempt
+                    else:
                         attempts[i] += 1
-                        out.append((i, r, []))  # rejected: resample the segment next round
+                        out.append((i, r, []))
                         continue
-                    s, chain, fin = best_attempt[i] if s < threshold else attempt
                     out.append((i, Row(r.prompt, r.slot, r.tokens + chain, fin or not chain, s), chain))
                     continue
                 else:

@@ -92,7 +92,9 @@ class Reference:
     def chunk_beam(self, p, prompt_ids, prefill, W, K, L):
         """CBS (TBS: L = 1; Best-of-N: W = 1, K = N, L = max tokens): keep the top-W of W*K chunks by r."""
         key, n0 = prompt_key(p["id"]), len(prefill)
-        beams = [{"tokens": list(prefill), "done": False, "score": self.reward(p["prompt"], list(prefill))}]
+        start = {"tokens": list(prefill), "done": False, "score": self.reward(p["prompt"], list(prefill))}
+        # Algorithm 3: H starts with W copies of the prompt (Best-of-N: W = 1)
+        beams = [dict(start) for _ in range(W)]
         round_idx = 0
         while not all(b["done"] for b in beams):
             candidates = []

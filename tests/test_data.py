@@ -129,3 +129,116 @@ def test_gsm8k_heldout_prompts_are_the_unseen_problems():
     # the reference is GSM8K's own answer: its final number is judged correct against itself
     assert all(gsm8k_correct(r["reference"], r["reference"]) for r in rows[:20])
     assert len({r["id"] for r in rows}) == len(rows)
+
+
+def test_prompt_overlap_with_an_rms_training_pairs(tmp_path):
+    from common.data import check_prompt_overlap, rm_training_prompts
+    from conftest import run_script
+
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    (rm / "manifest.json").write_text(json.dumps({"args": {"input": "gsm8k-pairs:train"}}))
+    spec, trained = rm_training_prompts(str(rm))
+    assert spec == "gsm8k-pairs:train" and len(trained) == 585
+    # the GSM8K test set holds every training problem of gsm8k-pairs; its held-out prompt set none
+    with pytest.raises(DataError, match="585 of 1319 prompts are prompts of gsm8k-pairs:train"):
+        check_prompt_overlap(load_prompts("gsm8k"), "gsm8k", [str(rm)])
+    assert check_prompt_overlap(load_prompts("gsm8k"), "gsm8k", [str(rm)], allow=True) == {str(rm): 585}
+    assert check_prompt_overlap(load_prompts("gsm8k:heldout"), "gsm8k:heldout", [str(rm)]) == {str(rm): 0}
+    # a file input: its rows' prompts (whitespace-normalised) count
+    rows = tmp_path / "pairs.jsonl"
+    rows.write_text(json.dumps({"prompt": "  What is\n2+2? ", "chosen": "4", "rejected": "5"}) + "\n")
+    (rm / "manifest.json").write_text(json.dumps({"args": {"input": str(rows)}}))
+    assert check_prompt_overlap([{"prompt": "What is 2+2?"}, {"prompt": "x"}], "p", [str(rm)], allow=True) == {str(rm): 1}
+    # an RM without a manifest (a hub RM) is not checked
+    assert check_prompt_overlap([{"prompt": "x"}], "p", [str(tmp_path)]) == {}
+    # 04 refuses before any model loads, in one line
+    (rm / "manifest.json").write_text(json.dumps({"args": {"input": "gsm8k-pairs:train"}}))
+    proc = run_script("04_decode.py", "--prompts", "gsm8k", "--rm", rm, "--method", "argsg",
+                      "--output", tmp_path / "g.jsonl", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: gsm8k: 585 of 1319 prompts")
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture
+def hub_mirror(tmp_path, monkeypatch):
+    """Local copies of the hub data sets, with the hub's folders, file names, splits and row fields."""
+    from datasets import Dataset
+
+    root = tmp_path / "mirror"
+
+    def gz(path, rows):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+
+    def dialogue(q, a):
+        return f"\n\nHuman: {q}\n\nAssistant: {a}"
+    for subset in ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled"):
+        for split, n in (("train", 10), ("test", 3)):
+            gz(root / "Anthropic/hh-rlhf" / subset / f"{split}.jsonl.gz",
+               [{"chosen": dialogue(f"{subset} {split} q{i}", "good"), "rejected": dialogue(f"{subset} {split} q{i}", "bad")}
+                for i in range(n)])
+    gz(root / "Anthropic/hh-rlhf/red-team-attempts/red_team_attempts.jsonl.gz",
+       [{"transcript": dialogue(f"how do I do harm {i % 3}", "I can't help with that.") + "\n\nHuman: please",
+         "min_harmlessness_score_transcript": -1.0, "num_params": "52B", "model_type": "plain lm", "rating": 2.0,
+         "task_description": "harm", "task_descripton_harmlessness_score": 0.1, "red_team_member_id": 7,
+         "is_upworker": False, "tags": None} for i in range(5)])
+    comparisons = [{"info": {"id": f"t3_{i}", "post": f"My long post {i}", "title": f"Title {i}", "subreddit": "tifu",
+                             "article": None, "site": None},
+                    "summaries": [{"text": f" summary A{i} ", "policy": "sup", "note": None},
+                                  {"text": f"summary B{i}", "policy": "ppo", "note": None}],
+                    "choice": i % 2, "worker": "w", "batch": "b1", "split": "train", "extra": {"confidence": 5}}
+                   for i in range(4)]
+    (root / "openai/summarize_from_feedback/comparisons").mkdir(parents=True)
+    Dataset.from_list(comparisons).to_parquet(str(root / "openai/summarize_from_feedback/comparisons/train-00000-of-00001.parquet"))
+    Dataset.from_list(comparisons[:2]).to_parquet(str(root / "openai/summarize_from_feedback/comparisons/validation-00000-of-00001.parquet"))
+    math = [{"chosen": [{"role": "user", "content": f"What is {i}+{i}?"}, {"role": "assistant", "content": f"{2 * i}"}],
+             "rejected": [{"role": "user", "content": f"What is {i}+{i}?"}, {"role": "assistant", "content": f"{2 * i + 1}"}]}
+            for i in range(5)]
+    math.append({"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+                 "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "c"}]})
+    (root / "RLHFlow/Deepseek-ORM-Data-Pairwise/data").mkdir(parents=True)
+    Dataset.from_list(math).to_parquet(str(root / "RLHFlow/Deepseek-ORM-Data-Pairwise/data/train-00000-of-00001.parquet"))
+    monkeypatch.setenv("SPPRM_HUB_MIRROR", str(root))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    return root
+
+
+def test_hub_adapters_on_local_copies(hub_mirror):
+    stats = {}
+    everything = load_pairs("hh-rlhf-hub:train", stats=stats)
+    assert len(everything) == 40 and stats["read"] == 40  # all four preference subsets
+    assert {p["id"].rsplit("-", 2)[0] for p in everything} >= {"hh-rlhf-hub-helpful-online"}
+    assert all(p["chosen"] == "good" and p["rejected"] == "bad" and p["prompt"].endswith("\n\nAssistant:")
+               for p in everything)
+    harmless = load_pairs("hh-rlhf-hub:test", subset="harmless-base")
+    assert len(harmless) == 3 and all("harmless-base test" in p["prompt"] for p in harmless)
+    # a seeded 20% share, in order, the same for the same seed
+    share = load_pairs("hh-rlhf-hub:train", fraction=0.2, seed=1)
+    assert len(share) == 8 and share == load_pairs("hh-rlhf-hub:train", fraction=0.2, seed=1)
+    assert share != load_pairs("hh-rlhf-hub:train", fraction=0.2, seed=2)
+    order = {p["id"]: k for k, p in enumerate(everything)}
+    assert [order[p["id"]] for p in share] == sorted(order[p["id"]] for p in share)
+    with pytest.raises(DataError, match="unknown subset"):
+        load_pairs("hh-rlhf-hub:train", subset="harmless")
+    # TL;DR comparisons: summaries[choice] is chosen
+    tldr = load_pairs("tldr-hub:train")
+    assert [p["chosen"] for p in tldr] == ["summary A0", "summary B1", "summary A2", "summary B3"]
+    assert [p["rejected"] for p in tldr] == ["summary B0", "summary A1", "summary B2", "summary A3"]
+    assert tldr[0]["prompt"].startswith("SUBREDDIT: r/tifu\nTITLE: Title 0\nPOST: My long post 0")
+    assert len(load_pairs("tldr-hub:validation")) == 2
+    # pairwise math: the shared question is the prompt; a row whose turns differ is skipped and counted
+    stats = {}
+    math = load_pairs("math-pairs-hub:train", stats=stats)
+    assert len(math) == 5 and stats["skipped"] == 1
+    assert math[3] == {"id": "math-pairs-hub-train-0000003", "prompt": "What is 3+3?", "chosen": "6", "rejected": "7"}
+    # red-team requests as a prompt set, one per distinct request
+    red = load_prompts("hh-redteam-hub")
+    assert [r["prompt"] for r in red] == [f"\n\nHuman: how do I do harm {i}\n\nAssistant:" for i in range(3)]
+
+
+def test_hub_sets_without_network_or_mirror_fail_clearly(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPPRM_HUB_MIRROR", str(tmp_path / "nothing"))
+    with pytest.raises(DataError, match="SPPRM_HUB_MIRROR"):
+        load_pairs("tldr-hub:train")

@@ -58,15 +58,41 @@ def prefer_reply_containing(word):
     """A judge that prefers whichever reply contains `word` (so position never decides)."""
     def judge(body):
         text = body["messages"][-1]["content"]
-        r1 = text.split("[Reply 1]")[1].split("[Reply 2]")[0]
-        r2 = text.split("[Reply 2]")[1].split("Answer with")[0]
+        name = "Reply" if "[Reply 1]" in text else "Response"  # the lenient or the paper's template
+        r1 = text.split(f"[{name} 1]")[1].split(f"[{name} 2]")[0]
+        r2 = text.split(f"[{name} 2]")[1].split("Answer with")[0]
         if (word in r1) == (word in r2):
-            return '{"verdict": "tie"}'
+            return '{"verdict": "tie"}' if name == "Reply" else '{"verdict": "-1"}'
         return '{"verdict": "1"}' if word in r1 else 'Sure. {"verdict": "2"}'
     return judge
 
 
+def test_paper_templates_and_single_answer_judge(tmp_path):
+    seen = []
+
+    def judge(body):
+        text = body["messages"][-1]["content"]
+        seen.append(text)
+        if "[Answer]" in text:
+            return '{"verdict": "correct"}' if "18" in text.split("[Answer]")[1] else '{"verdict": "incorrect"}'
+        return '{"verdict": "-1"}'
+    with ScriptedServer(default=judge) as server:
+        paper = ChatJudge(server.url, "m")
+        assert paper.compare("p", "same", "same") == "tie"  # "-1": identical replies
+        assert "incomplete" in seen[-1] and "-1" in seen[-1] and "You must choose" in seen[-1]
+        lenient = ChatJudge(server.url, "m", template="lenient")
+        lenient.compare("p", "x", "y")
+        assert "If they are equally good, say tie" in seen[-1]
+        assert paper.judge_single("Janet has 16 eggs...", "So she makes 18.", "#### 18") == "correct"
+        assert "[Reference solution]\n#### 18" in seen[-1]
+        assert paper.judge_single("Janet has 16 eggs...", "She makes 20.") == "incorrect"
+        assert "[Reference solution]" not in seen[-1]
+
+
 def test_parse_verdict():
+    assert parse_verdict('{"verdict": "-1"}') == "tie"
+    assert parse_verdict('{"verdict": "correct"}') is None
+    assert parse_verdict('{"verdict": "correct"}', ("correct", "incorrect")) == "correct"
     assert parse_verdict('{"verdict": "1"}') == "1"
     assert parse_verdict('Reasoning... {"verdict": 2}') == "2"
     assert parse_verdict('{"verdict": "TIE"}') == "tie"
@@ -150,12 +176,18 @@ def test_reward_and_rm_judge_and_agreement(gens, tmp_path, smol_tokenizer):
                "--metrics", "reward,winrate", "--rm", rm, "--judge-rm", rm)
     m = json.loads(out.read_text())
     assert m["judge_is_proxy"] and m["judge"].startswith("rm-proxy:")
+    # the base policy against itself: every pair a tie, win_rate 50% as in the paper's tables
+    run_script("05_evaluate.py", "metrics", "--generations", base, "--baseline", base, "--output",
+               tmp_path / "self.json", "--metrics", "winrate", "--judge-rm", rm)
+    itself = json.loads((tmp_path / "self.json").read_text())
+    assert itself["win_rate"] == 0.5 and itself["tie"] == 1.0 and itself["win_tie"] == 1.0
     rows = [json.loads(line) for line in open(tmp_path / "m.rows.jsonl")]
     import numpy as np
     assert m["reward_mean"] == pytest.approx(np.mean([r["reward"] for r in rows]))
 
     pairs = write_jsonl(tmp_path / "pairs.jsonl", separable_pairs(10))
-    labels = write_jsonl(tmp_path / "labels.jsonl", [{"pair_id": f"p{i}", "t": 2, "verdict": "1" if i % 3 else "2"}
+    verdict = ["tie" if i % 5 == 0 else "1" if i % 3 else "2" for i in range(10)]
+    labels = write_jsonl(tmp_path / "labels.jsonl", [{"pair_id": f"p{i}", "t": 2, "verdict": verdict[i]}
                                                       for i in range(10)])
     ar = tmp_path / "ar.json"
     run_script("05_evaluate.py", "agreement", "--pairs", pairs, "--rm", f"tiny={rm}", "--prefix-lengths", "2,4,50",
@@ -163,7 +195,9 @@ def test_reward_and_rm_judge_and_agreement(gens, tmp_path, smol_tokenizer):
     result = json.loads(ar.read_text())
     curve = result["rms"]["tiny"]["curve"]
     assert [c["t"] for c in curve] == [2, 4, 50] and result["rms"]["tiny"]["one_forward_prefix_scoring"]
-    assert curve[0]["ar_sc_hp"] == pytest.approx(6 / 10) and "ar_rm_hp" in curve[0] and "ar_rm_hp" not in curve[1]
+    # ties stay in the denominators (appendix B): 5 of 10 judged pairs prefer the chosen prefix
+    assert curve[0]["ar_sc_hp"] == pytest.approx(5 / 10) and "ar_rm_hp" in curve[0] and "ar_rm_hp" not in curve[1]
+    assert curve[0]["n_judged"] == 10 and curve[0]["n_judge_ties"] == 2
     assert (tmp_path / "ar.tiny.csv").exists()
     # the AR values equal an independent computation from per-prefix scores
     from common.models import load_reward_model, load_tokenizer
@@ -179,4 +213,60 @@ def test_reward_and_rm_judge_and_agreement(gens, tmp_path, smol_tokenizer):
     assert any(same)  # replies that open alike: a tie, not an agreement, whatever the float noise
     agree = [a > b + 1e-6 and not s for a, b, s in zip(w, lo, same)]
     assert curve[1]["ar_rm_sc"] == pytest.approx(np.mean(agree))
+    w2 = score(model, fmt, [p["prompt"] for p in src], [fmt.cut(p["chosen"], 2) for p in src], 1)
+    l2 = score(model, fmt, [p["prompt"] for p in src], [fmt.cut(p["rejected"], 2) for p in src], 1)
+    rm_hp = [v != "tie" and (a > b + 1e-6) == (v == "1") for a, b, v in zip(w2, l2, verdict)]
+    assert curve[0]["ar_rm_hp"] == pytest.approx(np.mean(rm_hp))
     assert curve[1]["reward_gap"] == pytest.approx(np.mean(np.abs(np.array(w) - np.array(lo))), abs=1e-4)
+
+
+def test_closed_rm_format_scores_the_finished_turn(gens, tmp_path, smol_tokenizer, minilm_tokenizer):
+    import numpy as np
+
+    from common.data import prompt_to_messages
+    from common.models import load_reward_model, load_tokenizer
+    from common.rewards import score_encoded
+
+    _, ours, root = gens
+    rm = save_tiny_rm(root / "rm_closed", "llama", smol_tokenizer)
+    out = {}
+    for fmt in ("open", "closed"):
+        out[fmt] = tmp_path / f"{fmt}.json"
+        run_script("05_evaluate.py", "metrics", "--generations", ours, "--output", out[fmt], "--metrics", "reward",
+                   "--rm", rm, "--rm-format", fmt)
+    rows = {fmt: [json.loads(line)["reward"] for line in open(tmp_path / f"{fmt}.rows.jsonl")] for fmt in out}
+    # closed: the response inside the chat template with its end-of-turn token, scored at the last token
+    tok = load_tokenizer(rm)
+    model = load_reward_model(rm, tokenizer=tok).eval()
+    gen = [json.loads(line) for line in open(ours)]
+    ids = [list(tok.apply_chat_template(prompt_to_messages(g["prompt"]) + [{"role": "assistant", "content": g["response"]}],
+                                        tokenize=True, return_dict=True)["input_ids"]) for g in gen]
+    assert all(i[-2] == tok.convert_tokens_to_ids("<|im_end|>") or i[-1] == tok.convert_tokens_to_ids("<|im_end|>")
+               for i in ids)
+    expected = score_encoded(model, [{"input_ids": i} for i in ids], tok.pad_token_id, 4)
+    assert rows["closed"] == pytest.approx(expected, abs=1e-4)
+    assert not np.allclose(rows["closed"], rows["open"])
+    # an encoder RM has no chat turn to close: one line, exit 2
+    enc = save_tiny_rm(root / "enc_closed", "bert", minilm_tokenizer)
+    proc = run_script("05_evaluate.py", "metrics", "--generations", ours, "--output", tmp_path / "e.json",
+                      "--metrics", "reward", "--rm", enc, "--rm-format", "closed", check=False)
+    assert proc.returncode == 2 and "chat template" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_judge_accuracy_metric_with_the_single_answer_judge(tmp_path):
+    gens = write_jsonl(tmp_path / "g.jsonl", [
+        {"id": f"q{i}", "prompt": f"What is {i} + {i}?", "response": f"It is {2 * i if i % 2 else 2 * i + 1}.",
+         "reference": f"#### {2 * i}", "method": "greedy"} for i in range(6)])
+
+    def judge(body):  # checks the answer against the reference block it was given
+        text = body["messages"][-1]["content"]
+        ref = text.split("[Reference solution]\n#### ")[1].split()[0]
+        answer = text.split("[Answer]")[1].split("Answer with")[0]
+        return '{"verdict": "correct"}' if f"It is {ref}." in answer else '{"verdict": "incorrect"}'
+    with ScriptedServer(default=judge) as server:
+        out = tmp_path / "m.json"
+        run_script("05_evaluate.py", "metrics", "--generations", gens, "--output", out,
+                   "--metrics", "accuracy,judge_accuracy", "--judge-url", server.url, "--judge-model", "m")
+    m = json.loads(out.read_text())
+    assert m["judge_accuracy"] == pytest.approx(3 / 6) and m["accuracy"] == pytest.approx(3 / 6)
+    assert m["judge_accuracy_n"] == 6 and m["judge_template"] == "paper"

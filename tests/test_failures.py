@@ -93,6 +93,35 @@ def test_weight_resume_rescoring_when_reference_or_texts_change(tmp_path, models
 
 
 # 3. a backbone is not a reward model: scoring stages refuse a freshly initialised head
+def test_custom_reward_heads_load_or_are_refused(tmp_path, smol_tokenizer):
+    """A checkpoint storing its head under its own name (UltraRM's regression_head) loads that head; a head
+    of the wrong shape is refused, never replaced by a random one."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from common.io import DataError
+    from common.models import load_reward_model
+    from common.rewards import RMFormat, score
+
+    src = save_tiny_rm(tmp_path / "rm", "llama", smol_tokenizer)
+    model = load_reward_model(src, tokenizer=smol_tokenizer)
+    fmt = RMFormat(smol_tokenizer, model)
+    expected = score(model, fmt, ["Hi", "Hello there"], ["a reply", "another"], 2)
+    weights = load_file(os.path.join(src, "model.safetensors"))
+    for new_name, tensor, ok in (("regression_head.weight", weights["score.weight"], True),
+                                 ("v_head.summary.weight", weights["score.weight"], True),
+                                 ("regression_head.weight", torch.zeros(2, weights["score.weight"].shape[1]), False)):
+        custom = {k: v for k, v in weights.items() if k != "score.weight"}
+        custom[new_name] = tensor
+        save_file(custom, os.path.join(src, "model.safetensors"), metadata={"format": "pt"})
+        if ok:
+            loaded = load_reward_model(src, tokenizer=smol_tokenizer)
+            assert score(loaded, fmt, ["Hi", "Hello there"], ["a reply", "another"], 2) == pytest.approx(expected, abs=1e-5)
+        else:
+            with pytest.raises(DataError, match="not a trained reward model"):
+                load_reward_model(src, tokenizer=smol_tokenizer)
+
+
 def test_random_score_heads_are_refused(tmp_path, models):
     partial = tmp_path / "partial.jsonl"
     run_script("01_build_partial.py", "--input", write_jsonl(tmp_path / "p.jsonl", separable_pairs(3)),

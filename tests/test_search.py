@@ -136,7 +136,7 @@ def test_cards_segments_retries_and_stats(policy, decoder_rm):
     # threshold above any reachable score: every segment is rejected until the retry bound, then the best
     # attempt is taken; segments end at the length cap (entropy threshold too high to cut)
     cfg = SearchConfig(method="cards", max_segment=3, max_retries=2, reward_threshold=1e9,
-                       entropy_threshold=1e9, max_new_tokens=6, seed=0)
+                       entropy_threshold=1e9, max_new_tokens=6, seed=0, min_segment=1)
     res = Search(policy, cfg, decoder_rm).run(PROMPTS[:2])
     for r in res:
         assert r["stats"]["new_tokens"] == 6
@@ -149,6 +149,58 @@ def test_cards_segments_retries_and_stats(policy, decoder_rm):
     cfg.entropy_threshold = 0.0
     res = Search(policy, cfg, decoder_rm).run(PROMPTS[:1])
     assert res[0]["stats"]["segments_tried"] == 6
+
+
+def test_cards_threshold_and_acceptance_by_hand():
+    from common.search import cards_accepts, cards_threshold
+
+    # r(x) = -1, r* = 2, alpha = 0.5: r_0 = 0.5; after 32 of 128 tokens tau = 0.5 + 32 * 1.5 / 128 = 0.875
+    assert cards_threshold(-1.0, 2.0, 0.5, 32, 128) == pytest.approx(0.875)
+    assert cards_threshold(-1.0, 2.0, 0.5, 0, 128) == pytest.approx(0.5)
+    assert cards_threshold(-1.0, 2.0, 0.5, 200, 128) == pytest.approx(2.0)  # capped at r*
+    assert cards_threshold(-1.0, 2.0, 0.0, 64, 128) == pytest.approx(0.5)   # alpha 0: r_0 = r(x)
+    # soft: r = tau - 0.7 gives P = exp(-1) = 0.3679 with beta = 0.7
+    assert cards_accepts("soft", 0.175, 0.36, threshold=0.875, beta=0.7)
+    assert not cards_accepts("soft", 0.175, 0.37, threshold=0.875, beta=0.7)
+    assert cards_accepts("soft", 0.9, 0.999, threshold=0.875, beta=0.7)      # above tau: always
+    assert not cards_accepts("hard", 0.874, 0.0, threshold=0.875)
+    assert cards_accepts("hard", 0.875, 1.0, threshold=0.875)
+    # prefix rule: the reward must not drop below the accepted prefix's, or a fixed bar when given
+    assert cards_accepts("prefix", 0.3, None, r_prefix=0.3) and not cards_accepts("prefix", 0.29, None, r_prefix=0.3)
+    assert not cards_accepts("prefix", 0.3, None, r_prefix=0.0, threshold=0.5)
+
+
+def test_cards_soft_rule_matches_literal_loop(policy, decoder_rm):
+    """Each CARDS decision equals the literal rule: rebuild the accept/reject sequence from the scores."""
+    from common.search import cards_accepts, cards_threshold, prompt_key, uniform
+
+    cfg = SearchConfig(method="cards", max_segment=2, min_segment=1, max_retries=3, entropy_threshold=1e9,
+                       max_new_tokens=6, reward_threshold=0.0, cards_beta=0.05, seed=3)
+    search = Search(policy, cfg, decoder_rm, rm_path="cached")
+    decisions = []
+    original = search._cards_accepts
+
+    def spy(row, chain, s, key, round_idx):
+        got = original(row, chain, s, key, round_idx)
+        t = len(row.tokens) + len(chain)
+        tau = cards_threshold(search.prompt_scores[row.prompt], 0.0, 0.5, t, 6)
+        u = uniform(3, key, round_idx, row.slot, "accept", 0)
+        decisions.append(got == cards_accepts("soft", s, u, threshold=tau, beta=0.05))
+        decisions.append(got == (u < min(1.0, __import__("math").exp((s - tau) / 0.05))))
+        return got
+    search._cards_accepts = spy
+    res = search.run(PROMPTS[:2])
+    assert decisions and all(decisions)
+    assert all(r["stats"]["new_tokens"] == 6 for r in res)
+    # with a small beta some segments are rejected and some accepted
+    tried = [r["stats"]["segments_tried"] for r in res]
+    assert sum(tried) > 6 and all(t <= 3 * (cfg.max_retries + 1) for t in tried)
+
+
+def test_cards_needs_a_target_for_its_rule(policy, decoder_rm):
+    with pytest.raises(ValueError, match="target reward"):
+        Search(policy, SearchConfig(method="cards"), decoder_rm)
+    Search(policy, SearchConfig(method="cards", cards_rule="prefix"), decoder_rm)
 
 
 def test_cached_rm_costs_k_new_tokens(policy, decoder_rm):

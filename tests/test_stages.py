@@ -49,6 +49,16 @@ def test_build_partial_full_tlt_sst(tmp_path, tiny_llama_folder, smol_tokenizer)
     run_script("01_build_partial.py", "--input", pairs, "--output", again, "--tokenizer", tiny_llama_folder,
                "--truncation", "sst", "--K", 2, "--seed", 1)
     assert read(again) == read(tmp_path / "sst.jsonl")
+    # Table 5: TLT cut to the SST row count, a seeded subset of the full TLT rows in their order
+    matched = tmp_path / "tlt_matched.jsonl"
+    run_script("01_build_partial.py", "--input", pairs, "--output", matched, "--tokenizer", tiny_llama_folder,
+               "--truncation", "tlt", "--match-rows", again, "--seed", 3)
+    full_tlt, sub = read(tmp_path / "tlt.jsonl"), read(matched)
+    assert len(sub) == len(read(again)) < len(full_tlt)
+    position = {r["id"]: k for k, r in enumerate(full_tlt)}
+    assert all(r == full_tlt[position[r["id"]]] for r in sub)
+    assert [position[r["id"]] for r in sub] == sorted(position[r["id"]] for r in sub)
+    assert json.load(open(str(matched) + ".manifest.json"))["counts"]["rows_cut"] == len(full_tlt)
 
 
 def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, tiny_llama_folder):
