@@ -37,6 +37,10 @@ SCALES = {
     "cpu": dict(seeds=(0, 1, 2), extra_references=(), sst_k=1, prompts=64, new_tokens=32, batch_size=8,
                 args_k=5, args_w=10.0, cbs=(2, 2, 8), bon=4, sweep_w=(3.0,),
                 prefix_lengths="5,10,15,20,30,40,50"),
+    # a few minutes, to try the pipeline end to end (numbers meaningless)
+    "smoke": dict(seeds=(0, 1), extra_references=(), sst_k=1, prompts=4, new_tokens=8, batch_size=4,
+                  args_k=3, args_w=10.0, cbs=(2, 2, 4), bon=2, sweep_w=(3.0,), prefix_lengths="5,10",
+                  train_limit=48, eval_limit=32),
     "full": dict(seeds=(0, 1, 2), extra_references=("smollm2", "minilm-3ep"), sst_k=5, prompts=None,
                  new_tokens=128, batch_size=8, args_k=30, args_w=1.5, cbs=(8, 8, 30), bon=16,
                  sweep_w=(0.5, 3.0, 5.0, 10.0), prefix_lengths="5,10,15,20,30,40,50"),
@@ -60,6 +64,8 @@ def main():
     pipeline = Pipeline("reproduce", args.redo)
     stage = pipeline.stage
     train = ["--max-length", MAX_LENGTH, "--eval", "hh-rlhf:heldout", *data]
+    if s.get("train_limit"):
+        train += ["--limit", s["train_limit"], "--eval-limit", s["eval_limit"]]
 
     # 1. ORMs over seeds, with 03's defaults
     for seed in s["seeds"]:
@@ -84,7 +90,8 @@ def main():
 
     # 3. SST cuts of all train pairs, reference weights, the three variants trained from the ORM
     stage("sst", f"{out}/sst.jsonl", "01_build_partial.py", "--input", "hh-rlhf:train", "--output",
-          f"{out}/sst.jsonl", "--tokenizer", "minilm-l6", "--truncation", "sst", "--K", s["sst_k"], *data)
+          f"{out}/sst.jsonl", "--tokenizer", "minilm-l6", "--truncation", "sst", "--K", s["sst_k"],
+          *(["--limit", s["train_limit"]] if s.get("train_limit") else []), *data)
     for scheme, name, _ in VARIANTS:
         weighted = f"{out}/weighted_{scheme}.jsonl"
         seed_cache(f"{out}/weighted_entropy.jsonl.scores.jsonl", weighted + ".scores.jsonl")
@@ -98,6 +105,7 @@ def main():
            f"Reference={reference}"]
     stage("agreement", f"{out}/agreement.json", "05_evaluate.py", "agreement", "--pairs", "hh-rlhf:heldout",
           *sum((["--rm", r] for r in rms), []), "--prefix-lengths", s["prefix_lengths"], "--max-length", MAX_LENGTH,
+          *(["--limit", s["eval_limit"]] if s.get("eval_limit") else []),
           "--output", f"{out}/agreement.json", *data)
 
     # 5. decoding and its evaluation
@@ -205,7 +213,7 @@ def results_markdown(args, s, out, ref_name, reference, candidates, agreement, c
              + (" SCALE=full" if args.scale == "full" else "") + "`). Every interval is a 95% interval: "
              "percentile bootstrap over pairs or prompts (10,000 resamples), or a t-interval over training seeds.", ""]
     # RMs
-    lines += ["### Reward models: held-out accuracy (hh-rlhf:heldout, all pairs)", "",
+    lines += ["### Reward models: held-out accuracy on hh-rlhf:heldout", "",
               "| RM | held-out accuracy | role |", "|---|---|---|"]
     accs = []
     for seed in s["seeds"]:
@@ -261,13 +269,13 @@ def results_markdown(args, s, out, ref_name, reference, candidates, agreement, c
         cells = []
         for key in ("reward", "reward_ORM", "reward_SP-PRM"):
             x = d.get(key)
-            cells.append(fmt_ci(x["diff"], x["diff_ci95"]) if x else "-")
+            cells.append(fmt_ci(x["diff"], x["diff_ci95"], digits=4) if x else "-")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "ARGS reward (reference RM) against w:", ""]
     for name, points in curve["rms"].items():
         lines.append(f"- guided by {name}: " + ", ".join(
-            f"w={pt['w']:g}: {fmt_ci(pt['reward_mean'], pt['reward_mean_ci95'])}" if pt.get("reward_mean_ci95")
-            else f"w={pt['w']:g}: {pt['reward_mean']:.3f}" for pt in points))
+            f"w={pt['w']:g}: {fmt_ci(pt['reward_mean'], pt['reward_mean_ci95'], digits=4)}" if pt.get("reward_mean_ci95")
+            else f"w={pt['w']:g}: {pt['reward_mean']:.4f}" for pt in points))
     # claims
     orm_growth = rms["ORM"]["growth"]
     short = [c for c in rms["ORM"]["curve"] if c["t"] <= 10]
@@ -283,7 +291,7 @@ def results_markdown(args, s, out, ref_name, reference, candidates, agreement, c
     for method, label in METHODS.items():
         x = compares[method]["metrics"]["reward"]
         lines.append(f"- Table 1, SP-PRM-guided {label} beats ORM-guided {label} (reference-RM reward): "
-                     f"{fmt_ci(x['diff'], x['diff_ci95'])}: {verdict(x['diff_ci95'])}.")
+                     f"{fmt_ci(x['diff'], x['diff_ci95'], digits=4)}: {verdict(x['diff_ci95'])}.")
     for c in ablation_short:
         lines.append(f"- Ablation, removing the reference hurts at t={c['t']}: SP-PRM - Ablation = "
                      f"{fmt_ci(-c['ar_rm_sc_diff'], [-c['ar_rm_sc_diff_ci95'][1], -c['ar_rm_sc_diff_ci95'][0]])}: "
