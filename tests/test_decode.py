@@ -123,3 +123,25 @@ def test_reward_norm_uses_the_rm_statistics(folders, tmp_path):
                for r in rows)
     for r in rows:
         assert abs(r["stats"]["search_reward"] - (r["stats"]["reward"] - 1.0) / 0.1) < 1e-3
+
+
+def test_cards_defaults_and_closed_rm_format(folders, tmp_path):
+    """CARDS' defaults are recorded (soft rule, r* from the statistics, top-k 40 at 0.7); the closed format
+    scores finished turns through text and says so in the params."""
+    policy, rm, prompts = folders
+    rm_with_stats = shutil.copytree(rm, tmp_path / "rm")
+    with open(os.path.join(rm_with_stats, "reward_stats.json"), "w") as f:
+        json.dump({"mean": 0.5, "std": 0.25}, f)
+    common = ["--prompts", prompts, "--policy", policy, "--max-new-tokens", 6, "--limit", 2, "--rm", rm_with_stats]
+    run_script("04_decode.py", *common, "--method", "cards", "--output", tmp_path / "c.jsonl")
+    params = read(tmp_path / "c.jsonl")[0]["params"]
+    assert params["cards_rule"] == "soft" and params["reward_threshold"] == 0.75  # mean + std
+    assert (params["top_k"], params["temperature"], params["max_retries"], params["min_segment"],
+            params["max_segment"]) == (40, 0.7, 20, 4, 64)
+    proc = run_script("04_decode.py", *common[:-2], "--rm", rm, "--method", "cards", "--output", tmp_path / "x.jsonl",
+                      check=False)
+    assert proc.returncode == 2 and "needs a target reward" in proc.stderr
+    run_script("04_decode.py", *common, "--method", "bon", "--n", 2, "--rm-format", "closed",
+               "--output", tmp_path / "b.jsonl")
+    rows = read(tmp_path / "b.jsonl")
+    assert all(r["params"]["rm_format"] == "closed" and r["stats"]["rm_path"] == "text" for r in rows)
