@@ -35,7 +35,7 @@ from common.pipeline import Pipeline
 
 SCALES = {
     "cpu": dict(seeds=(0, 1, 2), extra_references=(), sst_k=1, prompts=64, new_tokens=32, batch_size=8,
-                args_k=5, args_w=10.0, cbs=(2, 2, 8), bon=4, sweep_w=(3.0,),
+                args_k=5, args_w=10.0, cbs=(2, 2, 8), bon=4, sweep_w=(),
                 prefix_lengths="5,10,15,20,30,40,50"),
     # a few minutes, to try the pipeline end to end (numbers meaningless)
     "smoke": dict(seeds=(0, 1), extra_references=(), sst_k=1, prompts=4, new_tokens=8, batch_size=4,
@@ -61,7 +61,7 @@ def main():
     out = args.out
     os.makedirs(out, exist_ok=True)
     data = ["--data-dir", args.data_dir] if args.data_dir else []
-    pipeline = Pipeline("reproduce", args.redo)
+    pipeline = Pipeline("reproduce", args.redo, cost_path=f"{out}/stage_seconds.json")
     stage = pipeline.stage
     train = ["--max-length", MAX_LENGTH, "--eval", "hh-rlhf:heldout", *data]
     if s.get("train_limit"):
@@ -152,7 +152,7 @@ def main():
     agreement = load_agreement(f"{out}/agreement.json")
     curve = reward_vs_w(sweep)
     figures = plot_agreement(agreement, out) + [plot_reward_vs_w(curve, out)]
-    costs = read_costs(out, pipeline)
+    costs = pipeline.costs()
     text = results_markdown(args, s, out, ref_name, reference, candidates, agreement, curve, costs, figures)
     with open(f"{out}/results.md", "w", encoding="utf-8") as f:
         f.write(text)
@@ -171,16 +171,6 @@ def seed_cache(source, target):
 
     if source != target and os.path.exists(source) and not os.path.exists(target):
         shutil.copy(source, target)
-
-
-def read_costs(out, pipeline):
-    """Seconds of every stage, from a cost log that survives resumes (each run adds the stages it ran)."""
-    path = f"{out}/stage_seconds.json"
-    costs = read_json(path) if os.path.exists(path) else {}
-    costs.update({name: round(seconds, 1) for name, seconds in pipeline.timings})
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(costs, f, indent=2)
-    return costs
 
 
 def verdict(ci, sign=1.0):

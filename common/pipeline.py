@@ -1,5 +1,6 @@
 """Running the numbered scripts as stages of a pipeline (demo.py, reproduce.py): a stage whose output and
 manifest exist is skipped, so a killed or failed pipeline resumes where it stopped."""
+import json
 import os
 import subprocess
 import sys
@@ -7,11 +8,12 @@ import time
 
 
 class Pipeline:
-    def __init__(self, name, redo=""):
+    def __init__(self, name, redo="", cost_path=None):
         self.name = name
         self.redo = set(redo.split(",")) if redo else set()
         self.timings = []   # (stage, seconds) of the stages run now
         self.started = time.time()
+        self.cost_path = cost_path  # {stage: seconds}, updated after every stage: it survives kills and resumes
 
     def done(self, output):
         return os.path.exists(output) and (os.path.exists(output + ".manifest.json") or
@@ -28,6 +30,20 @@ class Pipeline:
             sys.exit(f"{self.name}: stage {name} failed (its message is above); fix it and rerun: finished "
                      "stages are kept")
         self.timings.append((name, time.time() - t0))
+        if self.cost_path:
+            costs = self.costs()
+            costs[name] = round(time.time() - t0, 1)
+            tmp = self.cost_path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(costs, f, indent=2)
+            os.replace(tmp, self.cost_path)
+
+    def costs(self):
+        """Seconds of every stage run so far, in this run or an earlier one."""
+        if self.cost_path and os.path.exists(self.cost_path):
+            with open(self.cost_path, encoding="utf-8") as f:
+                return json.load(f)
+        return {}
 
     def run(self, *cmd):
         """An always-run step (tables, comparisons): its output, if any, is rewritten each time."""
