@@ -112,8 +112,12 @@ def main():
     decode = ["04_decode.py", "--prompts", "hh-rlhf:heldout", *(["--limit", s["prompts"]] if s["prompts"] else []),
               "--policy", "smollm2-135m-instruct", "--max-new-tokens", s["new_tokens"], "--batch-size",
               s["batch_size"], "--resume", *data]
+    # The reference guided no run but weighted the SP-PRM's training pairs; a candidate it beat shaped
+    # nothing at all, and is a second yardstick.
+    independent = independent_of(candidates, reference)
     metrics = ["05_evaluate.py", "metrics", "--rm", reference, "--extra-rm", f"ORM={orm}",
-               "--extra-rm", f"SP-PRM={out}/sp-prm", "--max-length", MAX_LENGTH]
+               "--extra-rm", f"SP-PRM={out}/sp-prm", "--max-length", MAX_LENGTH,
+               *(["--extra-rm", f"Independent={independent}"] if independent else [])]
     stage("decode-greedy", f"{out}/gen_greedy.jsonl", *decode, "--method", "greedy", "--output",
           f"{out}/gen_greedy.jsonl")
     stage("eval-greedy", f"{out}/metrics_greedy.json", *metrics, "--metrics", "reward,diversity,coherence,length",
@@ -171,6 +175,11 @@ def seed_cache(source, target):
 
     if source != target and os.path.exists(source) and not os.path.exists(target):
         shutil.copy(source, target)
+
+
+def independent_of(candidates, reference):
+    """The first reference candidate not chosen: it guided, weighted and trained nothing."""
+    return next((path for path in candidates.values() if path != reference), None)
 
 
 def verdict(ci, sign=1.0):
@@ -247,17 +256,20 @@ def results_markdown(args, s, out, ref_name, reference, candidates, agreement, c
     n_prompts = read_json(f"{out}/metrics_greedy.json")["n"]
     lines += ["", f"### Decoding (paper Table 1): {n_prompts} held-out prompts, SmolLM2-135M-Instruct, "
               f"{s['new_tokens']} new tokens, rewards normalised (`--reward-norm std`)", "",
-              f"Reward = the reference RM's score (it guided none of these runs); Win-Tie = win_rate against greedy "
+              f"Reward = the reference RM's score (it guided none of these runs, but its scores weighted the "
+              f"SP-PRM's training pairs); Reward (Independent) = an RM that shaped nothing here"
+              + (f" (`{independent_of(candidates, reference)}`)" if independent_of(candidates, reference) else "")
+              + "; Win-Tie = win_rate against greedy "
               f"judged by the reference RM (a proxy †). ARGS k={s['args_k']}, w={s['args_w']:g}; CBS W, K, L = "
               f"{', '.join(map(str, s['cbs']))}; BoN N={s['bon']}.", "", table, "",
               "Paired SP-PRM-guided minus ORM-guided, over the same prompts:", "",
-              "| method | reward (reference RM) | reward (ORM's own view) | reward (SP-PRM's own view) |",
-              "|---|---|---|---|"]
+              "| method | reward (reference RM) | reward (independent RM) | reward (ORM's own view) "
+              "| reward (SP-PRM's own view) |", "|---|---|---|---|---|"]
     compares = {m: read_json(f"{out}/compare_{m}.json") for m in METHODS}
     for method, label in METHODS.items():
         d = compares[method]["metrics"]
         cells = []
-        for key in ("reward", "reward_ORM", "reward_SP-PRM"):
+        for key in ("reward", "reward_Independent", "reward_ORM", "reward_SP-PRM"):
             x = d.get(key)
             cells.append(fmt_ci(x["diff"], x["diff_ci95"], digits=4) if x else "-")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -279,9 +291,11 @@ def results_markdown(args, s, out, ref_name, reference, candidates, agreement, c
                      f"{fmt_ci(-c['ar_rm_sc_diff'], [-c['ar_rm_sc_diff_ci95'][1], -c['ar_rm_sc_diff_ci95'][0]])}: "
                      f"{verdict(c['ar_rm_sc_diff_ci95'], -1)}.")
     for method, label in METHODS.items():
-        x = compares[method]["metrics"]["reward"]
-        lines.append(f"- Table 1, SP-PRM-guided {label} beats ORM-guided {label} (reference-RM reward): "
-                     f"{fmt_ci(x['diff'], x['diff_ci95'], digits=4)}: {verdict(x['diff_ci95'])}.")
+        for key, who in (("reward", "reference RM"), ("reward_Independent", "independent RM")):
+            x = compares[method]["metrics"].get(key)
+            if x:
+                lines.append(f"- Table 1, SP-PRM-guided {label} beats ORM-guided {label} ({who}'s reward): "
+                             f"{fmt_ci(x['diff'], x['diff_ci95'], digits=4)}: {verdict(x['diff_ci95'])}.")
     for c in ablation_short:
         lines.append(f"- Ablation, removing the reference hurts at t={c['t']}: SP-PRM - Ablation = "
                      f"{fmt_ci(-c['ar_rm_sc_diff'], [-c['ar_rm_sc_diff_ci95'][1], -c['ar_rm_sc_diff_ci95'][0]])}: "
