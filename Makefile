@@ -21,7 +21,7 @@ $(STAMP): requirements.txt
 demo: setup
 	$(PY) demo.py --scale $(SCALE) --out runs/demo$(if $(filter full,$(SCALE)),-full,)
 
-# The paper's HH-RLHF experiment at this machine's size (about 1.5 h on 2 cores; resumable); SCALE=full: uncut
+# The paper's HH-RLHF experiment at this machine's size (under 2 h on 2 cores; resumable); SCALE=full: uncut
 reproduce: setup
 	$(PY) reproduce.py --scale $(if $(filter full,$(SCALE)),full,cpu) --out runs/reproduce$(if $(filter full,$(SCALE)),-full,)
 

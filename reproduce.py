@@ -1,6 +1,6 @@
 """The paper's HH-RLHF experiment at the size this machine affords, every claim judged by its interval.
 
-    python reproduce.py --scale cpu  --out runs/reproduce        (make reproduce: about 1.5 h on 2 CPU cores)
+    python reproduce.py --scale cpu  --out runs/reproduce        (make reproduce: under 2 h on 2 CPU cores)
     python reproduce.py --scale full --out runs/reproduce-full   (make reproduce SCALE=full: the uncut sizes)
 
 1. ORMs: MiniLM-L6 on all 2,000 hh-rlhf:train pairs with 03_train.py's defaults (max length 256, 1 epoch),
