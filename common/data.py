@@ -18,12 +18,14 @@ Named sets (deterministic splits, usable wherever a file path is):
 import gzip
 import hashlib
 import json
+import logging
 import os
 import re
 
 from common.io import DataError, read_jsonl
 
 DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+log = logging.getLogger("data")
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 HH_TRAIN_SIZE = 2000
 GSM8K_TRAIN_SHARE = 0.8
@@ -381,9 +383,6 @@ def check_prompt_overlap(rows, what, rm_paths, data_dir=None, allow=False):
     """Refuse to evaluate an RM on prompts it was trained on (e.g. gsm8k against an RM trained on
     gsm8k-pairs:train, whose problems are GSM8K test problems). rows: dicts with "prompt". Returns the
     number of overlapping rows per RM; raises DataError unless allow."""
-    import logging
-
-    log = logging.getLogger("data")
     texts = [_normal_text(r["prompt"]) for r in rows]
     found = {}
     for path in rm_paths:

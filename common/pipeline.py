@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+from common.io import write_json
+
 
 class Pipeline:
     def __init__(self, name, redo="", cost_path=None):
@@ -31,12 +33,7 @@ class Pipeline:
                      "stages are kept")
         self.timings.append((name, time.time() - t0))
         if self.cost_path:
-            costs = self.costs()
-            costs[name] = round(time.time() - t0, 1)
-            tmp = self.cost_path + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(costs, f, indent=2)
-            os.replace(tmp, self.cost_path)
+            write_json(self.cost_path, {**self.costs(), name: round(time.time() - t0, 1)})
 
     def costs(self):
         """Seconds of every stage run so far, in this run or an earlier one."""
