@@ -17,6 +17,8 @@
    95% bootstrap interval over prompts; paired SP-PRM minus ORM differences; agreement curves with bands
 5. the results table (paper Table 1 layout) and the figures as PNG
 A stage whose output (and manifest) exists is skipped; --redo STAGE[,STAGE] or --redo all reruns.
+A stage whose input was remade after its output runs again; an output made with other settings is refused
+(--redo it, or use another --out).
 """
 import argparse
 import json
@@ -60,7 +62,7 @@ def main():
     py = sys.executable
     data = ["--data-dir", args.data_dir] if args.data_dir else []
     limit = lambda n: ["--limit", str(n)] if n else []  # noqa: E731
-    pipeline = Pipeline("demo", args.redo)
+    pipeline = Pipeline("demo", args.redo, commands_path=f"{out}/stage_commands.json")
     stage = pipeline.stage
 
     L = str(s["max_length"])

@@ -1,5 +1,6 @@
 """Running the numbered scripts as stages of a pipeline (demo.py, reproduce.py): a stage whose output and
-manifest exist is skipped, so a killed or failed pipeline resumes where it stopped."""
+manifest exist is skipped, so a killed or failed pipeline resumes where it stopped. A rerun refuses an output
+that another command made (other settings), and reruns a stage whose input was remade after its output."""
 import json
 import os
 import subprocess
@@ -10,37 +11,52 @@ from common.io import write_json
 
 
 class Pipeline:
-    def __init__(self, name, redo="", cost_path=None):
+    def __init__(self, name, redo="", cost_path=None, commands_path=None):
         self.name = name
         self.redo = set(redo.split(",")) if redo else set()
         self.timings = []   # (stage, seconds) of the stages run now
         self.started = time.time()
         self.cost_path = cost_path  # {stage: seconds}, updated after every stage: it survives kills and resumes
+        self.commands_path = commands_path  # {stage: the command that made its output}
 
     def done(self, output):
-        return os.path.exists(output) and (os.path.exists(output + ".manifest.json") or
-                                           os.path.exists(os.path.join(output, "manifest.json")))
+        return os.path.exists(output) and os.path.exists(manifest_of(output))
 
     def stage(self, name, output, *cmd):
         """Run `python CMD...` unless OUTPUT (with its manifest) exists; exit with a message on failure."""
+        cmd = [str(c) for c in cmd]
         if self.done(output) and name not in self.redo and "all" not in self.redo:
-            print(f"[skip] {name}: {output} exists", flush=True)
-            return
-        print(f"\n[run] {name}: {' '.join(map(str, cmd))}", flush=True)
+            made_by = read_json(self.commands_path).get(name) if self.commands_path else None
+            if made_by is not None and made_by != cmd:
+                then, now = first_difference(made_by, cmd)
+                print(f"error: {self.name}: stage {name}: {output} was made with other settings (then {then}, now "
+                      f"{now}); rerun with --redo {name} to replace it, or use another --out",
+                      file=sys.stderr)
+                sys.exit(2)
+            remade = [p for p in input_paths(cmd[1:]) if p != output and made_at(p) > made_at(output)]
+            if not remade:
+                if made_by is None:
+                    self._record(name, cmd)
+                print(f"[skip] {name}: {output} exists", flush=True)
+                return
+            print(f"[rerun] {name}: its input {remade[0]} was remade after {output}", flush=True)
+        print(f"\n[run] {name}: {' '.join(cmd)}", flush=True)
         t0 = time.time()
-        if subprocess.run([sys.executable, *map(str, cmd)]).returncode != 0:
+        if subprocess.run([sys.executable, *cmd]).returncode != 0:
             sys.exit(f"{self.name}: stage {name} failed (its message is above); fix it and rerun: finished "
                      "stages are kept")
         self.timings.append((name, time.time() - t0))
         if self.cost_path:
             write_json(self.cost_path, {**self.costs(), name: round(time.time() - t0, 1)})
+        self._record(name, cmd)
+
+    def _record(self, name, cmd):
+        if self.commands_path:
+            write_json(self.commands_path, {**read_json(self.commands_path), name: cmd})
 
     def costs(self):
         """Seconds of every stage run so far, in this run or an earlier one."""
-        if self.cost_path and os.path.exists(self.cost_path):
-            with open(self.cost_path, encoding="utf-8") as f:
-                return json.load(f)
-        return {}
+        return read_json(self.cost_path) if self.cost_path else {}
 
     def run(self, *cmd):
         """An always-run step (tables, comparisons): its output, if any, is rewritten each time."""
@@ -48,3 +64,41 @@ class Pipeline:
 
     def summary(self):
         return ", ".join(f"{n} {t:.0f}s" for n, t in self.timings)
+
+
+def manifest_of(output):
+    """A stage's manifest: OUTPUT/manifest.json for a folder, OUTPUT.manifest.json for a file."""
+    return os.path.join(output, "manifest.json") if os.path.isdir(output) else output + ".manifest.json"
+
+
+def made_at(path):
+    """When a stage output was completed (its manifest is written last), or a plain file last changed."""
+    manifest = manifest_of(path)
+    return os.path.getmtime(manifest if os.path.exists(manifest) else path)
+
+
+def input_paths(args):
+    """The arguments that name existing files or folders (also NAME=PATH), the script itself left out: a
+    new version of the code does not rerun finished stages."""
+    paths = []
+    for arg in args:
+        path = arg if os.path.exists(arg) else arg.split("=", 1)[-1]
+        if os.path.exists(path):
+            paths.append(path)
+    return paths
+
+
+def first_difference(a, b):
+    """Where two commands part, quoted, as (a's, b's); "nothing" where one ends first."""
+    for x, y in zip(a, b):
+        if x != y:
+            return repr(x), repr(y)
+    rest = lambda cmd, n: repr(" ".join(cmd[n:])) if len(cmd) > n else "nothing"  # noqa: E731
+    return rest(a, len(b)), rest(b, len(a))
+
+
+def read_json(path):
+    if path and os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    return {}

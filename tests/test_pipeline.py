@@ -1,0 +1,92 @@
+"""The pipeline's resume rules: finished stages are skipped, an output made with other settings is refused
+(one line, exit 2), and a stage whose input was remade after its output runs again."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from common.pipeline import Pipeline, first_difference
+
+# a stage script: copies --input (if any) to --output with a manifest, and counts its runs
+STAGE = textwrap.dedent("""
+    import json, sys
+    args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+    open(args["--count"], "a").write("x")
+    text = open(args["--input"]).read() if "--input" in args else args.get("--text", "")
+    open(args["--output"], "w").write(text)
+    json.dump({"args": sys.argv[1:]}, open(args["--output"] + ".manifest.json", "w"))
+""")
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    (tmp_path / "stage.py").write_text(STAGE)
+    return tmp_path
+
+
+def runs(path):
+    return len(path.read_text()) if path.exists() else 0
+
+
+def pipeline(d, redo=""):
+    return Pipeline("test", redo, cost_path=str(d / "seconds.json"), commands_path=str(d / "commands.json"))
+
+
+def test_finished_stages_are_skipped_and_costs_kept(workdir):
+    d, count = workdir, workdir / "count_a"
+    cmd = [d / "stage.py", "--text", "hello", "--output", d / "a.txt", "--count", count]
+    pipeline(d).stage("a", str(d / "a.txt"), *cmd)
+    pipeline(d).stage("a", str(d / "a.txt"), *cmd)
+    assert runs(count) == 1 and (d / "a.txt").read_text() == "hello"
+    assert set(json.loads((d / "seconds.json").read_text())) == {"a"}
+    assert json.loads((d / "commands.json").read_text())["a"] == [str(c) for c in cmd]
+    pipeline(d, redo="a").stage("a", str(d / "a.txt"), *cmd)
+    assert runs(count) == 2
+
+
+def test_other_settings_are_refused_in_one_line(workdir):
+    d = workdir
+    base = [d / "stage.py", "--output", d / "a.txt", "--count", d / "count_a"]
+    pipeline(d).stage("a", str(d / "a.txt"), *base, "--text", "hello")
+    script = (f"import sys; sys.path.insert(0, {os.getcwd()!r}); from common.pipeline import Pipeline; "
+              f"Pipeline('test', commands_path={str(d / 'commands.json')!r}).stage('a', {str(d / 'a.txt')!r}, "
+              + ", ".join(repr(str(c)) for c in [*base, "--text", "bye"]) + ")")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("error: test: stage a:")
+    assert "'hello'" in out.stderr and "'bye'" in out.stderr and "--redo a" in out.stderr
+    assert (d / "a.txt").read_text() == "hello" and runs(d / "count_a") == 1  # nothing lost
+
+
+def test_a_remade_input_reruns_the_stages_after_it(workdir):
+    d = workdir
+    first = [d / "stage.py", "--text", "v1", "--output", d / "a.txt", "--count", d / "count_a"]
+    second = [d / "stage.py", "--input", d / "a.txt", "--output", d / "b.txt", "--count", d / "count_b"]
+    pipeline(d).stage("a", str(d / "a.txt"), *first)
+    pipeline(d).stage("b", str(d / "b.txt"), *second)
+    pipeline(d).stage("b", str(d / "b.txt"), *second)
+    assert runs(d / "count_b") == 1
+    time.sleep(0.05)  # the remade input must be newer than b's manifest
+    first[2] = "v2"
+    pipeline(d, redo="a").stage("a", str(d / "a.txt"), *first)
+    pipeline(d).stage("b", str(d / "b.txt"), *second)
+    assert runs(d / "count_b") == 2 and (d / "b.txt").read_text() == "v2"
+
+
+def test_an_output_made_before_commands_were_recorded_is_adopted(workdir):
+    d = workdir
+    cmd = [d / "stage.py", "--text", "old", "--output", d / "a.txt", "--count", d / "count_a"]
+    Pipeline("test").stage("a", str(d / "a.txt"), *cmd)  # no record kept
+    pipeline(d).stage("a", str(d / "a.txt"), *cmd)
+    assert runs(d / "count_a") == 1
+    assert json.loads((d / "commands.json").read_text())["a"] == [str(c) for c in cmd]
+
+
+def test_first_difference():
+    assert first_difference(["a", "--k", "5"], ["a", "--k", "6"]) == ("'5'", "'6'")
+    assert first_difference(["a"], ["a", "--x", "1"]) == ("nothing", "'--x 1'")
+    assert first_difference(["a", "--x", "1"], ["a"]) == ("'--x 1'", "nothing")
