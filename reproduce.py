@@ -6,9 +6,10 @@
 1. ORMs: MiniLM-L6 on all 2,000 hh-rlhf:train pairs with 03_train.py's defaults (max length 256, 1 epoch),
    seeds 0, 1, 2: held-out accuracy on all 307 hh-rlhf:heldout pairs, per seed and over seeds. The seed-0 ORM
    is the model converted into a PRM.
-2. The reference RM: the candidates are trained (cpu: the ORMs of seeds 1 and 2; full: also a SmolLM2-135M
-   decoder RM and a MiniLM trained 3 epochs) and the one with the highest held-out accuracy is the
-   reference. It is never the model being converted.
+2. The reference RM: the candidates are trained and the one with the highest held-out accuracy is the
+   reference; it is never the model being converted. cpu: the ORMs of seeds 1 and 2, and a MiniLM trained
+   for a second epoch (the better of those two ORMs, one more epoch on a new seed's order: a MiniLM trained
+   longer, at the cost of one ORM); full: also a SmolLM2-135M decoder RM and a MiniLM trained 3 epochs.
 3. SP-PRM (entropy weights), the ablation (uniform weights, no reference) and the filter-only variant
    (weight 1 where the reference agrees, 0 elsewhere), each trained from the ORM on the SST cuts of all 2,000
    train pairs (cpu: K = 1, one cut a pair on average, so that each variant costs about one ORM epoch; full:
@@ -22,6 +23,8 @@
    differences; the ARGS reward-vs-w curve.
 6. results.md: the tables, the claims list and the cost of every stage; figures as PNG.
 Finished stages are skipped (rerun the same command to resume); --redo STAGE[,STAGE] or --redo all reruns.
+A stage whose input was remade after its output runs again; an output made with other settings is refused
+(--redo it, or use another --out).
 """
 import argparse
 import json
@@ -34,7 +37,7 @@ import numpy as np
 from common.pipeline import Pipeline
 
 SCALES = {
-    "cpu": dict(seeds=(0, 1, 2), extra_references=(), sst_k=1, prompts=64, new_tokens=32, batch_size=8,
+    "cpu": dict(seeds=(0, 1, 2), extra_references=("minilm-2ep",), sst_k=1, prompts=64, new_tokens=32, batch_size=8,
                 args_k=5, args_w=10.0, cbs=(2, 2, 8), bon=4, sweep_w=(),
                 prefix_lengths="5,10,15,20,30,40,50"),
     # a few minutes, to try the pipeline end to end (numbers meaningless)
@@ -61,7 +64,8 @@ def main():
     out = args.out
     os.makedirs(out, exist_ok=True)
     data = ["--data-dir", args.data_dir] if args.data_dir else []
-    pipeline = Pipeline("reproduce", args.redo, cost_path=f"{out}/stage_seconds.json")
+    pipeline = Pipeline("reproduce", args.redo, cost_path=f"{out}/stage_seconds.json",
+                        commands_path=f"{out}/stage_commands.json")
     stage = pipeline.stage
     train = ["--max-length", MAX_LENGTH, "--eval", "hh-rlhf:heldout", *data]
     if s.get("train_limit"):
@@ -75,10 +79,18 @@ def main():
 
     # 2. the reference: the strongest candidate that is not the converted ORM
     candidates = {f"ORM seed {seed}": f"{out}/orm_s{seed}" for seed in s["seeds"][1:]}
+    parents = {}  # candidate path -> the candidate it was trained from
     if "smollm2" in s["extra_references"]:
         stage("ref-smollm2", f"{out}/ref_smollm2", "03_train.py", "--input", "hh-rlhf:train", "--init",
               "smollm2-135m-instruct", "--output", f"{out}/ref_smollm2", "--resume", *train)
         candidates["SmolLM2-135M RM"] = f"{out}/ref_smollm2"
+    if "minilm-2ep" in s["extra_references"]:
+        # a second epoch for the better other-seed ORM (a fresh schedule, another data order)
+        start = max(candidates.values(), key=lambda path: read_json(f"{path}/eval.json")["accuracy"])
+        stage("ref-minilm-2ep", f"{out}/ref_minilm_2ep", "03_train.py", "--input", "hh-rlhf:train", "--init", start,
+              "--output", f"{out}/ref_minilm_2ep", "--seed", 3, "--save-steps", 50, "--resume", *train)
+        candidates[f"MiniLM-L6, 2 epochs ({os.path.basename(start)} + 1)"] = f"{out}/ref_minilm_2ep"
+        parents[f"{out}/ref_minilm_2ep"] = start
     if "minilm-3ep" in s["extra_references"]:
         stage("ref-minilm-3ep", f"{out}/ref_minilm_3ep", "03_train.py", "--input", "hh-rlhf:train", "--init",
               "minilm-l6", "--output", f"{out}/ref_minilm_3ep", "--epochs", 3, "--seed", 3, "--resume", *train)
@@ -114,7 +126,7 @@ def main():
               s["batch_size"], "--resume", *data]
     # The reference guided no run but weighted the SP-PRM's training pairs; a candidate it beat shaped
     # nothing at all, and is a second yardstick.
-    independent = independent_of(candidates, reference)
+    independent = independent_of(candidates, reference, parents)
     metrics = ["05_evaluate.py", "metrics", "--rm", reference, "--extra-rm", f"ORM={orm}",
                "--extra-rm", f"SP-PRM={out}/sp-prm", "--max-length", MAX_LENGTH,
                *(["--extra-rm", f"Independent={independent}"] if independent else [])]
@@ -157,7 +169,8 @@ def main():
     curve = reward_vs_w(sweep)
     figures = plot_agreement(agreement, out) + [plot_reward_vs_w(curve, out)]
     costs = pipeline.costs()
-    text = results_markdown(args, s, out, ref_name, reference, candidates, agreement, curve, costs, figures)
+    text = results_markdown(args, s, out, ref_name, reference, candidates, independent, agreement, curve, costs,
+                            figures)
     with open(f"{out}/results.md", "w", encoding="utf-8") as f:
         f.write(text)
     print("\n" + text)
@@ -177,9 +190,10 @@ def seed_cache(source, target):
         shutil.copy(source, target)
 
 
-def independent_of(candidates, reference):
-    """The first reference candidate not chosen: it guided, weighted and trained nothing."""
-    return next((path for path in candidates.values() if path != reference), None)
+def independent_of(candidates, reference, parents):
+    """The first candidate that is neither the reference nor what the reference was trained from: it
+    guided, weighted and trained nothing."""
+    return next((path for path in candidates.values() if path not in (reference, parents.get(reference))), None)
 
 
 def verdict(ci, sign=1.0):
@@ -207,7 +221,7 @@ def seed_interval(values):
     return float(v.mean()), [float(v.mean() - half), float(v.mean() + half)]
 
 
-def results_markdown(args, s, out, ref_name, reference, candidates, agreement, curve, costs, figures):
+def results_markdown(args, s, out, ref_name, reference, candidates, independent, agreement, curve, costs, figures):
     lines = [f"Made by `python reproduce.py --scale {args.scale} --out {out}` (`make reproduce"
              + (" SCALE=full" if args.scale == "full" else "") + "`). Every interval is a 95% interval: "
              "percentile bootstrap over pairs or prompts (10,000 resamples), or a t-interval over training seeds.", ""]
@@ -258,7 +272,7 @@ def results_markdown(args, s, out, ref_name, reference, candidates, agreement, c
               f"{s['new_tokens']} new tokens, rewards normalised (`--reward-norm std`)", "",
               f"Reward = the reference RM's score (it guided none of these runs, but its scores weighted the "
               f"SP-PRM's training pairs); Reward (Independent) = an RM that shaped nothing here"
-              + (f" (`{independent_of(candidates, reference)}`)" if independent_of(candidates, reference) else "")
+              + (f" (`{independent}`)" if independent else "")
               + "; Win-Tie = win_rate against greedy "
               f"judged by the reference RM (a proxy †). ARGS k={s['args_k']}, w={s['args_w']:g}; CBS W, K, L = "
               f"{', '.join(map(str, s['cbs']))}; BoN N={s['bon']}.", "", table, "",

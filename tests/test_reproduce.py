@@ -26,3 +26,12 @@ def test_seed_interval_by_hand():
     assert mean == pytest.approx(0.594)
     assert ci == pytest.approx([0.594 - 0.026289, 0.594 + 0.026289], abs=1e-5)
     assert reproduce.seed_interval([0.5]) == (0.5, [0.5, 0.5])
+
+
+def test_independent_yardstick_skips_the_reference_and_its_parent():
+    candidates = {"ORM seed 1": "r/orm_s1", "ORM seed 2": "r/orm_s2", "MiniLM, 2 epochs": "r/ref_2ep"}
+    # the reference was trained on from seed 1: seed 2 is the only RM that shaped nothing
+    assert reproduce.independent_of(candidates, "r/ref_2ep", {"r/ref_2ep": "r/orm_s1"}) == "r/orm_s2"
+    assert reproduce.independent_of(candidates, "r/ref_2ep", {"r/ref_2ep": "r/orm_s2"}) == "r/orm_s1"
+    assert reproduce.independent_of(candidates, "r/orm_s1", {"r/ref_2ep": "r/orm_s1"}) == "r/orm_s2"
+    assert reproduce.independent_of({"ORM seed 1": "r/orm_s1"}, "r/orm_s1", {}) is None
