@@ -26,7 +26,7 @@ class Pipeline:
         """Run `python CMD...` unless OUTPUT (with its manifest) exists; exit with a message on failure."""
         cmd = [str(c) for c in cmd]
         if self.done(output) and name not in self.redo and "all" not in self.redo:
-            made_by = read_json(self.commands_path).get(name) if self.commands_path else None
+            made_by = read_record(self.commands_path).get(name) if self.commands_path else None
             if made_by is not None and made_by != cmd:
                 then, now = first_difference(made_by, cmd)
                 print(f"error: {self.name}: stage {name}: {output} was made with other settings (then {then}, now "
@@ -52,11 +52,11 @@ class Pipeline:
 
     def _record(self, name, cmd):
         if self.commands_path:
-            write_json(self.commands_path, {**read_json(self.commands_path), name: cmd})
+            write_json(self.commands_path, {**read_record(self.commands_path), name: cmd})
 
     def costs(self):
         """Seconds of every stage run so far, in this run or an earlier one."""
-        return read_json(self.cost_path) if self.cost_path else {}
+        return read_record(self.cost_path) if self.cost_path else {}
 
     def run(self, *cmd):
         """An always-run step (tables, comparisons): its output, if any, is rewritten each time."""
@@ -97,7 +97,8 @@ def first_difference(a, b):
     return rest(a, len(b)), rest(b, len(a))
 
 
-def read_json(path):
+def read_record(path):
+    """A record the pipeline keeps (stage seconds, stage commands); empty before the first stage."""
     if path and os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             return json.load(f)
