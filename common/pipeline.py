@@ -26,14 +26,15 @@ class Pipeline:
         """Run `python CMD...` unless OUTPUT (with its manifest) exists; exit with a message on failure."""
         cmd = [str(c) for c in cmd]
         if self.done(output) and name not in self.redo and "all" not in self.redo:
-            made_by = read_record(self.commands_path).get(name) if self.commands_path else None
+            made_by = read_record(self.commands_path).get(name)
             if made_by is not None and made_by != cmd:
                 then, now = first_difference(made_by, cmd)
                 print(f"error: {self.name}: stage {name}: {output} was made with other settings (then {then}, now "
                       f"{now}); rerun with --redo {name} to replace it, or use another --out",
                       file=sys.stderr)
                 sys.exit(2)
-            remade = [p for p in input_paths(cmd[1:]) if p != output and made_at(p) > made_at(output)]
+            finished = made_at(output)
+            remade = [p for p in input_paths(cmd[1:]) if p != output and made_at(p) > finished]
             if not remade:
                 if made_by is None:
                     self._record(name, cmd)
@@ -56,7 +57,7 @@ class Pipeline:
 
     def costs(self):
         """Seconds of every stage run so far, in this run or an earlier one."""
-        return read_record(self.cost_path) if self.cost_path else {}
+        return read_record(self.cost_path)
 
     def run(self, *cmd):
         """An always-run step (tables, comparisons): its output, if any, is rewritten each time."""
@@ -98,7 +99,8 @@ def first_difference(a, b):
 
 
 def read_record(path):
-    """A record the pipeline keeps (stage seconds, stage commands); empty before the first stage."""
+    """A record the pipeline keeps (stage seconds, stage commands); empty before the first stage or when the
+    pipeline keeps none (path None)."""
     if path and os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             return json.load(f)
