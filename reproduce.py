@@ -32,8 +32,7 @@ import os
 import sys
 import time
 
-import numpy as np
-
+from common.metrics import seed_interval
 from common.pipeline import Pipeline
 
 SCALES = {
@@ -208,17 +207,6 @@ def verdict(ci, sign=1.0):
 
 def fmt_ci(value, ci, scale=1.0, digits=3):
     return f"{value * scale:.{digits}f} [{ci[0] * scale:.{digits}f}, {ci[1] * scale:.{digits}f}]"
-
-
-def seed_interval(values):
-    """Mean and 95% t-interval over training seeds."""
-    from scipy import stats
-
-    v = np.asarray(values, dtype=float)
-    if len(v) < 2:
-        return float(v.mean()), [float(v.mean())] * 2
-    half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
-    return float(v.mean()), [float(v.mean() - half), float(v.mean() + half)]
 
 
 def results_markdown(args, s, out, ref_name, reference, candidates, independent, agreement, curve, costs, figures):

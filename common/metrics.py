@@ -31,6 +31,17 @@ def mean_with_ci(values, seed=0):
     return float(np.mean(values)), bootstrap_ci(values, seed)
 
 
+def seed_interval(values):
+    """Mean and 95% t-interval over training seeds."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2:
+        return float(v.mean()), [float(v.mean())] * 2
+    half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
+    return float(v.mean()), [float(v.mean() - half), float(v.mean() + half)]
+
+
 def agreement_rate(r_chosen, r_rejected):
     """AR_RM-SC: share of pairs where the RM scores the chosen (prefix) above the rejected one; ties disagree."""
     r_chosen, r_rejected = np.asarray(r_chosen, dtype=float), np.asarray(r_rejected, dtype=float)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from common.metrics import (agreement_rate, attack_success, contains_target_opening, distinct_ngram_ratio,
-                            diversity, extract_number, gsm8k_correct, reward_gap, rouge_l, target_opening,
-                            verdict_from_both_orders)
+                            diversity, extract_number, gsm8k_correct, reward_gap, rouge_l, seed_interval,
+                            target_opening, verdict_from_both_orders)
 
 
 def test_diversity_by_hand():
@@ -110,3 +110,11 @@ def test_bootstrap_interval_matches_a_literal_resampling():
     lo, hi = np.percentile(means, [2.5, 97.5])
     got = bootstrap_ci(x, seed=5)
     assert abs(got[0] - lo) < 0.02 and abs(got[1] - hi) < 0.02
+
+
+def test_seed_interval_by_hand():
+    # 0.586, 0.590, 0.606: mean 0.594, sd 0.010583, t(0.975, 2) = 4.3027 -> half-width 0.026289
+    mean, ci = seed_interval([0.586, 0.590, 0.606])
+    assert mean == pytest.approx(0.594)
+    assert ci == pytest.approx([0.594 - 0.026289, 0.594 + 0.026289], abs=1e-5)
+    assert seed_interval([0.5]) == (0.5, [0.5, 0.5])

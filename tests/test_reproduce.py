@@ -1,8 +1,6 @@
-"""reproduce.py's judgement of a claim by its interval, and its interval over training seeds."""
+"""reproduce.py's judgement of a claim by its interval, and its choice of the independent yardstick."""
 import importlib.util
 import os
-
-import pytest
 
 from conftest import ROOT
 
@@ -18,14 +16,6 @@ def test_verdict_by_interval():
     assert reproduce.verdict([0.0, 0.1]) == "cannot be told apart at this size"  # zero inside: no claim
     # a difference taken the other way round (ORM - SP-PRM for "SP-PRM above the ORM")
     assert reproduce.verdict([-0.2, -0.01], sign=-1) == "reproduces"
-
-
-def test_seed_interval_by_hand():
-    # 0.586, 0.590, 0.606: mean 0.594, sd 0.010583, t(0.975, 2) = 4.3027 -> half-width 0.026289
-    mean, ci = reproduce.seed_interval([0.586, 0.590, 0.606])
-    assert mean == pytest.approx(0.594)
-    assert ci == pytest.approx([0.594 - 0.026289, 0.594 + 0.026289], abs=1e-5)
-    assert reproduce.seed_interval([0.5]) == (0.5, [0.5, 0.5])
 
 
 def test_independent_yardstick_skips_the_reference_and_its_parent():
