@@ -1,11 +1,11 @@
-# SP-PRM: make setup | make demo | make test | make test-slow | make bench | make reproduce
+# SP-PRM: make setup | make demo | make test | make test-slow | make bench | make reproduce | make parity
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 SCALE ?= small
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo reproduce test test-slow bench clean-demo
+.PHONY: setup demo reproduce parity test test-slow bench clean-demo
 
 setup: $(STAMP)
 
@@ -24,6 +24,10 @@ demo: setup
 # The paper's HH-RLHF experiment at this machine's size (under 2 h on 2 cores; resumable); SCALE=full: uncut
 reproduce: setup
 	$(PY) reproduce.py --scale $(if $(filter full,$(SCALE)),full,cpu) --out runs/reproduce$(if $(filter full,$(SCALE)),-full,)
+
+# Our ORMs (make reproduce's) against TRL's RewardTrainer on the same pairs, three seeds (about 25 min)
+parity: setup
+	$(PY) bench/trl_parity.py --orms runs/reproduce/orm_s0 runs/reproduce/orm_s1 runs/reproduce/orm_s2 --out runs/parity_trl
 
 test: setup
 	$(PY) -m pytest -q -m "not slow" tests

@@ -249,21 +249,26 @@ def is_decoder_rm(model_or_config):
     return config.model_type not in ENCODER_MODEL_TYPES and not getattr(config, "is_encoder_decoder", False)
 
 
-def trained_max_length(name, default):
-    """The --max-length an RM folder was trained with (its 03 manifest), so that scoring sees inputs cut as in
-    training; `default` for any other model."""
+def training_args(name):
+    """The arguments 03_train.py ran with to make an RM folder (its manifest), or {} for any other model."""
     import json
 
     path = os.path.join(str(name), "manifest.json")
-    if os.path.isfile(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                value = json.load(f).get("args", {}).get("max_length")
-        except (OSError, ValueError):
-            value = None
-        if isinstance(value, int) and value > 0:
-            return value
-    return default
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            args = json.load(f).get("args", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return args if isinstance(args, dict) else {}
+
+
+def trained_max_length(name, default):
+    """The --max-length an RM folder was trained with, so that scoring sees inputs cut as in training;
+    `default` for any other model."""
+    value = training_args(name).get("max_length")
+    return value if isinstance(value, int) and value > 0 else default
 
 
 def load_config(name):
