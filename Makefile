@@ -25,7 +25,7 @@ demo: setup
 reproduce: setup
 	$(PY) reproduce.py --scale $(if $(filter full,$(SCALE)),full,cpu) --out runs/reproduce$(if $(filter full,$(SCALE)),-full,)
 
-# Our ORMs (make reproduce's) against TRL's RewardTrainer on the same pairs, three seeds (about 25 min)
+# Our ORMs (make reproduce's) against TRL's RewardTrainer on the same pairs, three seeds (20 min)
 parity: setup
 	$(PY) bench/trl_parity.py --orms runs/reproduce/orm_s0 runs/reproduce/orm_s1 runs/reproduce/orm_s2 --out runs/parity_trl
 

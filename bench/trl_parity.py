@@ -63,10 +63,15 @@ def train_trl(args, seed, tokenizer, train_ids, eval_ids, folder):
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
+    settings = {"seed": seed, "init": args.init, "train": args.train, "limit": args.limit, "lr": args.lr,
+                "batch_size": args.batch_size, "max_length": args.max_length}
     done = os.path.join(folder, "trl_eval.json")
     if os.path.exists(done):
         with open(done) as f:
             record = json.load(f)
+        if record.get("settings") != settings:
+            raise DataError(f"{folder}: made with other settings ({record.get('settings')}, now {settings}); "
+                            "use another --out or remove it")
         return record["eval_accuracy"], record["seconds"]
     config = RewardConfig(
         output_dir=folder + ".tmp", seed=seed, learning_rate=args.lr, per_device_train_batch_size=args.batch_size,
@@ -81,7 +86,8 @@ def train_trl(args, seed, tokenizer, train_ids, eval_ids, folder):
     seconds = time.time() - started
     eval_accuracy = trainer.evaluate()["eval_accuracy"]
     trainer.save_model(folder + ".tmp")
-    write_json(os.path.join(folder + ".tmp", "trl_eval.json"), {"eval_accuracy": eval_accuracy, "seconds": seconds})
+    write_json(os.path.join(folder + ".tmp", "trl_eval.json"),
+               {"eval_accuracy": eval_accuracy, "seconds": seconds, "settings": settings})
     os.replace(folder + ".tmp", folder)
     return eval_accuracy, seconds
 
@@ -98,6 +104,8 @@ def summary(values):
 def main():
     args = parse_args()
     for path, seed in zip(args.orms, args.seeds):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise DataError(f"{path}: no trained RM here (make reproduce trains the ORMs that make parity reads)")
         made_with = training_args(path).get("seed")
         if made_with != seed:
             raise DataError(f"{path}: trained with seed {made_with}, listed for seed {seed} (--seeds)")
