@@ -101,6 +101,9 @@ def parse_args():
     c.add_argument("a", help="metrics JSON of run A (its OUTPUT.rows.jsonl beside it)")
     c.add_argument("b", help="metrics JSON of run B")
     c.add_argument("--output", default=None, help="also write the comparison JSON here")
+    c.add_argument("--exclude", default=None,
+                   help="leave out the ids of this JSONL file (e.g. an earlier run's generations, to judge only "
+                        "the prompts decoded since)")
     c.add_argument("--seed", type=int, default=0)
 
     t = sub.add_parser("table", help="Markdown table (paper Tables 1-4 layout) from metric files")
@@ -441,9 +444,14 @@ def run_compare(args):
     ids = [i for i in a if i in b]
     if not ids:
         raise DataError(f"{args.a} and {args.b} share no ids")
+    if args.exclude:
+        excluded = {r["id"] for _, r in read_jsonl(args.exclude, required=("id",))}
+        ids = [i for i in ids if i not in excluded]
+        if not ids:
+            raise DataError(f"--exclude {args.exclude}: leaves no ids of {args.a} and {args.b} to compare")
     numeric = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
     keys = [k for k in a[ids[0]] if k != "id" and numeric(a[ids[0]][k]) and numeric(b[ids[0]].get(k))]
-    out = {"a": args.a, "b": args.b, "n": len(ids), "metrics": {}}
+    out = {"a": args.a, "b": args.b, "n": len(ids), "excluded": args.exclude, "metrics": {}}
     for k in keys:
         x, y = [float(a[i][k]) for i in ids], [float(b[i][k]) for i in ids]
         out["metrics"][k] = {"a": float(np.mean(x)), "b": float(np.mean(y)), "diff": float(np.mean(x) - np.mean(y)),

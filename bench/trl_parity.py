@@ -3,15 +3,16 @@
     python bench/trl_parity.py --orms runs/reproduce/orm_s0 runs/reproduce/orm_s1 runs/reproduce/orm_s2
 
 For each seed, TRL's RewardTrainer (trl==1.16.0) trains MiniLM-L6 on hh-rlhf:train with the parity settings
-(lr 5e-5, batch 8, max length 256, 1 epoch, linear decay without warm-up, dropout off, fp32) and is scored on
-hh-rlhf:heldout. Its input is one sequence, [CLS] dialogue [SEP] (the HH text: prompt, a space, reply).
+(lr 5e-5, batch 8, max length 256, 1 epoch, linear decay without warm-up, dropout off, fp32) and is
+scored on hh-rlhf:heldout. Its input is one sequence, [CLS] dialogue [SEP] (the HH text: prompt, a space, reply).
 
 TRL drops every pair with a side longer than max length, in training *and in evaluation*: its held-out
 accuracy is over the held-out pairs it keeps (the shorter ones), not over all 307. So our ORMs (one per
 seed, in the order of --seeds; 03_train.py keeps every pair, truncating by the RM input rule) are scored on
 all held-out pairs, on exactly the pairs TRL keeps and on those it drops, and the two trainers are compared
-on the same pairs: per seed (95% bootstrap over pairs, paired) and over seeds (95% t-interval). Accuracy = the share of pairs
-whose chosen side scores above the rejected one; TRL's own batch-averaged `eval_accuracy` is reported too.
+on the same pairs: per seed (95% bootstrap over pairs, paired) and over seeds (95% t-interval). Accuracy =
+the share of pairs whose chosen side scores above the rejected one; TRL's own batch-averaged
+`eval_accuracy` is reported too.
 
 TRL models are saved under --out/trl_s<seed> and reused by a rerun. Prints one JSON object, also written to
 --out/parity.json. Needs `pip install trl==1.16.0` (with torch pinned, as in requirements.txt).

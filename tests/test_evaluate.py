@@ -270,3 +270,28 @@ def test_judge_accuracy_metric_with_the_single_answer_judge(tmp_path):
     m = json.loads(out.read_text())
     assert m["judge_accuracy"] == pytest.approx(3 / 6) and m["accuracy"] == pytest.approx(3 / 6)
     assert m["judge_accuracy_n"] == 6 and m["judge_template"] == "paper"
+
+
+def test_compare_is_the_paired_difference_and_exclude_leaves_out_earlier_prompts(tmp_path):
+    # per-prompt rows of two runs (what `metrics` writes beside its JSON), by hand
+    a = [{"id": f"p{i}", "reward": r} for i, r in ((1, 1.0), (2, 2.0), (3, 0.5), (4, 3.0))]
+    b = [{"id": f"p{i}", "reward": r} for i, r in ((1, 0.0), (2, 2.5), (3, 0.5), (5, 9.0))]
+    write_jsonl(tmp_path / "a.rows.jsonl", a)
+    write_jsonl(tmp_path / "b.rows.jsonl", b)
+    earlier = tmp_path / "earlier.jsonl"
+    write_jsonl(earlier, [{"id": "p1", "response": "x"}])
+    out, new = tmp_path / "cmp.json", tmp_path / "cmp_new.json"
+    run_script("05_evaluate.py", "compare", tmp_path / "a.json", tmp_path / "b.json", "--output", out)
+    m = json.loads(out.read_text())
+    assert m["n"] == 3  # the ids both runs share
+    # A - B over p1..p3: (1 - 0 + 2 - 2.5 + 0.5 - 0.5) / 3
+    assert m["metrics"]["reward"]["diff"] == pytest.approx(0.5 / 3)
+    run_script("05_evaluate.py", "compare", tmp_path / "a.json", tmp_path / "b.json", "--exclude", earlier,
+               "--output", new)
+    m = json.loads(new.read_text())
+    assert m["n"] == 2 and m["excluded"] == str(earlier)
+    assert m["metrics"]["reward"]["diff"] == pytest.approx(-0.25)  # (2 - 2.5 + 0.5 - 0.5) / 2
+    write_jsonl(earlier, [{"id": i} for i in ("p1", "p2", "p3")])
+    proc = run_script("05_evaluate.py", "compare", tmp_path / "a.json", tmp_path / "b.json", "--exclude", earlier,
+                      check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: --exclude")
