@@ -59,13 +59,18 @@ def dialogue_ids(tokenizer, pair, side):
     return tokenizer(pair["prompt"] + " " + pair[side]).input_ids
 
 
+def run_settings(args):
+    """What a TRL model and its eval_accuracy depend on (besides the seed)."""
+    return {"init": args.init, "lr": args.lr, "batch_size": args.batch_size, "max_length": args.max_length,
+            "epochs": 1, "train": args.train, "eval": args.eval, "limit": args.limit}
+
+
 def train_trl(args, seed, tokenizer, train_ids, eval_ids, folder):
     """Train (or reuse) TRL's RM for one seed into folder; returns (TRL's own eval_accuracy, training seconds)."""
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    settings = {"seed": seed, "init": args.init, "train": args.train, "limit": args.limit, "lr": args.lr,
-                "batch_size": args.batch_size, "max_length": args.max_length}
+    settings = {**run_settings(args), "seed": seed}
     done = os.path.join(folder, "trl_eval.json")
     if os.path.exists(done):
         with open(done) as f:
@@ -127,11 +132,11 @@ def main():
     n_train_kept = sum(fits(train_ids, i) for i in range(len(train)))
     kept_ids = {k: [v for v, keep in zip(vs, kept) if keep] for k, vs in eval_ids.items()}
 
-    rows, seconds = [], []
+    prompts = [p["prompt"] for p in heldout]
+    rows = []
     for path, seed in zip(args.orms, args.seeds):
         folder = os.path.join(args.out, f"trl_s{seed}")
         trl_eval_accuracy, took = train_trl(args, seed, tokenizer, train_ids, kept_ids, folder)
-        seconds.append(took)
         trl = load_reward_model(folder)
         r_w = score_encoded(trl, [{"input_ids": ids} for ids in kept_ids["chosen_ids"]], tokenizer.pad_token_id)
         r_l = score_encoded(trl, [{"input_ids": ids} for ids in kept_ids["rejected_ids"]], tokenizer.pad_token_id)
@@ -139,7 +144,6 @@ def main():
 
         ours = load_reward_model(path)
         fmt = RMFormat(load_tokenizer(path), ours, max_length=args.max_length)
-        prompts = [p["prompt"] for p in heldout]
         ours_correct = correct(score(ours, fmt, prompts, [p["chosen"] for p in heldout]),
                                score(ours, fmt, prompts, [p["rejected"] for p in heldout]))  # ties: wrong
         ours_kept, ours_dropped = ours_correct[kept], ours_correct[~kept]
@@ -157,8 +161,7 @@ def main():
         print(json.dumps(rows[-1]), flush=True)
 
     result = {
-        "settings": {"init": args.init, "lr": args.lr, "batch_size": args.batch_size, "max_length": args.max_length,
-                     "epochs": 1, "train": args.train, "eval": args.eval, "limit": args.limit},
+        "settings": run_settings(args),
         "train_pairs": len(train), "train_pairs_kept_by_trl": int(n_train_kept),
         "heldout_pairs": len(heldout), "heldout_pairs_kept_by_trl": int(kept.sum()),
         "per_seed": rows,

@@ -360,14 +360,9 @@ def _normal_text(text):
 def rm_training_prompts(model_path, data_dir=None):
     """(input spec, set of prompt texts) an RM was trained on, read from the manifest.json that 03_train.py
     writes beside it; (None, None) when that is not known (a hub RM, or an input no longer on disk)."""
-    manifest = os.path.join(model_path, "manifest.json") if os.path.isdir(model_path) else None
-    if not manifest or not os.path.isfile(manifest):
-        return None, None
-    try:
-        with open(manifest, encoding="utf-8") as f:
-            spec = json.load(f).get("args", {}).get("input")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return None, None
+    from common.models import training_args  # loads torch: only when an RM is checked
+
+    spec = training_args(model_path).get("input")
     if not spec:
         return None, None
     if os.path.isfile(spec):
