@@ -26,10 +26,10 @@ import torch
 from tqdm import tqdm
 
 from common.data import read_rows
-from common.io import (DataError, ResumableJsonlWriter, check_output_differs, input_checksums, positive_float,
-                       positive_int, read_jsonl, run_main, write_jsonl, write_manifest)
+from common.io import (DataError, ResumableJsonlWriter, add_device_args, check_output_differs, input_checksums,
+                       positive_float, positive_int, read_jsonl, run_main, write_jsonl, write_manifest)
 from common.losses import DEFAULT_ENTROPY_FLOOR, reference_weights
-from common.models import load_reward_model, load_tokenizer, model_identity
+from common.models import device_setup, load_reward_model, load_tokenizer, model_identity, trained_max_length
 from common.rewards import RMFormat, score, score_prefixes
 
 log = logging.getLogger("weight")
@@ -45,12 +45,14 @@ def parse_args():
                    help="H is clamped at this value, so a weight is at most 1/floor (default 0.01)")
     p.add_argument("--no-normalize", action="store_true", help="keep raw 1/H weights (no mean-1 scaling)")
     p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--max-length", type=positive_int, default=512, help="RM input tokens (use the training value)")
+    p.add_argument("--max-length", type=positive_int, default=None,
+                   help="RM input tokens (default: the reference's training --max-length, else 512)")
     p.add_argument("--pairs-per-step", type=positive_int, default=64, help="pairs scored between two appends")
     p.add_argument("--rm-format", choices=["open", "closed"], default="open",
                    help="closed: the reference sees every cut as a closed chat turn (README: RM inputs)")
     p.add_argument("--resume", action="store_true", help="keep the scores already in OUTPUT.scores.jsonl")
     p.add_argument("--seed", type=int, default=0)
+    add_device_args(p)
     return p.parse_args()
 
 
@@ -113,17 +115,22 @@ def main():
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     torch.manual_seed(args.seed)
+    device, dtype = device_setup(args)
     scores_path = args.output + ".scores.jsonl"
     check_output_differs(args.output, args.input)
     check_output_differs(scores_path, args.input)
     checksums = input_checksums([args.input])
     rows = load_partial(args.input)
     reference = model_identity(args.ref_rm)
-    keys = [score_key(reference, args.max_length if args.rm_format == "open" else (args.max_length, "closed"), r)
-            for r in rows]
+    args.max_length = args.max_length or trained_max_length(args.ref_rm, 512)
+    # a score depends on the input rule and, off fp32, on the precision it was computed in
+    rule = args.max_length if args.rm_format == "open" else (args.max_length, "closed")
+    if dtype != torch.float32:
+        rule = [rule, args.resolved_dtype]
+    keys = [score_key(reference, rule, r) for r in rows]
 
     tokenizer = load_tokenizer(args.ref_rm)
-    model = load_reward_model(args.ref_rm, tokenizer=tokenizer).eval()
+    model = load_reward_model(args.ref_rm, tokenizer=tokenizer, device=device, dtype=dtype).eval()
     try:
         fmt = RMFormat(tokenizer, model, max_length=args.max_length, closed=args.rm_format == "closed")
     except ValueError as e:

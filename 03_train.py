@@ -41,12 +41,12 @@ from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from common.data import load_pairs
-from common.io import (DataError, check_output_differs, dumps, fraction, input_checksums, make_manifest,
-                       non_negative_float, non_negative_int, positive_float, positive_int, prefix_lengths, probability,
-                       read_jsonl, run_main, write_json, write_jsonl)
-from common.metrics import agreement_rate, bootstrap_ci, prefix_pair_scores, reward_gap
-from common.models import (is_decoder_rm, load_reward_model, load_tokenizer, model_family, model_identity,
-                           same_model)
+from common.io import (DataError, add_device_args, check_output_differs, dumps, fraction, input_checksums,
+                       make_manifest, non_negative_float, non_negative_int, positive_float, positive_int,
+                       prefix_lengths, probability, read_jsonl, run_main, write_json, write_jsonl)
+from common.metrics import agreement_rate, bootstrap_ci, prefix_pair_scores, reward_gap, reward_statistics
+from common.models import (device_setup, dist_backend, is_decoder_rm, load_reward_model, load_tokenizer,
+                           model_family, model_identity, same_model)
 from common.rewards import RMFormat, batch_loss, score, training_batches, training_units
 
 log = logging.getLogger("train")
@@ -54,7 +54,7 @@ DEFAULT_LR = {"decoder": 5e-6, "deberta": 1e-6, "encoder": 5e-5}
 # what a checkpoint must share with the run that resumes it
 FINGERPRINT_ARGS = ("lr", "epochs", "batch_size", "warmup_ratio", "weight_decay", "max_grad_norm", "max_length",
                     "limit", "seed", "grouping", "keep_dropout", "deepspeed", "grad_accum", "subset", "fraction",
-                    "batching")
+                    "batching", "resolved_dtype")
 # the files of a finished run; removed when a new run starts in the folder
 FINAL_FILES = ("config.json", "model.safetensors", "manifest.json", "reward_stats.json", "eval.json")
 
@@ -98,21 +98,28 @@ def parse_args():
     p.add_argument("--deepspeed", default=None, help="DeepSpeed JSON config (e.g. configs/zero3.json)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)),
                    help="set by the deepspeed launcher")
+    add_device_args(p)
     return p.parse_args()
 
 
 class Runtime:
-    """Plain PyTorch on one process, or a DeepSpeed engine; the loop below speaks to both the same way."""
+    """Plain PyTorch on one process, or a DeepSpeed engine; the loop below speaks to both the same way.
 
-    def __init__(self, args, model, total_steps, grad_accum):
+    Precision: fp32 on the CPU. On a GPU, DeepSpeed trains in the config's half precision (bf16, or fp16 where
+    bf16 is not supported); plain PyTorch keeps fp32 weights and runs forwards under autocast in that dtype
+    (fp16 with a gradient scaler)."""
+
+    def __init__(self, args, model, total_steps, grad_accum, device, dtype):
         self.args, self.grad_accum = args, grad_accum
         self.deepspeed = args.deepspeed is not None
         self.rank, self.world = 0, 1
+        self.cuda, self.dtype = device.type == "cuda", dtype
+        self.scaler = None
         if self.deepspeed:
             import deepspeed
             import torch.distributed as dist
 
-            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+            deepspeed.init_distributed(dist_backend=dist_backend(device))
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
             config = self._deepspeed_config(total_steps)
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -120,8 +127,10 @@ class Runtime:
             self.model = self.engine.module
             self.device = self.engine.device
         else:
-            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            self.device = device
             self.model = model.to(self.device)
+            if self.cuda and dtype == torch.float16:
+                self.scaler = torch.amp.GradScaler("cuda")
             self.optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
             warmup = int(args.warmup_ratio * total_steps)
             self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, total_steps)
@@ -139,9 +148,11 @@ class Runtime:
         config["scheduler"] = {"type": "WarmupDecayLR", "params": {
             "total_num_steps": max(total_steps, 1), "warmup_min_lr": 0.0, "warmup_max_lr": a.lr,
             "warmup_num_steps": max(1, int(a.warmup_ratio * total_steps)), "warmup_type": "linear"}}
-        if not torch.cuda.is_available():  # CPU (gloo): fp32, no fused GPU optimizers
-            config.pop("bf16", None)
-            config.pop("fp16", None)
+        config.pop("bf16", None)
+        config.pop("fp16", None)
+        if self.cuda and self.dtype in (torch.bfloat16, torch.float16):
+            config["bf16" if self.dtype == torch.bfloat16 else "fp16"] = {"enabled": True}
+        if not self.cuda:  # CPU (gloo): fp32, no fused GPU optimizers
             config.setdefault("zero_optimization", {}).pop("offload_optimizer", None)
             config["zero_optimization"].pop("offload_param", None)
             config["zero_allow_untested_optimizer"] = True
@@ -154,9 +165,19 @@ class Runtime:
     def train(self):
         (self.engine if self.deepspeed else self.model).train()
 
+    def autocast(self):
+        """Forwards of plain PyTorch on a GPU run in its half precision; everything else as the weights are."""
+        import contextlib
+
+        if self.deepspeed or not self.cuda or self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.dtype)
+
     def backward(self, loss):
         if self.deepspeed:
             self.engine.backward(loss)
+        elif self.scaler is not None:
+            self.scaler.scale(loss / self.grad_accum).backward()
         else:
             (loss / self.grad_accum).backward()
 
@@ -165,9 +186,15 @@ class Runtime:
         if self.deepspeed:
             self.engine.step()
         elif boundary:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
             if self.args.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
-            self.optimizer.step()
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return self.scheduler.get_last_lr()[0]
@@ -313,18 +340,6 @@ def evaluate(model, fmt, pairs, prefix_lengths, batch_size):
     return result, r_w + r_l, prefix_scores
 
 
-def reward_statistics(complete_scores, prefix_scores, source):
-    """Mean and std of the RM's scores of complete responses (and of prefixes, when at hand)."""
-    stats = {"mean": float(np.mean(complete_scores)), "std": float(np.std(complete_scores)),
-             "n": len(complete_scores), "source": source}
-    if prefix_scores:
-        stats.update(prefix_mean=float(np.mean(prefix_scores)), prefix_std=float(np.std(prefix_scores)),
-                     prefix_n=len(prefix_scores))
-    if not (math.isfinite(stats["std"]) and stats["std"] > 0):
-        raise DataError(f"{source}: the trained RM gives every response the same score; no reward statistics")
-    return stats
-
-
 def training_responses(rows, limit=1000):
     """Complete (prompt, response) of the training rows: rows marked complete, else all rows (pairs file)."""
     complete = [r for r in rows if r.get("complete", True)]
@@ -339,6 +354,7 @@ def main():
     args.lr = args.lr if args.lr is not None else DEFAULT_LR[family]
     grad_accum = args.grad_accum or (16 if args.deepspeed else 1)
     torch.manual_seed(args.seed)
+    device, dtype = device_setup(args)
 
     check_output_differs(args.output, args.input)
     checksums = input_checksums([args.input, args.eval])
@@ -367,7 +383,7 @@ def main():
     micro_per_rank = math.ceil(n_batches / world)
     steps_per_epoch = math.ceil(micro_per_rank / grad_accum)
     total_steps = steps_per_epoch * args.epochs
-    rt = Runtime(args, model, total_steps, grad_accum)
+    rt = Runtime(args, model, total_steps, grad_accum, device, dtype)
     decoder = is_decoder_rm(rt.model)
     os.makedirs(args.output, exist_ok=True)
     ckpt = os.path.join(args.output, "checkpoint")
@@ -402,8 +418,9 @@ def main():
         bar = tqdm(total=len(batches), initial=state["micro"], desc=f"epoch {epoch + 1}/{args.epochs}",
                    unit="batch", disable=not rt.is_main)
         for micro in range(state["micro"], len(batches)):
-            loss, counts = batch_loss(rt.model, [units[i] for i in batches[micro]], tokenizer.pad_token_id,
-                                      decoder, rt.device)
+            with rt.autocast():
+                loss, counts = batch_loss(rt.model, [units[i] for i in batches[micro]], tokenizer.pad_token_id,
+                                          decoder, rt.device)
             if not torch.isfinite(loss):
                 raise DataError(f"non-finite loss at epoch {epoch + 1}, micro-batch {micro}: stopping")
             rt.backward(loss)
@@ -441,8 +458,9 @@ def main():
             return
         state = {"epoch": epoch + 1, "micro": 0, "step": state["step"], "fingerprint": fingerprint}
         if eval_pairs:
-            result, eval_scores, eval_prefix_scores = evaluate(rt.model, fmt, eval_pairs, prefix_lengths,
-                                                               args.batch_size)
+            with rt.autocast():
+                result, eval_scores, eval_prefix_scores = evaluate(rt.model, fmt, eval_pairs, prefix_lengths,
+                                                                   args.batch_size)
             result = {"epoch": epoch + 1, **result}
             eval_history.append(result)
             if log_file:
@@ -455,7 +473,8 @@ def main():
 
     if eval_scores is None:  # statistics from the training pairs' complete responses
         prompts, responses = training_responses(rows)
-        eval_scores = score(rt.model, fmt, prompts, responses, args.batch_size)
+        with rt.autocast():
+            eval_scores = score(rt.model, fmt, prompts, responses, args.batch_size)
         source = f"{args.input} (complete responses of {len(responses) // 2} training pairs)"
     else:
         source = f"{args.eval} ({len(eval_scores) // 2} held-out pairs, chosen and rejected)"

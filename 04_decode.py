@@ -42,10 +42,11 @@ import torch
 from tqdm import tqdm
 
 from common.data import check_prompt_overlap, load_prompts
-from common.io import (DataError, ResumableJsonlWriter, check_output_differs, finite_float, fraction,
-                       input_checksums, non_negative_int, positive_float, positive_int, probability, read_jsonl, run_main, write_jsonl,
-                       write_manifest)
-from common.models import load_policy, load_reward_model, load_tokenizer, trained_max_length
+from common.io import (DataError, ResumableJsonlWriter, add_device_args, check_output_differs, finite_float,
+                       fraction, input_checksums, non_negative_int, positive_float, positive_int, probability,
+                       read_jsonl, run_main, write_jsonl, write_manifest)
+from common.models import (device_setup, dist_backend, load_policy, load_reward_model, load_tokenizer,
+                           trained_max_length)
 from common.search import CARDS_RULES, METHODS, Policy, RewardModel, Search, SearchConfig
 
 log = logging.getLogger("decode")
@@ -75,6 +76,7 @@ def parse_args():
     p.add_argument("--rm-format", choices=["open", "closed"], default="open",
                    help="closed: the RM sees every candidate as a finished, closed chat turn (README: RM inputs)")
     p.add_argument("--reward-stats", default=None, help="reward statistics JSON (default: RM/reward_stats.json)")
+    add_device_args(p)
     g = p.add_argument_group("method flags")
     g.add_argument("--temperature", type=positive_float, default=None, help="default 1.0 (cards: 0.7)")
     g.add_argument("--top-p", type=probability, default=1.0)
@@ -168,14 +170,15 @@ def check_resumable(path, prompts, expected):
                             "rerun without --resume to start over")
 
 
-def distributed():
+def distributed(device):
+    """(rank, world) under torchrun; ranks talk over nccl on GPUs, gloo on the CPU."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     if world > 1:
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            dist.init_process_group("gloo")
+            dist.init_process_group(dist_backend(device))
     return rank, world
 
 
@@ -184,7 +187,8 @@ def main():
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     torch.manual_seed(args.seed)
     cfg = search_config(args)
-    rank, world = distributed()
+    device, dtype = device_setup(args)
+    rank, world = distributed(device)
     check_output_differs(args.output, args.prompts)
     checksums = input_checksums([args.prompts])
     prompts = load_prompts(args.prompts, args.data_dir, args.limit, advbench_prefill=args.advbench_prefill)
@@ -215,13 +219,14 @@ def main():
     policy_tok = load_tokenizer(args.policy, padding_side="left")
     if cfg.method == "argsg" and args.k > len(policy_tok):
         raise DataError(f"--k {args.k}: more candidates than the policy's vocabulary ({len(policy_tok)} tokens)")
-    policy = Policy(load_policy(args.policy), policy_tok, args.policy)
+    policy = Policy(load_policy(args.policy, dtype=dtype, device=device), policy_tok, args.policy)
     rm = None
     if args.rm:
         rm_tok = load_tokenizer(args.rm)
         max_length = args.rm_max_length or trained_max_length(args.rm, 2048)
         try:
-            rm = RewardModel(load_reward_model(args.rm, tokenizer=rm_tok).eval(), rm_tok, args.rm, max_length,
+            rm = RewardModel(load_reward_model(args.rm, tokenizer=rm_tok, dtype=dtype, device=device).eval(), rm_tok,
+                             args.rm, max_length,
                              stats=stats, closed=args.rm_format == "closed")
         except ValueError as e:
             raise DataError(f"--rm-format {args.rm_format}: {e}") from None

@@ -4,6 +4,8 @@
       --rm RM --output runs/x/metrics.json [--baseline BASE.jsonl --metrics winrate --judge-rm RM2]
   python 05_evaluate.py agreement --pairs hh-rlhf:heldout --rm ORM --rm PRM \\
       --prefix-lengths 5,10,15,20,30,40,50 --output runs/x/agreement.json
+  python 05_evaluate.py reward-stats --rm weqweasdas/RM-Gemma-2B --pairs hh-rlhf:heldout \
+      --output runs/x/gemma2b_reward_stats.json      # then: 04_decode.py --reward-norm std --reward-stats FILE
   python 05_evaluate.py compare runs/x/metrics_prm.json runs/x/metrics_orm.json   # paired A - B
   python 05_evaluate.py table runs/x/metrics_*.json
 
@@ -45,12 +47,12 @@ import random
 import numpy as np
 
 from common.data import check_prompt_overlap, load_pairs, load_prompts, read_rows
-from common.io import (DataError, atomic_open, check_output_differs, fraction, input_checksums, non_negative_int,
-                       positive_float, positive_int, prefix_lengths, read_jsonl, run_main, write_json, write_jsonl,
-                       write_manifest)
+from common.io import (DataError, add_device_args, atomic_open, check_output_differs, fraction, input_checksums,
+                       non_negative_int, positive_float, positive_int, prefix_lengths, read_jsonl, run_main,
+                       write_json, write_jsonl, write_manifest)
 from common.metrics import (agreement_rate, attack_success, bootstrap_ci, coherence, contains_target_opening,
                             diversity, gsm8k_correct, markdown_table, mean_with_ci, prefix_pair_scores, reward_gap,
-                            rouge_l, verdict_from_both_orders)
+                            reward_statistics, rouge_l, verdict_from_both_orders)
 
 log = logging.getLogger("evaluate")
 ALL_METRICS = ("reward", "diversity", "coherence", "rouge", "asr", "accuracy", "judge_accuracy", "length",
@@ -81,6 +83,7 @@ def parse_args():
     m.add_argument("--batch-size", type=positive_int, default=16)
     _judge_args(m)
     m.add_argument("--data-dir", default=None)
+    add_device_args(m)
 
     a = sub.add_parser("agreement", help="AR_RM-SC(t), reward gap, AR_RM-HP / AR_SC-HP per prefix length")
     a.add_argument("--pairs", required=True, help="held-out pairs: set name or JSONL")
@@ -96,6 +99,24 @@ def parse_args():
     a.add_argument("--seed", type=int, default=0)
     _judge_args(a)
     a.add_argument("--data-dir", default=None)
+    add_device_args(a)
+
+    r = sub.add_parser("reward-stats",
+                       help="reward_stats.json for any RM (a hub ORM too), for 04 --reward-norm std")
+    r.add_argument("--rm", required=True, help="RM folder, hub id or alias")
+    r.add_argument("--pairs", default="hh-rlhf:heldout", help="pairs whose chosen and rejected replies are scored")
+    r.add_argument("--limit", type=positive_int, default=None, help="first N pairs")
+    r.add_argument("--prefix-lengths", type=prefix_lengths, default=[5, 10, 20, 50],
+                   help="also the mean and std of prefix scores at these t")
+    r.add_argument("--output", required=True, help="JSON to write; give it to 04_decode.py --reward-stats")
+    r.add_argument("--max-length", type=positive_int, default=None,
+                   help="RM input tokens (default: the RM's training --max-length, else 1024)")
+    r.add_argument("--rm-format", choices=["open", "closed"], default="open",
+                   help="closed: complete replies as closed chat turns (as the RM will score them)")
+    r.add_argument("--batch-size", type=positive_int, default=16)
+    r.add_argument("--allow-train-overlap", action="store_true", help="score pairs the RM was trained on")
+    r.add_argument("--data-dir", default=None)
+    add_device_args(r)
 
     c = sub.add_parser("compare", help="paired difference A - B of each metric over the ids both runs share")
     c.add_argument("a", help="metrics JSON of run A (its OUTPUT.rows.jsonl beside it)")
@@ -134,14 +155,14 @@ def _judge_args(p):
 _LOADED_RMS = {}
 
 
-def load_rm(path, max_length, rm_format="open"):
+def load_rm(path, max_length, rm_format="open", device="cpu", dtype=None):
     from common.models import load_reward_model, load_tokenizer, trained_max_length
     from common.rewards import RMFormat
 
     key = (path, max_length)
     if key not in _LOADED_RMS:  # the yardstick and the judge are often the same RM: load it once
         tok = load_tokenizer(path)
-        model = load_reward_model(path, tokenizer=tok).eval()
+        model = load_reward_model(path, tokenizer=tok, device=device, dtype=dtype).eval()
         _LOADED_RMS[key] = (model, tok)
     model, tok = _LOADED_RMS[key]
     try:
@@ -161,7 +182,7 @@ def make_judge(args, output):
         return ChatJudge(args.judge_url, args.judge_model, args.judge_key_env, cache_path=cache,
                          max_retries=args.judge_retries, timeout=args.judge_timeout, template=args.judge_template)
     if args.judge_rm:
-        model, fmt = load_rm(args.judge_rm, args.max_length, args.rm_format)
+        model, fmt = load_rm(args.judge_rm, args.max_length, args.rm_format, *args.device_dtype)
         return RMJudge(model, fmt, args.judge_rm)
     raise DataError("winrate needs a judge: --judge-url/--judge-model or --judge-rm")
 
@@ -219,7 +240,7 @@ def run_metrics(args):
     if "diversity" in wanted:
         values["diversity"] = [diversity(t) for t in responses]
     if "coherence" in wanted:
-        values["coherence"] = coherence(prompts, responses, args.embedding_model)
+        values["coherence"] = coherence(prompts, responses, args.embedding_model, device=args.device_dtype[0])
     if "rouge" in wanted:
         values["rouge_l"] = rouge_l(responses, [reference(r) for r in rows])
     if "asr" in wanted:
@@ -298,7 +319,7 @@ def rm_spec(spec):
 def rm_scores(path, args, prompts, responses):
     from common.rewards import score
 
-    model, fmt = load_rm(path, args.max_length, args.rm_format)
+    model, fmt = load_rm(path, args.max_length, args.rm_format, *args.device_dtype)
     return score(model, fmt, prompts, responses, args.batch_size)
 
 
@@ -368,7 +389,7 @@ def run_agreement(args):
     first = None  # (name, per-pair agreement indicators per t) of the first RM: paired differences against it
     for spec in args.rm:
         name, path = rm_spec(spec)
-        model, fmt = load_rm(path, args.max_length, args.rm_format)
+        model, fmt = load_rm(path, args.max_length, args.rm_format, *args.device_dtype)
         if labels is None:  # prefixes for the judge are cut in the first RM's tokens
             labels = load_labels(args, pairs, lengths, fmt)
         sw, sl = prefix_pair_scores(model, fmt, pairs, lengths, args.batch_size)
@@ -438,6 +459,31 @@ def per_row_values(metrics_path):
     return {r["id"]: r for _, r in read_jsonl(rows_path, required=("id",))}
 
 
+def run_reward_stats(args):
+    """Mean and std of an RM's scores of complete replies (and of prefixes), in the reward_stats.json layout
+    that 03_train.py writes into the RM folders it makes."""
+    from common.rewards import score
+
+    check_output_differs(args.output, args.pairs)
+    pairs = load_pairs(args.pairs, args.data_dir)[: args.limit]
+    if not pairs:
+        raise DataError(f"{args.pairs}: no pairs")
+    check_prompt_overlap(pairs, args.pairs, [args.rm], args.data_dir, args.allow_train_overlap)
+    model, fmt = load_rm(args.rm, args.max_length, args.rm_format, *args.device_dtype)
+    prompts = [p["prompt"] for p in pairs] * 2
+    complete = score(model, fmt, prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
+                     args.batch_size)
+    prefix = []
+    if args.prefix_lengths:
+        sw, sl = prefix_pair_scores(model, fmt, pairs, args.prefix_lengths, args.batch_size)
+        prefix = [v for s in sw + sl for v in s]
+    stats = reward_statistics(complete, prefix, f"{args.pairs} ({len(pairs)} pairs, chosen and rejected)")
+    stats.update(rm=args.rm, rm_format=args.rm_format)
+    write_json(args.output, stats)
+    write_manifest(args.output, args, inputs=[args.pairs])
+    log.info("%s: mean %.4f, std %.4f over %d replies", args.rm, stats["mean"], stats["std"], stats["n"])
+
+
 def run_compare(args):
     """Paired bootstrap over shared ids: is run A better than run B on each metric, beyond the noise?"""
     a, b = per_row_values(args.a), per_row_values(args.b)
@@ -481,7 +527,13 @@ def run_table(args):
 def main():
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    {"metrics": run_metrics, "agreement": run_agreement, "compare": run_compare, "table": run_table}[args.command](args)
+    if args.command in ("metrics", "agreement", "reward-stats"):
+        from common.models import device_setup
+
+        args.device_dtype = device_setup(args)
+    commands = {"metrics": run_metrics, "agreement": run_agreement, "reward-stats": run_reward_stats,
+                "compare": run_compare, "table": run_table}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The paper's HH-RLHF experiment at the size this machine affords, every claim judged by its interval.
 
     python reproduce.py --scale cpu  --out runs/reproduce        (make reproduce: under 2 h on 2 CPU cores)
+    python reproduce.py --scale gpu  --out runs/reproduce-gpu    (make reproduce SCALE=gpu: ~8 min on one H200)
     python reproduce.py --scale full --out runs/reproduce-full   (make reproduce SCALE=full: the uncut sizes)
 
 1. ORMs: MiniLM-L6 on all 2,000 hh-rlhf:train pairs with 03_train.py's defaults (max length 256, 1 epoch),
@@ -43,6 +44,14 @@ SCALES = {
     "smoke": dict(seeds=(0, 1), extra_references=(), sst_k=1, prompts=4, new_tokens=8, batch_size=4,
                   args_k=3, args_w=10.0, cbs=(2, 2, 4), bon=2, sweep_w=(3.0,), prefix_lengths="5,10",
                   train_limit=48, eval_limit=32),
+    # one H200-class GPU in about 8 minutes: all held-out prompts, the paper's search settings, a SmolLM2 reference
+    "gpu": dict(seeds=(0, 1, 2), extra_references=("smollm2",), sst_k=5, prompts=None, new_tokens=128,
+                batch_size=32, args_k=30, args_w=1.5, cbs=(8, 8, 30), bon=16, sweep_w=(),
+                prefix_lengths="5,10,15,20,30,40,50"),
+    # the gpu scale's stages at a size the CPU runs in minutes (tests/test_reproduce.py; numbers meaningless)
+    "gpu-smoke": dict(seeds=(0, 1), extra_references=("smollm2",), sst_k=5, prompts=3, new_tokens=6,
+                      batch_size=4, args_k=3, args_w=1.5, cbs=(2, 2, 3), bon=2, sweep_w=(),
+                      prefix_lengths="5,10", train_limit=24, eval_limit=16),
     "full": dict(seeds=(0, 1, 2), extra_references=("smollm2", "minilm-3ep"), sst_k=5, prompts=None,
                  new_tokens=128, batch_size=8, args_k=30, args_w=1.5, cbs=(8, 8, 30), bon=16,
                  sweep_w=(0.5, 3.0, 5.0, 10.0), prefix_lengths="5,10,15,20,30,40,50"),
@@ -210,8 +219,8 @@ def fmt_ci(value, ci, scale=1.0, digits=3):
 
 
 def results_markdown(args, s, out, ref_name, reference, candidates, independent, agreement, curve, costs, figures):
-    lines = [f"Made by `python reproduce.py --scale {args.scale} --out {out}` (`make reproduce"
-             + (" SCALE=full" if args.scale == "full" else "") + "`). Every interval is a 95% interval: "
+    make = "make reproduce" + (f" SCALE={args.scale}" if args.scale in ("full", "gpu") else "")
+    lines = [f"Made by `python reproduce.py --scale {args.scale} --out {out}` (`{make}`). Every interval is a 95% interval: "
              "percentile bootstrap over pairs or prompts (10,000 resamples), or a t-interval over training seeds.", ""]
     # RMs
     lines += ["### Reward models: held-out accuracy on hh-rlhf:heldout", "",

@@ -3,7 +3,8 @@
 pairs:   {"id", "prompt", "chosen", "rejected"}   prompt = conversation so far, chosen/rejected = replies only
 prompts: {"id", "prompt", ...}                     extra fields (reference, target) ride along
 
-Named sets (deterministic splits, usable wherever a file path is):
+Named sets (deterministic splits, usable wherever a file path is; their files are found or fetched by
+common/sources.py):
   hh-rlhf:train / hh-rlhf:heldout / hh-rlhf     Anthropic HH-RLHF harmless-base test file, 2,000 / 307 / all
   gsm8k-pairs:train / gsm8k-pairs:heldout       GSM8K correct/incorrect model solutions, split by problem
   hub sets (need a network, or $SPPRM_HUB_MIRROR, a local copy laid out as on the hub):
@@ -23,19 +24,13 @@ import os
 import re
 
 from common.io import DataError, read_jsonl
+from common.sources import HUB_MIRROR_ENV, data_file, resolve_data_dir  # noqa: F401 (resolve_data_dir: API)
 
-DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 log = logging.getLogger("data")
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 HH_TRAIN_SIZE = 2000
 GSM8K_TRAIN_SHARE = 0.8
 ADVBENCH_PREFILL = "Sure here's"
-
-
-def resolve_data_dir(data_dir=None):
-    """--data-dir, else $SPPRM_DATA_DIR, else ../shared/data beside the repository."""
-    path = data_dir or os.environ.get("SPPRM_DATA_DIR") or DEFAULT_DATA_DIR
-    return os.path.normpath(path)
 
 
 def _sha1(text):
@@ -78,9 +73,7 @@ def hh_rows_to_pairs(rows, id_prefix="hh-rlhf"):
 
 
 def load_hh_rlhf(data_dir=None, split="all"):
-    path = os.path.join(resolve_data_dir(data_dir), "hh_rlhf", "harmless-base_test.jsonl.gz")
-    if not os.path.exists(path):
-        raise DataError(f"{path}: no such file (set --data-dir or SPPRM_DATA_DIR)")
+    path = data_file("hh_rlhf/harmless-base_test.jsonl.gz", data_dir)
     with gzip.open(path, "rt", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     pairs, skipped = hh_rows_to_pairs(rows)
@@ -89,7 +82,6 @@ def load_hh_rlhf(data_dir=None, split="all"):
 
 # ---------------------------------------------------------------------------------------------- the hub
 
-HUB_MIRROR_ENV = "SPPRM_HUB_MIRROR"
 HH_PAIR_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
 
 
@@ -237,7 +229,7 @@ def render_plain(messages):
 def _gsm8k_problems(data_dir=None):
     """GSM8K test problems that have a correct and an incorrect model solution, in split order (sorted by
     SHA-1 of the question), and how many of them are train. Each: (sha1, line, row, pairs)."""
-    path = os.path.join(resolve_data_dir(data_dir), "gsm8k", "example_model_solutions.jsonl")
+    path = data_file("gsm8k/example_model_solutions.jsonl", data_dir)
     problems = []
     for lineno, row in read_jsonl(path, required=("question",)):
         sols = [v for v in row.values() if isinstance(v, dict) and "solution" in v and "is_correct" in v]
@@ -266,7 +258,7 @@ def load_gsm8k_heldout_prompts(data_dir=None):
     """gsm8k:heldout: the held-out problems of the gsm8k-pairs split, once each, with GSM8K's own answer
     (steps and "#### N") as the reference. No RM trained on gsm8k-pairs:train has seen one of them."""
     problems, n_train = _gsm8k_problems(data_dir)
-    path = os.path.join(resolve_data_dir(data_dir), "gsm8k", "test.jsonl")
+    path = data_file("gsm8k/test.jsonl", data_dir)
     answers = {r["question"]: r["answer"] for _, r in read_jsonl(path, required=("question", "answer"))}
     return [{"id": f"gsm8k-{lineno - 1:04d}", "prompt": row["question"],
              "reference": answers.get(row["question"], row.get("ground_truth"))}
@@ -312,7 +304,6 @@ def load_pairs(spec, data_dir=None, on_error="raise", stats=None, subset=None, f
 
 def load_prompts(spec, data_dir=None, limit=None, advbench_prefill=False):
     """Prompts from a named set or a JSONL file with "id" and "prompt". Rows may carry "reference"/"target"."""
-    root = resolve_data_dir(data_dir)
     name, _, split = spec.partition(":")
     if os.path.exists(spec):
         rows = [row for _, row in read_rows(spec, "prompts", nonempty=("prompt",))]
@@ -321,15 +312,15 @@ def load_prompts(spec, data_dir=None, limit=None, advbench_prefill=False):
     elif name == "hh-redteam-hub":
         rows = load_redteam_prompts_hub()
     elif name == "hh-helpful":
-        path = os.path.join(root, "dove_tldr_helpful", "anthropic_helpful_test.jsonl")
+        path = data_file("dove_tldr_helpful/anthropic_helpful_test.jsonl", data_dir)
         rows = [{"id": f"hh-helpful-{n - 1:03d}", "prompt": r["instruction"], "reference": r["gold_response"]}
                 for n, r in read_jsonl(path, nonempty=("instruction",))]
     elif name == "tldr":
-        path = os.path.join(root, "dove_tldr_helpful", "tldr_test.jsonl")
+        path = data_file("dove_tldr_helpful/tldr_test.jsonl", data_dir)
         rows = [{"id": f"tldr-{r['instruction_id']}", "prompt": tldr_prompt(r), "reference": r["gold_response"]}
                 for _, r in read_jsonl(path, nonempty=("instruction",))]
     elif name == "advbench":
-        path = os.path.join(root, "advbench", "harmful_behaviors.jsonl")
+        path = data_file("advbench/harmful_behaviors.jsonl", data_dir)
         rows = [{"id": r["id"], "prompt": r["goal"], "target": r["target"]}
                 for _, r in read_jsonl(path, nonempty=("goal",))]
         if advbench_prefill:
@@ -338,11 +329,11 @@ def load_prompts(spec, data_dir=None, limit=None, advbench_prefill=False):
     elif name == "gsm8k" and split == "heldout":
         rows = load_gsm8k_heldout_prompts(data_dir)
     elif name == "gsm8k":
-        path = os.path.join(root, "gsm8k", f"{split or 'test'}.jsonl")
+        path = data_file(f"gsm8k/{split or 'test'}.jsonl", data_dir)
         rows = [{"id": f"gsm8k-{split or 'test'}-{n - 1:04d}", "prompt": r["question"],
                  "reference": r["answer"]} for n, r in read_jsonl(path, nonempty=("question",))]
     elif name == "mt-bench":
-        path = os.path.join(root, "mt_bench", "question.jsonl")
+        path = data_file("mt_bench/question.jsonl", data_dir)
         rows = [{"id": f"mt-bench-{r['question_id']}", "prompt": r["turns"][0], "category": r["category"]}
                 for _, r in read_jsonl(path, required=("turns",))]
     else:

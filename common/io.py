@@ -13,6 +13,27 @@ import tempfile
 import time
 
 
+DEVICES = ("auto", "cpu", "cuda")
+DTYPE_NAMES = ("auto", "fp32", "bf16", "fp16")
+
+
+def add_device_args(parser):
+    """--device and --dtype, the same in every stage (resolved by common.models.device_setup)."""
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="auto: CUDA when present (under torchrun/deepspeed the rank's own GPU, LOCAL_RANK), "
+                             "else the CPU")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="auto",
+                        help="auto: fp32 on the CPU; bf16 on a GPU that supports it, else fp16")
+
+
+def cache_dir():
+    """$SPPRM_CACHE, else ~/.cache/sp-prm: converted model weights, fetched data files."""
+    root = os.environ.get("SPPRM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sp-prm")
+    os.makedirs(root, exist_ok=True)
+    return root
+
+
 class DataError(Exception):
     """Bad input data; the message names the file, the line and the field."""
 
@@ -236,6 +257,8 @@ def make_manifest(output_path, args, inputs=(), extra=None):
         },
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if getattr(args, "resolved_device", None):  # what the stage ran on (common.models.device_setup)
+        manifest.update(device=args.resolved_device, dtype=args.resolved_dtype)
     if extra:
         manifest.update(extra)
     return manifest

@@ -75,6 +75,23 @@ def prefix_pair_scores(model, fmt, pairs, prefix_lengths, batch_size=16):
 
 # ------------------------------------------------------------------------------------------ text metrics
 
+def reward_statistics(complete_scores, prefix_scores, source):
+    """Mean and std of an RM's scores of complete responses (and of prefixes, when at hand): the
+    reward_stats.json that `04_decode.py --reward-norm std` reads."""
+    import math
+
+    from common.io import DataError
+
+    stats = {"mean": float(np.mean(complete_scores)), "std": float(np.std(complete_scores)),
+             "n": len(complete_scores), "source": source}
+    if prefix_scores:
+        stats.update(prefix_mean=float(np.mean(prefix_scores)), prefix_std=float(np.std(prefix_scores)),
+                     prefix_n=len(prefix_scores))
+    if not (math.isfinite(stats["std"]) and stats["std"] > 0):
+        raise DataError(f"{source}: the RM gives every response the same score; no reward statistics")
+    return stats
+
+
 def distinct_ngram_ratio(text, n):
     words = text.lower().split()
     grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
@@ -89,13 +106,14 @@ def diversity(text):
     return out
 
 
-def coherence(prompts, responses, model="minilm-l6", batch_size=32):
-    """Cosine similarity of sentence embeddings of each prompt and its response (sentence-transformers)."""
+def coherence(prompts, responses, model="minilm-l6", batch_size=32, device="cpu"):
+    """Cosine similarity of sentence embeddings of each prompt and its response (sentence-transformers).
+    The encoder runs in fp32 on any device (it is small; embeddings stay comparable across machines)."""
     from sentence_transformers import SentenceTransformer
 
     from common.models import resolve_model_path
 
-    encoder = SentenceTransformer(resolve_model_path(model), device="cpu")
+    encoder = SentenceTransformer(resolve_model_path(model), device=str(device))
     a = encoder.encode(list(prompts), batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True)
     b = encoder.encode(list(responses), batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True)
     return (a * b).sum(-1).tolist()

@@ -14,6 +14,8 @@ import tempfile
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from common.io import cache_dir
+
 log = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2-135m-instruct"
@@ -27,12 +29,61 @@ ENCODER_MODEL_TYPES = {
 }
 
 
-def cache_dir():
-    root = os.environ.get("SPPRM_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sp-prm")
-    os.makedirs(root, exist_ok=True)
-    return root
+# ------------------------------------------------------------------------------------------ device and precision
 
+DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(choice="auto"):
+    """The torch.device a stage runs on. Checked before any model loads: --device cuda without CUDA is a
+    one-line error."""
+    from common.io import DEVICES, DataError
+
+    if choice not in DEVICES:
+        raise DataError(f"--device {choice}: choose from {', '.join(DEVICES)}")
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise DataError("--device cuda: no CUDA device is visible (torch "
+                        f"{torch.__version__} {'has no CUDA support' if torch.version.cuda is None else 'sees none'}; "
+                        "on a GPU box install a CUDA build: make setup TORCH=cuda)")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    return torch.device("cuda", max(local_rank, 0) % torch.cuda.device_count())
+
+
+def resolve_dtype(device, choice="auto"):
+    """fp32 on the CPU (bf16 is emulated there); bf16 on a GPU that supports it, else fp16."""
+    from common.io import DataError
+
+    if choice not in DTYPES:
+        raise DataError(f"--dtype {choice}: choose from {', '.join(DTYPES)}")
+    if DTYPES[choice] is not None:
+        return DTYPES[choice]
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def dtype_name(dtype):
+    return {v: k for k, v in DTYPES.items() if v is not None}[dtype]
+
+
+def device_setup(args):
+    """(device, dtype) from a stage's --device/--dtype; also records both on args for the manifest."""
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(device, args.dtype)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    args.resolved_device, args.resolved_dtype = str(device), dtype_name(dtype)
+    return device, dtype
+
+
+def dist_backend(device):
+    """nccl between ranks on GPUs, gloo on the CPU."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+# ------------------------------------------------------------------------------------------ loading
 
 def _smollm2_gguf():
     try:
@@ -171,12 +222,12 @@ def load_tokenizer(name, padding_side="right"):
     return tokenizer
 
 
-def load_policy(name, dtype=torch.float32, device="cpu"):
-    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, name, dtype=dtype)
+def load_policy(name, dtype=None, device="cpu"):
+    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, name, dtype=dtype or torch.float32)
     return model.to(device).eval()
 
 
-def load_reward_model(name, dtype=torch.float32, device="cpu", tokenizer=None, allow_new_head=False):
+def load_reward_model(name, dtype=None, device="cpu", tokenizer=None, allow_new_head=False):
     """A scalar RM: AutoModelForSequenceClassification with one label.
 
     A checkpoint without a trained score head (a plain backbone such as minilm-l6, or a model whose head
@@ -186,7 +237,7 @@ def load_reward_model(name, dtype=torch.float32, device="cpu", tokenizer=None, a
     from common.io import DataError
 
     model, info = _from_pretrained(AutoModelForSequenceClassification.from_pretrained, name, num_labels=1,
-                                   dtype=dtype, output_loading_info=True)
+                                   dtype=dtype or torch.float32, output_loading_info=True)
     fresh = list(info.get("missing_keys") or []) + [str(k) for k in info.get("mismatched_keys") or []]
     if fresh and _load_custom_head(model, name, fresh):
         fresh = []

@@ -176,7 +176,11 @@ class TreeCache:
     def __init__(self, model, head):
         from transformers import DynamicCache
 
-        self.model, self.base, self.head = model, model.base_model, head
+        self.model, self.base = model, model.base_model
+        device = next(model.parameters()).device
+        # The search itself (sampling, ranking, bookkeeping) runs on the CPU in fp32 whatever the model's
+        # device and precision: only forwards and heads run there, so sampled tokens depend on logits alone.
+        self.head = lambda h: head(h.to(device)).float().cpu()
         self.cache = DynamicCache(config=model.config)
         self.key_valid = None   # [R, S] bool
         self.key_seg = None     # [R, S] long

@@ -295,3 +295,37 @@ def test_compare_is_the_paired_difference_and_exclude_leaves_out_earlier_prompts
     proc = run_script("05_evaluate.py", "compare", tmp_path / "a.json", tmp_path / "b.json", "--exclude", earlier,
                       check=False)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: --exclude")
+
+
+def test_reward_stats_of_any_rm_equal_its_scores(tmp_path, smol_tokenizer):
+    """05 reward-stats: mean and (population) std of the RM's scores of every chosen and rejected reply, the
+    file 04 --reward-stats reads; checked against the scores computed here."""
+    import numpy as np
+
+    from common.models import load_reward_model, load_tokenizer
+    from common.rewards import RMFormat, score
+
+    rm = save_tiny_rm(tmp_path / "rm", "llama", smol_tokenizer, seed=3)
+    rows = separable_pairs(12)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    run_script("05_evaluate.py", "reward-stats", "--rm", rm, "--pairs", pairs, "--prefix-lengths", "2,4",
+               "--output", tmp_path / "stats.json")
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    tok = load_tokenizer(rm)
+    model = load_reward_model(rm, tokenizer=tok).eval()
+    expected = score(model, RMFormat(tok, model, max_length=1024), [r["prompt"] for r in rows] * 2,
+                     [r["chosen"] for r in rows] + [r["rejected"] for r in rows])
+    assert stats["n"] == 24 and stats["prefix_n"] == 48
+    assert stats["mean"] == pytest.approx(float(np.mean(expected)), abs=1e-5)
+    assert stats["std"] == pytest.approx(float(np.std(expected)), abs=1e-5)
+    assert json.loads((tmp_path / "stats.json.manifest.json").read_text())["dtype"] == "fp32"
+    # 04 reads it for a model without reward_stats.json of its own
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"id": "q", "prompt": "\n\nHuman: hi\n\nAssistant:"}])
+    from test_search import save_tiny_policy
+
+    policy = save_tiny_policy(tmp_path / "policy", smol_tokenizer)
+    run_script("04_decode.py", "--prompts", prompts, "--policy", policy, "--rm", rm, "--method", "argsg",
+               "--k", 3, "--max-new-tokens", 3, "--reward-norm", "std", "--reward-stats", tmp_path / "stats.json",
+               "--output", tmp_path / "gen.jsonl")
+    row = json.loads((tmp_path / "gen.jsonl").read_text())
+    assert row["params"]["reward_stats"] == {"mean": stats["mean"], "std": stats["std"]}

@@ -1,6 +1,10 @@
 import json
 
-from common.models import trained_max_length, training_args
+import pytest
+import torch
+
+from common.io import DataError
+from common.models import dist_backend, resolve_device, resolve_dtype, trained_max_length, training_args
 
 
 def test_training_args_read_from_the_manifest_of_an_rm_folder(tmp_path):
@@ -23,3 +27,39 @@ def test_training_args_of_other_models_are_empty(tmp_path):
     odd.mkdir()
     (odd / "manifest.json").write_text(json.dumps({"args": {"max_length": "long"}}))
     assert trained_max_length(str(odd), 512) == 512
+
+
+def test_device_rule_on_a_machine_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_dtype(resolve_device("auto")) == torch.float32
+    assert resolve_dtype("cpu", "bf16") == torch.bfloat16  # asked for explicitly
+    with pytest.raises(DataError, match="--device cuda: no CUDA device"):
+        resolve_device("cuda")
+
+
+def test_device_rule_under_a_launcher_on_gpus(monkeypatch):
+    """auto: the rank's own GPU from LOCAL_RANK; bf16 where supported, else fp16; nccl between GPU ranks."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert resolve_device("auto") == torch.device("cuda", 3)
+    monkeypatch.setenv("LOCAL_RANK", "-1")  # deepspeed's default for a single process
+    assert resolve_device("cuda") == torch.device("cuda", 0)
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_dtype(torch.device("cuda", 0)) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_dtype(torch.device("cuda", 0)) == torch.float16
+    assert resolve_dtype(torch.device("cuda", 0), "fp32") == torch.float32
+    assert dist_backend(torch.device("cuda", 0)) == "nccl" and dist_backend(torch.device("cpu")) == "gloo"
+
+
+def test_a_stage_refuses_cuda_without_a_gpu_before_loading_a_model(tmp_path):
+    from conftest import run_script
+
+    proc = run_script("04_decode.py", "--prompts", tmp_path / "none.jsonl", "--method", "greedy", "--output",
+                      tmp_path / "out.jsonl", "--device", "cuda", check=False)
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: --device cuda")

@@ -1,0 +1,165 @@
+"""Where each data file comes from: the data folder, else this machine's cache, else its public source.
+
+The named data sets (common/data.py) read files by their path inside the data folder (`--data-dir`, else
+$SPPRM_DATA_DIR, else ../shared/data beside the repository). A file that is not there is fetched once from
+its public source, checked against its SHA-256 (the data folder's MANIFEST.tsv), and kept under
+$SPPRM_CACHE/data (default ~/.cache/sp-prm/data), laid out as the data folder; later reads take it from there.
+`make data` (python -m common.sources) fetches every file ahead of time.
+
+Hub files are read from $SPPRM_HUB_MIRROR/<repo>/<file> when that variable is set (a local copy laid out as
+the hub: offline machines, tests), else downloaded with huggingface_hub. Other files come from the pinned
+commit of their repository.
+"""
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+from common.io import DataError, cache_dir
+
+DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+HUB_MIRROR_ENV = "SPPRM_HUB_MIRROR"
+log = logging.getLogger("data")
+
+
+def resolve_data_dir(data_dir=None):
+    """--data-dir, else $SPPRM_DATA_DIR, else ../shared/data beside the repository."""
+    path = data_dir or os.environ.get("SPPRM_DATA_DIR") or DEFAULT_DATA_DIR
+    return os.path.normpath(path)
+
+
+def advbench_jsonl(csv_bytes):
+    """AdvBench's harmful_behaviors.csv (goal,target) as the data folder's JSONL: one
+    {"id": "advbench-NNN", "goal", "target"} a line, in the CSV's order."""
+    rows = list(csv.DictReader(io.StringIO(csv_bytes.decode("utf-8"), newline="")))
+    return "".join(json.dumps({"id": f"advbench-{i:03d}", "goal": r["goal"], "target": r["target"]}) + "\n"
+                   for i, r in enumerate(rows)).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class Source:
+    sha256: str                 # of the file as the data folder holds it
+    hub: tuple = None           # (data set repo, file) on the Hugging Face hub
+    url: str = None             # else a file at a pinned commit
+    convert: object = None      # bytes -> bytes, when the data folder holds a re-encoding
+    origin: str = ""            # what the file is, for messages
+
+    def where(self):
+        return f"hub data set {self.hub[0]}, file {self.hub[1]}" if self.hub else self.url
+
+    def fetch(self):
+        """The file's bytes from its source (a DataError that says where to put it when that fails)."""
+        if self.hub:
+            repo, name = self.hub
+            mirror = os.environ.get(HUB_MIRROR_ENV)
+            if mirror:
+                path = os.path.join(mirror, repo, name)
+                if not os.path.isfile(path):
+                    raise DataError(f"{path}: no such file (${HUB_MIRROR_ENV} mirror of {repo})")
+                with open(path, "rb") as f:
+                    return f.read()
+            try:
+                from huggingface_hub import hf_hub_download
+
+                with open(hf_hub_download(repo, name, repo_type="dataset"), "rb") as f:
+                    return f.read()
+            except Exception as e:  # hub errors have many types (offline, gated, HTTP); all mean "not fetched"
+                raise DataError(f"cannot download {name} of {repo} from the hub: {_first_line(e)}") from None
+        try:
+            with urllib.request.urlopen(self.url, timeout=120) as response:
+                raw = response.read()
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise DataError(f"cannot download {self.url}: {_first_line(e)}") from None
+        return self.convert(raw) if self.convert else raw
+
+
+def _first_line(e):
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+GSM8K = ("https://raw.githubusercontent.com/openai/grade-school-math/3101c7d5072418e28b9008a6636bde82a006892c/"
+         "grade_school_math/data/")
+DOVE = "https://raw.githubusercontent.com/Hritikbansal/dove/02e53a0a2f5662432de43ec2f3c7618e0270bc9d/data/"
+FASTCHAT = "https://raw.githubusercontent.com/lm-sys/FastChat/0e6d3e4beaab66f4d3f93db72541a4abab8af28d/"
+SOURCES = {
+    "hh_rlhf/harmless-base_test.jsonl.gz": Source(
+        "ebfaaed21162a4de120ae85366075b34425e2a6303fac59b99555002f7016f03",
+        hub=("Anthropic/hh-rlhf", "harmless-base/test.jsonl.gz"), origin="HH-RLHF harmless-base test split"),
+    "gsm8k/train.jsonl": Source("17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465",
+                                url=GSM8K + "train.jsonl", origin="GSM8K train"),
+    "gsm8k/test.jsonl": Source("3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14",
+                               url=GSM8K + "test.jsonl", origin="GSM8K test"),
+    "gsm8k/example_model_solutions.jsonl": Source(
+        "4bc62db838f8418365d51c627bd66294cbdca9fb7f01519cb13f0dce8c51580b",
+        url=GSM8K + "example_model_solutions.jsonl", origin="GSM8K model solutions"),
+    "advbench/harmful_behaviors.jsonl": Source(
+        "7b5dc08a6874ded63b329a9863a7792ab7c563364be9c7febbdffbb322a93a2a",
+        url="https://raw.githubusercontent.com/llm-attacks/llm-attacks/main/data/advbench/harmful_behaviors.csv",
+        convert=advbench_jsonl, origin="AdvBench harmful behaviours (CSV re-encoded as JSONL)"),
+    "dove_tldr_helpful/tldr_test.jsonl": Source("6247365b610a708f077c4a45ffb194cf596d9e507fb48bf841b1dba2fec92fa6",
+                                                url=DOVE + "tldr/test.json", origin="TL;DR test posts"),
+    "dove_tldr_helpful/anthropic_helpful_test.jsonl": Source(
+        "43d653ff3bd9e1ef5cdda869c9ea91283331e4b775b098eb850ea7dd52c1b857",
+        url=DOVE + "anthropic_helpful/test.jsonl", origin="HH helpful test prompts"),
+    "mt_bench/question.jsonl": Source("119565adbab82227089cefdb44c8d7e2cf04dc0a0ec233634c82e7d4e2a944f7",
+                                      url=FASTCHAT + "fastchat/llm_judge/data/mt_bench/question.jsonl",
+                                      origin="MT-Bench questions"),
+}
+
+
+def data_cache_dir():
+    return os.path.join(cache_dir(), "data")
+
+
+def data_file(relpath, data_dir=None):
+    """The path of a data file: in the data folder, else in the cache, else fetched into the cache."""
+    local = os.path.join(resolve_data_dir(data_dir), relpath)
+    if os.path.exists(local):
+        return local
+    cached = os.path.join(data_cache_dir(), relpath)
+    if os.path.exists(cached):
+        return cached
+    source = SOURCES.get(relpath)
+    if source is None:
+        raise DataError(f"{local}: no such file, and it has no public source this tool can fetch: put it there "
+                        "(or point --data-dir / SPPRM_DATA_DIR at a folder that has it)")
+    log.info("%s: not in the data folder; fetching it once from %s", relpath, source.where())
+    try:
+        content = source.fetch()
+    except DataError as e:
+        raise DataError(f"{local}: no such file, and fetching it failed ({e}); put the file there (or set "
+                        "--data-dir / SPPRM_DATA_DIR)") from None
+    digest = hashlib.sha256(content).hexdigest()
+    if digest != source.sha256:
+        raise DataError(f"{relpath} from {source.where()}: sha256 {digest} is not the expected {source.sha256} "
+                        f"(another version of the file?); nothing was kept. Put the right file at {local}")
+    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    tmp = f"{cached}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(content)
+    os.replace(tmp, cached)
+    log.info("%s: kept in %s", relpath, cached)
+    return cached
+
+
+def fetch_all(data_dir=None):
+    """Every known data file, fetched where missing; returns {relpath: where it is}."""
+    return {relpath: data_file(relpath, data_dir) for relpath in SOURCES}
+
+
+if __name__ == "__main__":
+    from common.io import run_main
+
+    def main():
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+        for relpath, path in fetch_all(sys.argv[1] if len(sys.argv) > 1 else None).items():
+            print(f"{relpath}\t{path}")
+
+    run_main(main)

@@ -1,0 +1,93 @@
+"""The stages on CUDA against the CPU fp32 path (make test-gpu; skipped where no GPU is visible).
+
+Greedy decoding in fp32 on the GPU must give the CPU's tokens; in the default half precision the RM scores
+that ARGS and Best-of-N report must agree with the CPU fp32 scores of the same tokens within SCORE_TOL (a
+share of the spread of the scores: bf16 keeps about three significant digits through every layer).
+"""
+import json
+
+import pytest
+import torch
+
+from common.data import load_prompts
+from common.models import SMOLLM2, load_policy, load_reward_model, load_tokenizer, resolve_dtype
+from common.rewards import score_encoded
+from common.search import Policy, RewardModel, Search, SearchConfig
+from conftest import run_script, separable_pairs, write_jsonl
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+SCORE_TOL = 0.05          # |r_cuda - r_cpu| <= SCORE_TOL * (|r_cpu| + spread of the CPU scores)
+N_PROMPTS, NEW_TOKENS = 8, 32
+
+
+@pytest.fixture(scope="module")
+def rm_folder(tmp_path_factory):
+    """SmolLM2 with a seeded scalar head: a decoder RM that shares the policy's tokenizer (the cached path)."""
+    folder = tmp_path_factory.mktemp("rm")
+    tokenizer = load_tokenizer(SMOLLM2)
+    torch.manual_seed(0)
+    model = load_reward_model(SMOLLM2, tokenizer=tokenizer, allow_new_head=True)
+    with torch.no_grad():
+        model.score.weight.mul_(20)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return load_prompts("hh-rlhf:heldout", limit=N_PROMPTS)
+
+
+def search(method, device, dtype, rm_folder=None, **knobs):
+    tok = load_tokenizer(SMOLLM2, padding_side="left")
+    policy = Policy(load_policy(SMOLLM2, dtype=dtype, device=device), tok, SMOLLM2)
+    rm = None
+    if rm_folder:
+        rm_tok = load_tokenizer(rm_folder)
+        rm = RewardModel(load_reward_model(rm_folder, tokenizer=rm_tok, dtype=dtype, device=device).eval(),
+                         rm_tok, rm_folder, 2048)
+    return Search(policy, SearchConfig(method=method, max_new_tokens=NEW_TOKENS, **knobs), rm)
+
+
+def test_greedy_on_cuda_gives_the_cpu_tokens(prompts):
+    cpu = search("greedy", "cpu", torch.float32).run(prompts)
+    cuda = search("greedy", "cuda", torch.float32).run(prompts)
+    assert [r["tokens"] for r in cuda] == [r["tokens"] for r in cpu]
+    half = search("greedy", "cuda", resolve_dtype("cuda")).run(prompts)
+    same = sum(a["tokens"][:8] == b["tokens"][:8] for a, b in zip(half, cpu))
+    print(json.dumps({"greedy_half_precision_first_8_tokens_equal": f"{same}/{len(prompts)}"}))
+    assert all(r["tokens"] for r in half)
+
+
+@pytest.mark.parametrize("method,knobs", [("argsg", {"k": 10, "w": 1.5}), ("bon", {"n": 4})])
+def test_reported_scores_on_cuda_agree_with_cpu_fp32(prompts, rm_folder, method, knobs):
+    results = search(method, "cuda", resolve_dtype("cuda"), rm_folder, **knobs).run(prompts)
+    tok = load_tokenizer(rm_folder)
+    cpu_rm = RewardModel(load_reward_model(rm_folder, tokenizer=tok).eval(), tok, rm_folder, 2048)
+    examples = [{"input_ids": cpu_rm.fmt.prompt_ids(p["prompt"]) + r["tokens"]} for p, r in zip(prompts, results)]
+    cpu_scores = score_encoded(cpu_rm.model, examples, tok.pad_token_id)
+    spread = float(torch.tensor(cpu_scores).std())
+    for r, expected in zip(results, cpu_scores):
+        assert abs(r["reward"] - expected) <= SCORE_TOL * (abs(expected) + spread), (r["reward"], expected)
+
+
+def test_stages_run_on_cuda_and_record_it(tmp_path, rm_folder):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", separable_pairs(32))
+    run_script("03_train.py", "--input", pairs, "--init", "minilm-l6", "--output", tmp_path / "orm",
+               "--max-length", 64, "--device", "cuda")
+    run_script("01_build_partial.py", "--input", pairs, "--output", tmp_path / "partial.jsonl",
+               "--tokenizer", "minilm-l6", "--truncation", "sst", "--K", 1)
+    run_script("02_weight.py", "--input", tmp_path / "partial.jsonl", "--output", tmp_path / "weighted.jsonl",
+               "--ref-rm", tmp_path / "orm", "--device", "cuda")
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"id": f"q{i}", "prompt": f"\n\nHuman: Tell me about "
+                                                        f"topic {i}.\n\nAssistant:"} for i in range(4)])
+    run_script("04_decode.py", "--prompts", prompts, "--rm", rm_folder, "--method", "argsg", "--k", 5,
+               "--max-new-tokens", 8, "--output", tmp_path / "gen.jsonl", "--device", "cuda")
+    run_script("05_evaluate.py", "metrics", "--generations", tmp_path / "gen.jsonl", "--rm", rm_folder,
+               "--metrics", "reward,coherence", "--output", tmp_path / "metrics.json", "--device", "cuda")
+    expected_dtype = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    for manifest in (tmp_path / "orm" / "manifest.json", tmp_path / "weighted.jsonl.manifest.json",
+                     tmp_path / "gen.jsonl.manifest.json", tmp_path / "metrics.json.manifest.json"):
+        made = json.loads(manifest.read_text())
+        assert made["device"].startswith("cuda") and made["dtype"] == expected_dtype, manifest
