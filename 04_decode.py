@@ -1,29 +1,15 @@
 """Stage 4: reward-guided decoding of a prompt set with a policy LM and a reward model.
 
     python 04_decode.py --prompts hh-rlhf:heldout --limit 8 --policy smollm2-135m-instruct \\
-        --rm runs/demo/prm --method argsg --k 10 --w 1.5 --max-new-tokens 64 --output runs/x/argsg.jsonl
+        --rm runs/demo/prm --method NAME [its knobs] --max-new-tokens 64 --output runs/x/NAME.jsonl
     torchrun --nproc_per_node 8 04_decode.py ...      # each rank decodes its share; rank 0 merges in order
 
-Methods (paper defaults):
-  greedy, sample         plain decoding (--temperature --top-p --top-k for sample)
-  argsg                  ARGS-greedy: argmax over the top --k (30) tokens of log p(v) + --w (1.5) * r(x, y+v)
-  tbs, cbs               token / chunk beam search: --beam W (8) beams, --successors K (8) samples of
-                         --chunk L (30; tbs: 1) tokens each, keep the top-W by r
-  bon                    Best-of-N: --n (16) samples, keep the best by r
-  cards                  CARDS (Li et al., 2024): a segment grows from --min-segment (4) tokens until the
-                         next token's entropy reaches --entropy-threshold (7.0, the SP-PRM paper's tau_u) or
-                         it has --max-segment (64) tokens. --cards-rule soft (default) accepts it with
-                         probability min(1, exp((r - tau(t)) / --cards-beta (0.7))), where the threshold
-                         tau(t) = min(r_0 + t (r* - r_0) / max_new_tokens, r*), r_0 = (1 - --cards-alpha
-                         (0.5)) r(x) + alpha r*, r* = --reward-threshold (default: 1.0 with --reward-norm
-                         std, else mean + std from the RM's reward_stats.json); hard: r >= tau(t); prefix:
-                         the reward must not drop (r >= r of the accepted prefix, or >= --reward-threshold).
-                         A rejected segment is resampled; after --max-retries (20) rejections the best
-                         attempt is kept. CARDS samples with --top-k 40 --temperature 0.7 by default.
+The methods and their knobs (paper defaults) are listed at the end of --help; each is one class in
+common/search/methods.py.
 Prompt sets: hh-rlhf:heldout, hh-helpful, advbench (--advbench-prefill starts the reply with "Sure here's"),
 tldr, gsm8k, mt-bench (first turns), or a JSONL with "id" and "prompt".
 Prompts that the RM was trained on (its manifest.json names its training pairs) are refused unless
---allow-train-overlap. CBS and TBS start from W copies of the prompt (the paper's Algorithm 3).
+--allow-train-overlap.
 A decoder RM sharing the policy's tokenizer is scored on its own KV cache (--rm-path auto/cached); any other
 RM through decoded text (text). Out: one row per prompt {"id","prompt","response","method","params","rm",
 "policy","stats"}, appended and flushed one by one to OUTPUT.partial, renamed to OUTPUT when every prompt is
@@ -31,7 +17,6 @@ done; --resume continues the partial file (it refuses rows made with another met
 prompt set) and skips ids already written.
 """
 import argparse
-import dataclasses
 import json
 import logging
 import math
@@ -47,17 +32,18 @@ from common.io import (DataError, ResumableJsonlWriter, add_device_args, check_o
                        read_jsonl, run_main, write_jsonl, write_manifest)
 from common.models import (device_setup, dist_backend, load_policy, load_reward_model, load_tokenizer,
                            trained_max_length)
-from common.search import CARDS_RULES, METHODS, Policy, RewardModel, Search, SearchConfig
+from common.search import REGISTRY, Policy, RewardModel, Search, make_method, method_knobs, search_params
 
 log = logging.getLogger("decode")
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=methods_help())
     p.add_argument("--prompts", required=True, help="prompt set name or JSONL file")
     p.add_argument("--policy", default="smollm2-135m-instruct", help="policy LM: alias, hub id or folder")
     p.add_argument("--rm", default=None, help="reward model folder / hub id (needed by all but greedy, sample)")
-    p.add_argument("--method", choices=METHODS, required=True)
+    p.add_argument("--method", choices=list(REGISTRY), required=True, help="search method (see above)")
     p.add_argument("--output", required=True)
     p.add_argument("--limit", type=positive_int, default=None, help="first N prompts")
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
@@ -77,67 +63,47 @@ def parse_args():
                    help="closed: the RM sees every candidate as a finished, closed chat turn (README: RM inputs)")
     p.add_argument("--reward-stats", default=None, help="reward statistics JSON (default: RM/reward_stats.json)")
     add_device_args(p)
-    g = p.add_argument_group("method flags")
-    g.add_argument("--temperature", type=positive_float, default=None, help="default 1.0 (cards: 0.7)")
-    g.add_argument("--top-p", type=probability, default=1.0)
-    g.add_argument("--top-k", type=non_negative_int, default=None, help="default 0: off (cards: 40)")
-    g.add_argument("--w", type=finite_float, default=1.5, help="ARGS reward weight")
-    g.add_argument("--k", type=positive_int, default=30, help="ARGS candidates")
-    g.add_argument("--beam", type=positive_int, default=8)
-    g.add_argument("--successors", type=positive_int, default=8)
-    g.add_argument("--chunk", type=positive_int, default=30)
-    g.add_argument("--n", type=positive_int, default=16, help="Best-of-N samples")
-    g.add_argument("--cards-rule", choices=CARDS_RULES, default="soft")
-    g.add_argument("--entropy-threshold", type=positive_float, default=7.0)
-    g.add_argument("--reward-threshold", type=finite_float, default=None, help="CARDS' target reward r*")
-    g.add_argument("--cards-alpha", type=fraction, default=0.5)
-    g.add_argument("--cards-beta", type=positive_float, default=0.7)
-    g.add_argument("--min-segment", type=positive_int, default=4)
-    g.add_argument("--max-segment", type=positive_int, default=64)
-    g.add_argument("--max-retries", type=non_negative_int, default=20)
-    g.add_argument("--allow-train-overlap", action="store_true",
+    p.add_argument("--allow-train-overlap", action="store_true",
                    help="decode prompts that the RM was trained on (refused by default: see its manifest)")
+    g = p.add_argument_group("method knobs (each method reads its own; unset: the method's default)")
+    for knob in method_knobs():
+        g.add_argument("--" + knob.name.replace("_", "-"), type=knob.type, default=None, choices=knob.choices,
+                       help=f"{knob.help} ({', '.join(m for m, c in REGISTRY.items() if knob.name in c.knob_names())})")
     args = p.parse_args()
-    cards = args.method == "cards"
-    if args.temperature is None:
-        args.temperature = 0.7 if cards else 1.0
-    if args.top_k is None:
-        args.top_k = 40 if cards else 0
-    if cards and args.min_segment > args.max_segment:
-        p.error(f"--min-segment {args.min_segment} is above --max-segment {args.max_segment}")
+    try:  # the method's own knobs, checked before any model loads
+        args.search_method = make_method(args.method, **{k.name: getattr(args, k.name) for k in method_knobs()})
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
-def cards_target(args, stats):
-    """CARDS' r* when --reward-threshold is not given: one standard deviation above the RM's mean reward
-    (1.0 in --reward-norm std units). CARDS tunes r* per RM; this default needs the RM's reward statistics."""
-    if args.reward_norm == "std":
-        return 1.0
-    path = args.reward_stats or os.path.join(args.rm, "reward_stats.json")
-    if not os.path.isfile(path):
-        raise DataError(f"--cards-rule {args.cards_rule} needs a target reward: give --reward-threshold R, or "
-                        f"--reward-norm std, or reward statistics ({path} is missing)")
-    stats = load_reward_stats(args)
-    return stats["mean"] + stats["std"]
+def methods_help():
+    """The registered methods, each with its knobs and their defaults, from the classes themselves."""
+    import textwrap
 
-
-def search_config(args):
-    fields = {f.name for f in dataclasses.fields(SearchConfig)}
-    values = {k: v for k, v in vars(args).items() if k in fields}
-    cfg = SearchConfig(**values, stop_strings=tuple(args.stop))
-    if cfg.method == "tbs":
-        cfg.chunk = 1
-    return cfg
+    lines = ["methods:"]
+    for name, cls in REGISTRY.items():
+        knobs = ", ".join(f"--{k.name.replace('_', '-')} {k.default}" for k in cls.knobs) or "none"
+        text = " ".join((cls.__doc__ or "").split()) + f" Knobs: {knobs}."
+        lines.append(textwrap.fill(text, 110, initial_indent=f"  {name:9s}", subsequent_indent=" " * 11,
+                                   break_on_hyphens=False))
+    return "\n".join(lines)
 
 
 def load_reward_stats(args):
-    """{"mean", "std"} for --reward-norm std: --reward-stats, else reward_stats.json in the RM folder."""
+    """{"mean", "std"} of the RM's rewards: --reward-stats, else reward_stats.json in the RM folder (03 writes
+    it; 05 reward-stats makes one for any RM). Needed by --reward-norm std; read when present otherwise
+    (CARDS' default target reward), and None when absent."""
     if not args.rm:
-        raise DataError("--reward-norm std needs --rm")
+        if args.reward_norm == "std":
+            raise DataError("--reward-norm std needs --rm")
+        return None
     path = args.reward_stats or os.path.join(args.rm, "reward_stats.json")
     if not os.path.isfile(path):
-        raise DataError(f"{path}: no reward statistics for --reward-norm std (03_train.py writes them; "
-                        "or give --reward-stats FILE with \"mean\" and \"std\")")
+        if args.reward_norm == "std" or args.reward_stats:
+            raise DataError(f"{path}: no reward statistics for --reward-norm std (03_train.py writes them; or "
+                            "make them with 05_evaluate.py reward-stats and give --reward-stats FILE)")
+        return None
     try:
         with open(path, encoding="utf-8") as f:
             stats = json.load(f)
@@ -186,7 +152,7 @@ def main():
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     torch.manual_seed(args.seed)
-    cfg = search_config(args)
+    method = args.search_method
     device, dtype = device_setup(args)
     rank, world = distributed(device)
     check_output_differs(args.output, args.prompts)
@@ -198,27 +164,29 @@ def main():
     # Rows go to a partial file, renamed to --output only when every prompt is done: a failed or killed
     # run never touches an earlier complete output.
     out_path = f"{args.output}.partial" if world == 1 else f"{args.output}.shard{rank}-of-{world}.jsonl"
-    if cfg.uses_rm and not args.rm:
-        raise DataError(f"--method {cfg.method} needs --rm")
+    if method.uses_rm and not args.rm:
+        raise DataError(f"--method {method.name} needs --rm")
     if args.rm:
         check_prompt_overlap(prompts, args.prompts, [args.rm], args.data_dir, args.allow_train_overlap)
-    stats = load_reward_stats(args) if args.reward_norm == "std" else None
-    if cfg.method == "cards" and cfg.cards_rule != "prefix" and cfg.reward_threshold is None:
-        cfg.reward_threshold = cards_target(args, stats)
-    params = cfg.params()
+    stats = load_reward_stats(args)
+    normalize = args.reward_norm == "std"
+    try:
+        params = search_params(method, args.max_new_tokens, args.seed, args.rm is not None, normalize, stats)
+    except ValueError as e:
+        raise DataError(str(e)) from None
     if args.rm_format != "open":
         params["rm_format"] = args.rm_format
-    if stats is not None:
-        params["reward_stats"] = {"mean": stats["mean"], "std": stats["std"]}
     if args.resume:
         if world == 1 and not os.path.exists(out_path) and os.path.exists(args.output):
             shutil.copyfile(args.output, out_path)  # resuming a finished run: its rows count as done
-        check_resumable(out_path, mine, {"method": cfg.method, "params": params, "policy": args.policy,
+        check_resumable(out_path, mine, {"method": method.name, "params": params, "policy": args.policy,
                                          "rm": args.rm})
 
     policy_tok = load_tokenizer(args.policy, padding_side="left")
-    if cfg.method == "argsg" and args.k > len(policy_tok):
-        raise DataError(f"--k {args.k}: more candidates than the policy's vocabulary ({len(policy_tok)} tokens)")
+    try:
+        method.check_vocabulary(len(policy_tok))
+    except ValueError as e:
+        raise DataError(str(e)) from None
     policy = Policy(load_policy(args.policy, dtype=dtype, device=device), policy_tok, args.policy)
     rm = None
     if args.rm:
@@ -226,21 +194,22 @@ def main():
         max_length = args.rm_max_length or trained_max_length(args.rm, 2048)
         try:
             rm = RewardModel(load_reward_model(args.rm, tokenizer=rm_tok, dtype=dtype, device=device).eval(), rm_tok,
-                             args.rm, max_length,
-                             stats=stats, closed=args.rm_format == "closed")
+                             args.rm, max_length, stats=stats, normalize=normalize,
+                             closed=args.rm_format == "closed")
         except ValueError as e:
             raise DataError(f"--rm-format {args.rm_format}: {e}") from None
-    search = Search(policy, cfg, rm, rm_path=args.rm_path)
+    search = Search(policy, method, rm, rm_path=args.rm_path, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                    stop_strings=tuple(args.stop))
 
     with ResumableJsonlWriter(out_path, key="id", resume=args.resume) as writer:
         todo = [p for p in mine if p["id"] not in writer.done]
         if args.resume:
             log.info("rank %d: %d prompts already decoded, %d to go", rank, len(mine) - len(todo), len(todo))
-        bar = tqdm(total=len(todo), desc=f"{cfg.method} (rank {rank})", unit="prompt", disable=rank != 0)
+        bar = tqdm(total=len(todo), desc=f"{method.name} (rank {rank})", unit="prompt", disable=rank != 0)
         for s in range(0, len(todo), args.batch_size):
             batch = todo[s:s + args.batch_size]
             for p, res in zip(batch, search.run(batch)):
-                row = {"id": p["id"], "prompt": p["prompt"], "response": res["response"], "method": cfg.method,
+                row = {"id": p["id"], "prompt": p["prompt"], "response": res["response"], "method": method.name,
                        "params": params, "rm": args.rm, "policy": args.policy,
                        "stats": {**res["stats"], "reward": res["reward"], "search_reward": res["search_reward"]}}
                 row.update({k: p[k] for k in ("reference", "target", "prefill", "category") if k in p})

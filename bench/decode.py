@@ -24,7 +24,7 @@ from reference_search import Reference  # noqa: E402
 
 from common.data import load_prompts  # noqa: E402
 from common.models import SMOLLM2, load_policy, load_reward_model, load_tokenizer  # noqa: E402
-from common.search import Policy, RewardModel, Search, SearchConfig  # noqa: E402
+from common.search import Policy, RewardModel, Search, make_method  # noqa: E402
 
 
 def timed(fn):
@@ -66,28 +66,22 @@ def main():
     prompts = [q for q in load_prompts("hh-rlhf:heldout")
                if len(policy.fmt.prompt_ids(q["prompt"])) <= args.max_prompt_tokens][: args.prompts]
     T = args.max_new_tokens
-    args_cfg = SearchConfig(method="argsg", k=args.k, w=args.w, max_new_tokens=T)
-    configs = {
-        "greedy": SearchConfig(method="greedy", max_new_tokens=T),
-        "sample": SearchConfig(method="sample", max_new_tokens=T, seed=0),
-        "argsg": args_cfg,
-        "tbs": SearchConfig(method="tbs", beam=2, successors=4, chunk=1, max_new_tokens=T),
-        "cbs": SearchConfig(method="cbs", beam=2, successors=4, chunk=16, max_new_tokens=T),
-        "bon": SearchConfig(method="bon", n=4, max_new_tokens=T),
-        "cards": SearchConfig(method="cards", max_new_tokens=T, max_segment=16, max_retries=2, reward_threshold=0.0),
-    }
+    methods = {"greedy": {}, "sample": {}, "argsg": dict(k=args.k, w=args.w),
+               "tbs": dict(beam=2, successors=4), "cbs": dict(beam=2, successors=4, chunk=16), "bon": dict(n=4),
+               "cards": dict(max_segment=16, max_retries=2, reward_threshold=0.0)}
+    search = lambda name, rm=rm: Search(policy, make_method(name, **methods[name]), rm, max_new_tokens=T)  # noqa: E731
     report = {"benchmark": "decode", "policy": SMOLLM2, "rm": rm.name, "prompts": len(prompts),
               "max_new_tokens": T, "threads": torch.get_num_threads(), "methods": {}}
 
     # interleaved: greedy b8, ARGS b8, reference, ARGS b1, CBS b8, CBS b1, then the other methods
-    greedy8, t_greedy8, l1 = timed(lambda: run_batched(Search(policy, configs["greedy"]), prompts, 8))
-    args8, t_args8, l2 = timed(lambda: run_batched(Search(policy, args_cfg, rm), prompts, 8))
-    ref = Reference(policy, args_cfg, rm, "cached")
+    greedy8, t_greedy8, l1 = timed(lambda: run_batched(search("greedy", None), prompts, 8))
+    args8, t_args8, l2 = timed(lambda: run_batched(search("argsg"), prompts, 8))
+    ref = Reference.of(search("argsg"), "cached")
     ref_prompts = prompts[: args.reference_prompts]
     ref_tokens, t_ref, l3 = timed(lambda: [ref.run(q) for q in ref_prompts])
-    args1, t_args1, l4 = timed(lambda: run_batched(Search(policy, args_cfg, rm), prompts, 1))
-    cbs8, t_cbs8, l5 = timed(lambda: run_batched(Search(policy, configs["cbs"], rm), prompts, 8))
-    cbs1, t_cbs1, l6 = timed(lambda: run_batched(Search(policy, configs["cbs"], rm), prompts, 1))
+    args1, t_args1, l4 = timed(lambda: run_batched(search("argsg"), prompts, 1))
+    cbs8, t_cbs8, l5 = timed(lambda: run_batched(search("cbs"), prompts, 8))
+    cbs1, t_cbs1, l6 = timed(lambda: run_batched(search("cbs"), prompts, 1))
 
     identical = all(r["tokens"] == e for r, e in zip(args8, ref_tokens)) and \
         all(a["tokens"] == b["tokens"] for a, b in zip(args8, args1))
@@ -109,12 +103,13 @@ def main():
         "load_1min": {"greedy_b8": l1, "args_b8": l2, "reference": l3, "args_b1": l4, "cbs_b8": l5, "cbs_b1": l6},
     })
     done = {"greedy": greedy8, "argsg": args8, "cbs": cbs8}
-    for name, cfg in configs.items():
+    for name in methods:
         res = done.get(name)
         seconds = None
+        engine = search(name, rm if make_method(name, **methods[name]).uses_rm else None)
         if res is None:
-            res, seconds, _ = timed(lambda: run_batched(Search(policy, cfg, rm if cfg.uses_rm else None), prompts, 8))
-        report["methods"][name] = {**cost(res), "params": cfg.params(),
+            res, seconds, _ = timed(lambda: run_batched(engine, prompts, 8))
+        report["methods"][name] = {**cost(res), "params": engine.params(),
                                    **({"seconds_b8": round(seconds, 2)} if seconds else {})}
     report["load_1min_end"] = load_average()
     print(json.dumps(report, indent=2))

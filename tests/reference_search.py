@@ -1,8 +1,8 @@
 """Literal, slow reference implementations of the search methods (the paper's Algorithms 2 and 3).
 
 No caches, no batching: every LM and RM value is a fresh forward over the whole sequence. The fast engine
-in common/search.py must reproduce these token for token. Shared with it only: the sampling rule
-(pick_tokens with the per-token uniform) and the RM input rule.
+in common/search/ must reproduce these token for token. Shared with it only: the sampling rule
+(pick_tokens with the per-token uniform), the RM input rule, and the method objects, read for their knobs.
 """
 import torch
 
@@ -11,9 +11,16 @@ from common.search import pick_tokens, prompt_key, uniform
 
 
 class Reference:
-    def __init__(self, policy, cfg, rm=None, rm_path="cached"):
-        self.policy, self.cfg, self.rm, self.rm_path = policy, cfg, rm, rm_path
+    def __init__(self, policy, method, rm=None, rm_path="cached", max_new_tokens=128, seed=0, stop_strings=()):
+        self.policy, self.method, self.rm, self.rm_path = policy, method, rm, rm_path
+        self.max_new_tokens, self.seed, self.stop_strings = max_new_tokens, seed, tuple(stop_strings)
         self.tok = policy.tokenizer
+
+    @classmethod
+    def of(cls, search, rm_path=None):
+        """The literal counterpart of an engine Search: the same method, models and settings."""
+        return cls(search.policy, search.method, search.rm, rm_path or ("cached" if search.cached_rm else "text"),
+                   search.max_new_tokens, search.seed, search.stop_strings)
 
     def logits(self, prompt_ids, response):
         with torch.no_grad():
@@ -30,7 +37,7 @@ class Reference:
         """The reward the methods rank by: r, or (r - mean) / std with reward normalisation."""
         r = self.reward(prompt, response)
         stats = self.rm.stats
-        return r if stats is None else (r - stats["mean"]) / stats["std"]
+        return (r - stats["mean"]) / stats["std"] if self.rm.normalize else r
 
     def text(self, response):
         text = self.tok.decode(response, skip_special_tokens=True)
@@ -40,31 +47,30 @@ class Reference:
         return text.strip()
 
     def stops(self):
-        return tuple(self.cfg.stop_strings) or self.policy.default_stop_strings
+        return self.stop_strings or self.policy.default_stop_strings
 
     def ends(self, response, n_new):
         tail = self.tok.decode(response[-12:], skip_special_tokens=True)
-        return n_new >= self.cfg.max_new_tokens or any(s in tail for s in self.stops())
+        return n_new >= self.max_new_tokens or any(s in tail for s in self.stops())
 
     def run(self, p):
         prefill = self.tok(p["prefill"], add_special_tokens=False).input_ids if p.get("prefill") else []
         prompt_ids = self.policy.fmt.prompt_ids(p["prompt"])  # the response starts with the prefill
-        m = self.cfg.method
+        m = self.method.name
         if m == "argsg":
-            response = self.args(p, prompt_ids, prefill)
-        elif m in ("greedy", "sample"):
-            response = self.plain(p, prompt_ids, prefill)
-        else:
-            W, K, L = self.cfg.shape()
-            response = self.chunk_beam(p, prompt_ids, prefill, W, K, L)
-        return response
+            return self.args(p, prompt_ids, prefill)
+        if m in ("greedy", "sample"):
+            return self.plain(p, prompt_ids, prefill)
+        if m in ("cbs", "tbs", "bon"):
+            return self.chunk_beam(p, prompt_ids, prefill, *self.method.shape(self.max_new_tokens))
+        raise ValueError(f"no literal reference for {m}")
 
     def plain(self, p, prompt_ids, response):
         response, key = list(response), prompt_key(p["id"])
         n0 = len(response)
-        for round_idx in range(self.cfg.max_new_tokens):
-            us = [uniform(self.cfg.seed, key, round_idx, 0, 0, 0)] if self.cfg.method == "sample" else None
-            tok = int(pick_tokens(self.logits(prompt_ids, response)[None], us, self.cfg)[0])
+        for round_idx in range(self.max_new_tokens):
+            us = [uniform(self.seed, key, round_idx, 0, 0, 0)] if self.method.name == "sample" else None
+            tok = int(pick_tokens(self.logits(prompt_ids, response)[None], us, self.method)[0])
             if tok in self.policy.eos_ids:
                 break
             response.append(tok)
@@ -77,11 +83,11 @@ class Reference:
         response, n0 = list(response), len(response)
         while True:
             logp = torch.log_softmax(self.logits(prompt_ids, response).float(), -1)
-            top = torch.topk(logp, self.cfg.k)
+            top = torch.topk(logp, self.method.k)
             objective = []
             for lp, v in zip(top.values.tolist(), top.indices.tolist()):
                 candidate = response if v in self.policy.eos_ids else response + [v]
-                objective.append(lp + self.cfg.w * self.search_reward(p["prompt"], candidate))
+                objective.append(lp + self.method.w * self.search_reward(p["prompt"], candidate))
             v = top.indices[int(torch.argmax(torch.tensor(objective)))].item()
             if v in self.policy.eos_ids:
                 return response
@@ -105,8 +111,9 @@ class Reference:
                 for j in range(K):
                     chain, done = [], False
                     for step in range(L):
-                        us = [uniform(self.cfg.seed, key, round_idx, slot, j, step)]
-                        tok = int(pick_tokens(self.logits(prompt_ids, beam["tokens"] + chain)[None], us, self.cfg)[0])
+                        us = [uniform(self.seed, key, round_idx, slot, j, step)]
+                        tok = int(pick_tokens(self.logits(prompt_ids, beam["tokens"] + chain)[None], us,
+                                              self.method)[0])
                         if tok in self.policy.eos_ids:
                             done = True
                             break

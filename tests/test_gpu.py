@@ -12,7 +12,7 @@ import torch
 from common.data import load_prompts
 from common.models import SMOLLM2, load_policy, load_reward_model, load_tokenizer, resolve_dtype
 from common.rewards import score_encoded
-from common.search import Policy, RewardModel, Search, SearchConfig
+from common.search import Policy, RewardModel, Search
 from conftest import run_script, separable_pairs, write_jsonl
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -47,7 +47,7 @@ def search(method, device, dtype, rm_folder=None, **knobs):
         rm_tok = load_tokenizer(rm_folder)
         rm = RewardModel(load_reward_model(rm_folder, tokenizer=rm_tok, dtype=dtype, device=device).eval(),
                          rm_tok, rm_folder, 2048)
-    return Search(policy, SearchConfig(method=method, max_new_tokens=NEW_TOKENS, **knobs), rm)
+    return Search(policy, method, rm, max_new_tokens=NEW_TOKENS, **knobs)
 
 
 def test_greedy_on_cuda_gives_the_cpu_tokens(prompts):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from common.search import Policy, RewardModel, Search, SearchConfig
+from common.search import Policy, RewardModel, Search
 from conftest import tiny_config, tiny_rm
 from reference_search import Reference
 
@@ -55,16 +55,18 @@ def encoder_rm(minilm_tokenizer):
     return RewardModel(tiny_rm("bert", minilm_tokenizer, seed=2), minilm_tokenizer, "tiny-bert-rm")
 
 
-def check(policy, cfg, rm, rm_path, batch_size, prompts=PROMPTS):
-    search = Search(policy, cfg, rm, rm_path=rm_path)
+def check(policy, method, rm, rm_path, batch_size, prompts=PROMPTS, **settings):
+    """The engine at this batch size against the literal reference, token for token (and its reported
+    reward against the reference's score of the same tokens)."""
+    search = Search(policy, method, rm, rm_path=rm_path, **settings)
     got = []
     for s in range(0, len(prompts), batch_size):
         got += search.run(prompts[s:s + batch_size])
-    ref = Reference(policy, cfg, rm, "cached" if search.cached_rm else "text")
+    ref = Reference.of(search)
     for p, g in zip(prompts, got):
         expected = ref.run(p)
-        assert g["tokens"] == expected, (p["id"], cfg.method)
-        if rm is not None and cfg.method != "argsg":
+        assert g["tokens"] == expected, (p["id"], method)
+        if rm is not None and method != "argsg":
             assert abs(g["reward"] - ref.reward(p["prompt"], expected)) < 1e-4
     return got
 
@@ -72,13 +74,12 @@ def check(policy, cfg, rm, rm_path, batch_size, prompts=PROMPTS):
 @pytest.mark.parametrize("batch_size", [1, 4])
 @pytest.mark.parametrize("rm_path", ["cached", "text"])
 def test_args_greedy_matches_reference(policy, decoder_rm, rm_path, batch_size):
-    cfg = SearchConfig(method="argsg", k=5, w=1.5, max_new_tokens=6)
-    got = check(policy, cfg, decoder_rm, rm_path, batch_size)
+    got = check(policy, "argsg", decoder_rm, rm_path, batch_size, k=5, w=1.5, max_new_tokens=6)
     assert all(g["stats"]["rm_path"] == rm_path for g in got)
 
 
 def test_args_with_an_encoder_rm_matches_reference(policy, encoder_rm):
-    got = check(policy, SearchConfig(method="argsg", k=4, max_new_tokens=5), encoder_rm, "auto", 4)
+    got = check(policy, "argsg", encoder_rm, "auto", 4, k=4, max_new_tokens=5)
     assert got[0]["stats"]["rm_path"] == "text"
 
 
@@ -87,67 +88,60 @@ def test_args_with_an_encoder_rm_matches_reference(policy, encoder_rm):
                                           ("tbs", dict(beam=2, successors=3)),
                                           ("bon", dict(n=4))])
 def test_beam_methods_match_reference(policy, decoder_rm, method, extra, batch_size):
-    cfg = SearchConfig(method=method, max_new_tokens=7, seed=3, temperature=0.8, **extra)
-    check(policy, cfg, decoder_rm, "cached", batch_size)
+    check(policy, method, decoder_rm, "cached", batch_size, max_new_tokens=7, seed=3, temperature=0.8, **extra)
 
 
 def test_cbs_text_path_and_top_p(policy, decoder_rm):
-    cfg = SearchConfig(method="cbs", beam=2, successors=2, chunk=4, max_new_tokens=8, top_p=0.9, top_k=50)
-    check(policy, cfg, decoder_rm, "text", 4)
+    check(policy, "cbs", decoder_rm, "text", 4, beam=2, successors=2, chunk=4, max_new_tokens=8, top_p=0.9, top_k=50)
 
 
 @pytest.mark.parametrize("method", ["greedy", "sample"])
 def test_plain_decoding_matches_reference(policy, method):
-    cfg = SearchConfig(method=method, max_new_tokens=10, seed=5)
-    got = check(policy, cfg, None, "auto", 4)
+    got = check(policy, method, None, "auto", 4, max_new_tokens=10, seed=5)
     assert all(g["stats"]["rm_calls"] == 0 for g in got)
 
 
 def test_padding_and_batch_do_not_change_results(policy, decoder_rm):
-    cfg = SearchConfig(method="cbs", beam=2, successors=2, chunk=2, max_new_tokens=6, seed=1)
-    alone = [Search(policy, cfg, decoder_rm).run([p])[0]["tokens"] for p in PROMPTS]
-    together = [r["tokens"] for r in Search(policy, cfg, decoder_rm).run(list(reversed(PROMPTS)))][::-1]
+    settings = dict(beam=2, successors=2, chunk=2, max_new_tokens=6, seed=1)
+    alone = [Search(policy, "cbs", decoder_rm, **settings).run([p])[0]["tokens"] for p in PROMPTS]
+    together = [r["tokens"] for r in Search(policy, "cbs", decoder_rm, **settings).run(list(reversed(PROMPTS)))][::-1]
     assert alone == together
 
 
 def test_eos_stops_rows_independently(smol_tokenizer, decoder_rm):
     pol = tiny_policy(smol_tokenizer, seed=4, eos_often=True)
-    cfg = SearchConfig(method="sample", max_new_tokens=12, seed=2)
-    got = check(pol, cfg, None, "auto", 4)
+    got = check(pol, "sample", None, "auto", 4, max_new_tokens=12, seed=2)
     lengths = [g["stats"]["new_tokens"] for g in got]
     assert min(lengths) < 12 and len(set(lengths)) > 1  # rows met EOS at different steps
-    cfg = SearchConfig(method="cbs", beam=2, successors=2, chunk=3, max_new_tokens=9, seed=2)
-    check(pol, cfg, decoder_rm, "cached", 4)
+    check(pol, "cbs", decoder_rm, "cached", 4, beam=2, successors=2, chunk=3, max_new_tokens=9, seed=2)
 
 
 def test_stop_strings_and_max_tokens(policy):
     plain = Policy(policy.model, policy.tokenizer, "plain")
-    cfg = SearchConfig(method="greedy", max_new_tokens=5)
-    res = Search(plain, cfg).run(PROMPTS[:2])
+    res = Search(plain, "greedy", max_new_tokens=5).run(PROMPTS[:2])
     assert all(r["stats"]["new_tokens"] == 5 for r in res)
     # make the first generated word a stop string: the response is cut before it and generation stops
     first = plain.tokenizer.decode(res[0]["tokens"][:2], skip_special_tokens=True)
-    cfg = SearchConfig(method="greedy", max_new_tokens=5, stop_strings=(first.strip()[:3],))
-    cut = Search(plain, cfg).run(PROMPTS[:1])[0]
+    cut = Search(plain, "greedy", max_new_tokens=5, stop_strings=(first.strip()[:3],)).run(PROMPTS[:1])[0]
     assert len(cut["tokens"]) <= 2 and first.strip()[:3] not in cut["response"]
 
 
 def test_cards_segments_retries_and_stats(policy, decoder_rm):
     # threshold above any reachable score: every segment is rejected until the retry bound, then the best
     # attempt is taken; segments end at the length cap (entropy threshold too high to cut)
-    cfg = SearchConfig(method="cards", max_segment=3, max_retries=2, reward_threshold=1e9,
-                       entropy_threshold=1e9, max_new_tokens=6, seed=0, min_segment=1)
-    res = Search(policy, cfg, decoder_rm).run(PROMPTS[:2])
+    knobs = dict(max_segment=3, max_retries=2, reward_threshold=1e9, entropy_threshold=1e9, max_new_tokens=6,
+                 seed=0, min_segment=1)
+    res = Search(policy, "cards", decoder_rm, **knobs).run(PROMPTS[:2])
     for r in res:
         assert r["stats"]["new_tokens"] == 6
-        assert r["stats"]["segments_tried"] == 2 * (cfg.max_retries + 1)  # 2 segments, 3 attempts each
+        assert r["stats"]["segments_tried"] == 2 * (knobs["max_retries"] + 1)  # 2 segments, 3 attempts each
     # a threshold below every score accepts each first attempt: one try per segment
-    cfg.reward_threshold = -1e9
-    res = Search(policy, cfg, decoder_rm).run(PROMPTS[:2])
+    knobs["reward_threshold"] = -1e9
+    res = Search(policy, "cards", decoder_rm, **knobs).run(PROMPTS[:2])
     assert all(r["stats"]["segments_tried"] == 2 for r in res)
     # an entropy threshold of 0 ends each segment after its first token
-    cfg.entropy_threshold = 0.0
-    res = Search(policy, cfg, decoder_rm).run(PROMPTS[:1])
+    knobs["entropy_threshold"] = 0.0
+    res = Search(policy, "cards", decoder_rm, **knobs).run(PROMPTS[:1])
     assert res[0]["stats"]["segments_tried"] == 6
 
 
@@ -172,41 +166,39 @@ def test_cards_threshold_and_acceptance_by_hand():
 
 def test_cards_soft_rule_matches_literal_loop(policy, decoder_rm):
     """Each CARDS decision equals the literal rule: rebuild the accept/reject sequence from the scores."""
-    from common.search import cards_accepts, cards_threshold, prompt_key, uniform
+    from common.search import cards_accepts, cards_threshold, prompt_key, uniform  # noqa: F811
 
-    cfg = SearchConfig(method="cards", max_segment=2, min_segment=1, max_retries=3, entropy_threshold=1e9,
-                       max_new_tokens=6, reward_threshold=0.0, cards_beta=0.05, seed=3)
-    search = Search(policy, cfg, decoder_rm, rm_path="cached")
+    search = Search(policy, "cards", decoder_rm, rm_path="cached", max_segment=2, min_segment=1, max_retries=3,
+                    entropy_threshold=1e9, max_new_tokens=6, reward_threshold=0.0, cards_beta=0.05, seed=3)
     decisions = []
-    original = search._cards_accepts
+    original = search.method.accepts
 
-    def spy(row, chain, s, key, round_idx):
-        got = original(row, chain, s, key, round_idx)
+    def spy(row, chain, s, batch):
+        got = original(row, chain, s, batch)
         t = len(row.tokens) + len(chain)
-        tau = cards_threshold(search.prompt_scores[row.prompt], 0.0, 0.5, t, 6)
-        u = uniform(3, key, round_idx, row.slot, "accept", 0)
+        tau = cards_threshold(batch.state["r_prompt"][row.prompt], 0.0, 0.5, t, 6)
+        u = uniform(3, prompt_key(PROMPTS[row.prompt]["id"]), batch.round_idx, row.lineage, "accept", 0)
         decisions.append(got == cards_accepts("soft", s, u, threshold=tau, beta=0.05))
         decisions.append(got == (u < min(1.0, __import__("math").exp((s - tau) / 0.05))))
         return got
-    search._cards_accepts = spy
+    search.method.accepts = spy
     res = search.run(PROMPTS[:2])
     assert decisions and all(decisions)
     assert all(r["stats"]["new_tokens"] == 6 for r in res)
     # with a small beta some segments are rejected and some accepted
     tried = [r["stats"]["segments_tried"] for r in res]
-    assert sum(tried) > 6 and all(t <= 3 * (cfg.max_retries + 1) for t in tried)
+    assert sum(tried) > 6 and all(t <= 3 * (search.method.max_retries + 1) for t in tried)
 
 
 def test_cards_needs_a_target_for_its_rule(policy, decoder_rm):
     with pytest.raises(ValueError, match="target reward"):
-        Search(policy, SearchConfig(method="cards"), decoder_rm)
-    Search(policy, SearchConfig(method="cards", cards_rule="prefix"), decoder_rm)
+        Search(policy, "cards", decoder_rm)
+    Search(policy, "cards", decoder_rm, cards_rule="prefix")
 
 
 def test_cached_rm_costs_k_new_tokens(policy, decoder_rm):
-    cfg = SearchConfig(method="argsg", k=5, max_new_tokens=4)
-    cached = Search(policy, cfg, decoder_rm, rm_path="cached").run(PROMPTS[:1])[0]["stats"]
-    text = Search(policy, cfg, decoder_rm, rm_path="text").run(PROMPTS[:1])[0]["stats"]
+    cached = Search(policy, "argsg", decoder_rm, rm_path="cached", k=5, max_new_tokens=4).run(PROMPTS[:1])[0]["stats"]
+    text = Search(policy, "argsg", decoder_rm, rm_path="text", k=5, max_new_tokens=4).run(PROMPTS[:1])[0]["stats"]
     prompt_len = len(decoder_rm.fmt.prompt_ids(PROMPTS[0]["prompt"]))
     # prefill + per step (1 accepted + k candidates); the text path re-reads the whole sequence k times
     assert cached["rm_tokens"] <= prompt_len + 4 * (1 + 5)
@@ -217,15 +209,18 @@ def test_cached_rm_costs_k_new_tokens(policy, decoder_rm):
 def test_args_with_normalised_reward_matches_reference(policy, smol_tokenizer, rm_path):
     """ARGS ranks log p(v) + w * (r - mean) / std; a small std lets the reward overrule the LM."""
     model = tiny_rm("llama", smol_tokenizer, seed=1)
-    plain = RewardModel(model, smol_tokenizer, "tiny-llama-rm")
-    normed = RewardModel(model, smol_tokenizer, "tiny-llama-rm", stats={"mean": 3.0, "std": 0.05})
-    cfg = SearchConfig(method="argsg", k=5, w=1.5, max_new_tokens=6, reward_norm="std")
-    got = check(policy, cfg, normed, rm_path, 4)
-    unnormed = Search(policy, SearchConfig(method="argsg", k=5, w=1.5, max_new_tokens=6), plain, rm_path).run(PROMPTS)
-    assert any(g["tokens"] != u["tokens"] for g, u in zip(got, unnormed))
-    ref = Reference(policy, cfg, normed, rm_path)
+    stats = {"mean": 3.0, "std": 0.05}
+    plain = RewardModel(model, smol_tokenizer, "tiny-llama-rm", stats=stats)  # known, but not the switch
+    normed = RewardModel(model, smol_tokenizer, "tiny-llama-rm", stats=stats, normalize=True)
+    knobs = dict(k=5, w=1.5, max_new_tokens=6)
+    got = check(policy, "argsg", normed, rm_path, 4, **knobs)
+    unnormed = Search(policy, "argsg", plain, rm_path, **knobs)
+    assert any(g["tokens"] != u["tokens"] for g, u in zip(got, unnormed.run(PROMPTS)))
+    ref = Reference(policy, unnormed.method, normed, rm_path, max_new_tokens=6)
     for p, g in zip(PROMPTS, got):  # the reported reward is the RM's own score; the search's is normalised
         raw = ref.reward(p["prompt"], g["tokens"])
         assert g["reward"] == pytest.approx(raw, abs=1e-4)
         assert g["search_reward"] == pytest.approx((raw - 3.0) / 0.05, abs=2e-3)
-    assert cfg.params()["reward_norm"] == "std"
+    # what is recorded is what acted
+    assert Search(policy, "argsg", normed, rm_path, **knobs).params()["reward_norm"] == "std"
+    assert unnormed.params()["reward_norm"] == "none" and "reward_stats" not in unnormed.params()

@@ -1,28 +1,31 @@
-"""Reward-guided search: one batched, cached core for greedy, sampling, ARGS, TBS, CBS, Best-of-N and CARDS.
+"""The search engine: one batched, cached loop that runs any method of methods.py. It names no method.
 
-Every method is rounds of "grow candidates, score them, keep some" over rows (a row = one beam of one prompt):
-
-  method   beams W  candidates K per row        chunk L                  keep
-  greedy   1        1 (argmax)                   1                        it
-  sample   1        1 (sampled)                  1                        it
-  argsg    1        top-k tokens by LM           1                        argmax log p(v) + w * r(x, y + v)
-  tbs      W        K sampled                    1                        top-W by r over the prompt's W*K
-  cbs      W        K sampled                    L                        top-W by r
-  bon      1        N sampled                    max-new-tokens           best by r
-  cards    1        1 sampled segment            until entropy > tau_u    accept if r >= threshold, else
-                                                 or max segment           resample (at most max_retries)
+Every method is rounds of "grow candidates, score them, keep some" over rows (a row = one beam or sample of
+one prompt):
+  1. feed each row's accepted tokens to the policy (and the RM's cache): the next-token logits of every row;
+  2. grow K candidate chains of up to L tokens per row (sampled, greedy, or the top-k next tokens);
+  3. score every candidate with the RM (cached path, or decoded text);
+  4. the method chooses the rows of the next round; the caches follow them.
 
 Caches. The policy keeps one KV cache for all rows. The K candidate chains of a row go into that row as a
 tree: each chain token attends the row's accepted prefix and its own chain only, and all chains share
 positions (a 4-D attention mask, as in speculative decoding), so the prefix cache is never copied K times.
 After the choice the chain keys are cropped off and the chosen chain is fed again as the row's next
-accepted tokens (L tokens, once). A decoder RM that shares the policy's tokenizer keeps its own cache the
-same way, so scoring K candidates of L tokens costs K*L new tokens. Any other RM gets decoded text
-(the text path), batched. Sampling draws one uniform number per token from a generator seeded by
-(seed, prompt id, round, beam, chain, step), so results do not depend on batch size or composition.
+accepted tokens (L tokens, once); a method whose rows always keep their single chain (`keeps_chains`) turns
+the chain's keys into accepted ones in place instead. A decoder RM that shares the policy's tokenizer keeps
+its own cache the same way, so scoring K candidates of L tokens costs K*L new tokens. Any other RM gets
+decoded text (the text path), batched. Sampling draws one uniform number per token from a generator seeded
+by (seed, prompt id, and the coordinates the method gives: round, lineage, chain, step), so results do not
+depend on batch size or composition. Compute is counted per prompt: a token counts once for each time a
+model computes it (a prompt encoded once and copied to W beams or N samples counts once).
+
+The search itself (sampling, ranking, bookkeeping) runs on the CPU in fp32 whatever the models' device and
+precision: only forwards and heads run there, so a sampled token depends on the logits alone.
 """
 import math
+import os
 import random
+import resource
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -30,73 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from common.rewards import RMFormat, score_encoded
-
-METHODS = ("greedy", "sample", "argsg", "tbs", "cbs", "bon", "cards")
-
-
-@dataclass
-class SearchConfig:
-    method: str = "greedy"
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    w: float = 1.5                # ARGS reward weight
-    k: int = 30                   # ARGS candidates (top-k by LM likelihood)
-    beam: int = 8                 # CBS/TBS beams W
-    successors: int = 8           # CBS/TBS successors K per beam
-    chunk: int = 30               # CBS chunk length L (TBS: 1)
-    n: int = 16                   # Best-of-N
-    # CARDS (Li et al., 2024, "Cascade Reward Sampling"): see cards_threshold / cards_accepts below
-    entropy_threshold: float = 7.0   # tau_u: a segment ends before a token whose entropy is >= it (SP-PRM's 7.0)
-    cards_rule: str = "soft"         # soft / hard: CARDS' adaptive threshold; prefix: r >= r(accepted prefix)
-    reward_threshold: float = None   # r*: CARDS' target reward (soft/hard); prefix rule: a fixed bar if set
-    cards_alpha: float = 0.5         # r_0 = (1 - alpha) r(x) + alpha r*
-    cards_beta: float = 0.7          # soft acceptance: P = min(1, exp((r - tau(t)) / beta))
-    min_segment: int = 4             # tokens before the entropy cut may end a segment
-    max_segment: int = 64            # longest segment
-    max_retries: int = 20            # rejections of a segment before the best attempt is taken
-    reward_norm: str = "none"        # "std": every method uses (r - mean) / std of the RM's reward_stats.json
-    seed: int = 0
-    stop_strings: tuple = ()
-
-    def shape(self):
-        """(beams W, candidates K, chunk L) of the method."""
-        m = self.method
-        if m in ("greedy", "sample"):
-            return 1, 1, 1
-        if m == "argsg":
-            return 1, self.k, 1
-        if m == "tbs":
-            return self.beam, self.successors, 1
-        if m == "cbs":
-            return self.beam, self.successors, self.chunk
-        if m == "bon":
-            return 1, self.n, self.max_new_tokens
-        if m == "cards":
-            return 1, 1, self.max_segment
-        raise ValueError(f"unknown method {m!r}; choose from {METHODS}")
-
-    def params(self):
-        """The settings that matter for this method (recorded with every generation)."""
-        sampling = ["temperature", "top_p", "top_k"]
-        keep = {"greedy": [], "sample": sampling, "argsg": ["w", "k"], "tbs": ["beam", "successors"] + sampling,
-                "cbs": ["beam", "successors", "chunk"] + sampling, "bon": ["n"] + sampling,
-                "cards": ["cards_rule", "entropy_threshold", "reward_threshold", "cards_alpha", "cards_beta",
-                          "min_segment", "max_segment", "max_retries"] + sampling}
-        out = {k: getattr(self, k) for k in keep[self.method]}
-        if self.uses_rm:
-            out["reward_norm"] = self.reward_norm
-        out.update(max_new_tokens=self.max_new_tokens, seed=self.seed)
-        return out
-
-    @property
-    def samples(self):
-        return self.method in ("sample", "tbs", "cbs", "bon", "cards")
-
-    @property
-    def uses_rm(self):
-        return self.method not in ("greedy", "sample")
+from common.search.methods import Choice, Row, make_method
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -124,38 +61,14 @@ def filter_logits(logits, temperature=1.0, top_p=1.0, top_k=0):
     return logits
 
 
-def pick_tokens(logits, us, cfg):
+def pick_tokens(logits, us, method):
     """Greedy argmax (us is None) or inverse-CDF sampling with the given uniforms, one per row."""
     if us is None:
         return logits.argmax(-1)
-    probs = torch.softmax(filter_logits(logits, cfg.temperature, cfg.top_p, cfg.top_k), dim=-1)
+    probs = torch.softmax(filter_logits(logits, method.temperature, method.top_p, method.top_k), dim=-1)
     cdf = probs.cumsum(-1)
     u = torch.as_tensor(us, dtype=cdf.dtype).unsqueeze(-1) * cdf[..., -1:]
     return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=logits.shape[-1] - 1)
-
-
-CARDS_RULES = ("soft", "hard", "prefix")
-
-
-def cards_threshold(r_prompt, target, alpha, t, n):
-    """CARDS' adaptive reward threshold after t of n response tokens (Li et al., 2024, Sec. 3.2): it starts at
-    r_0 = (1 - alpha) r(x) + alpha r* and rises linearly to the target r*, which it never exceeds:
-    tau(t) = min(r_0 + t (r* - r_0) / n, r*)."""
-    r0 = (1 - alpha) * r_prompt + alpha * target
-    return min(r0 + t * (target - r0) / n, target)
-
-
-def cards_accepts(rule, r, u, r_prefix=None, threshold=None, beta=0.7):
-    """Whether a segment whose response scores r is accepted. soft (CARDS' default): with probability
-    min(1, exp((r - tau) / beta)), decided by the uniform u; hard: r >= tau; prefix (this tool's earlier
-    rule): r >= threshold if one is given, else r >= r(accepted prefix), i.e. the reward must not drop."""
-    if rule == "soft":
-        return u < math.exp(min(0.0, (r - threshold) / beta))
-    if rule == "hard":
-        return r >= threshold
-    if rule == "prefix":
-        return r >= (threshold if threshold is not None else r_prefix)
-    raise ValueError(f"unknown CARDS rule {rule!r}; choose from {CARDS_RULES}")
 
 
 def entropy(logits):
@@ -170,25 +83,25 @@ class TreeCache:
 
     Keys carry a segment id: -1 for the row's accepted (shared) tokens, j for candidate chain j. A query of
     chain j sees valid shared keys and valid keys of chain j, in feeding order; a shared query sees shared
-    keys only. Chain keys always come after all shared keys, so dropping them is a crop.
+    keys only. Chain keys always come after all shared keys, so dropping them is a crop. `owner[r]` is the
+    prompt of row r: tokens are counted per prompt (`tokens[b]`), once each time they are computed.
     """
 
-    def __init__(self, model, head):
+    def __init__(self, model, head, owner):
         from transformers import DynamicCache
 
         self.model, self.base = model, model.base_model
         device = next(model.parameters()).device
-        # The search itself (sampling, ranking, bookkeeping) runs on the CPU in fp32 whatever the model's
-        # device and precision: only forwards and heads run there, so sampled tokens depend on logits alone.
         self.head = lambda h: head(h.to(device)).float().cpu()
         self.cache = DynamicCache(config=model.config)
+        self.owner = torch.as_tensor(owner, dtype=torch.long)
+        self.tokens = torch.zeros(int(self.owner.max()) + 1 if len(owner) else 0, dtype=torch.long)
         self.key_valid = None   # [R, S] bool
         self.key_seg = None     # [R, S] long
         self.n_shared = None    # [R] positions used by valid shared tokens
         self.chain_len = None   # [R, K] valid tokens fed per chain in this round
         self.shared_len = 0     # cache length of the shared region
         self.calls = 0
-        self.tokens = None      # [R] valid tokens processed per row
 
     @property
     def length(self):
@@ -202,7 +115,6 @@ class TreeCache:
             self.key_valid = torch.zeros(R, 0, dtype=torch.bool)
             self.key_seg = torch.zeros(R, 0, dtype=torch.long)
             self.n_shared = torch.zeros(R, dtype=torch.long)
-            self.tokens = torch.zeros(R, dtype=torch.long)
         if self.chain_len is None or self.chain_len.shape[1] < n_chains:
             self.chain_len = torch.zeros(R, n_chains, dtype=torch.long)
         shared = seg < 0
@@ -238,7 +150,7 @@ class TreeCache:
             self.shared_len = S + lead
         self.key_valid, self.key_seg = key_valid, key_seg
         self.calls += 1
-        self.tokens += valid.long().sum(1)
+        self.tokens.index_add_(0, self.owner, valid.long().sum(1))
         return out.last_hidden_state.cpu()
 
     def drop_chains(self):
@@ -250,12 +162,23 @@ class TreeCache:
         if self.chain_len is not None:
             self.chain_len.zero_()
 
+    def commit_chains(self):
+        """Every row's single chain (chain 0) becomes accepted tokens in place: its keys turn shared."""
+        if self.chain_len is None:
+            return
+        if self.chain_len.shape[1] > 1:
+            raise RuntimeError("commit_chains needs one chain a row")
+        self.n_shared = self.n_shared + self.chain_len[:, 0]
+        self.key_seg = torch.where(self.key_seg >= 0, torch.full_like(self.key_seg, -1), self.key_seg)
+        self.shared_len = self.length
+        self.chain_len.zero_()
+
     def select_rows(self, index):
         index = torch.as_tensor(index, dtype=torch.long)
         self.cache.batch_select_indices(index.to(next(self.model.parameters()).device))
         self.key_valid, self.key_seg = self.key_valid[index], self.key_seg[index]
         self.n_shared = self.n_shared[index]
-        self.tokens = self.tokens[index]
+        self.owner = self.owner[index]
         self.chain_len = None
 
 
@@ -284,6 +207,14 @@ def last_valid(valid):
     """Index of the last True in each row (-1 if none)."""
     idx = torch.arange(valid.shape[1]).expand_as(valid)
     return torch.where(valid, idx, torch.full_like(idx, -1)).max(1).values
+
+
+def peak_memory_mb(device):
+    """Peak memory so far: max allocated on a CUDA device, else the process's peak RSS."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 if os.uname().sysname != "Darwin" else peak / 2 ** 20
 
 
 # ------------------------------------------------------------------------------------------ models bundled
@@ -316,24 +247,27 @@ class RewardModel:
     name: str = "rm"
     max_length: int = 2048
     fmt: RMFormat = None
-    stats: dict = None     # {"mean", "std"}: set to search with (r - mean) / std instead of r
-    closed: bool = False   # every input a closed chat turn (an RM trained on finished, closed turns)
+    stats: dict = None        # {"mean", "std"} of the RM's rewards (reward_stats.json), when known
+    normalize: bool = False   # the one switch: search with (r - mean) / std instead of r
+    closed: bool = False      # every input a closed chat turn (an RM trained on finished, closed turns)
 
     def __post_init__(self):
         self.model.eval()
         self.fmt = RMFormat(self.tokenizer, self.model, max_length=self.max_length, closed=self.closed)
+        if self.normalize and self.stats is None:
+            raise ValueError("normalised rewards need the RM's reward statistics (mean and std)")
 
-    def normalize(self, scores):
-        """The reward the search sees: raw, or (r - mean) / std when stats are set (a tensor or a list)."""
-        if self.stats is None:
+    def to_search(self, scores):
+        """The reward the search sees: raw, or (r - mean) / std when normalised (a tensor or a list)."""
+        if not self.normalize:
             return scores
         if torch.is_tensor(scores):
             return (scores - self.stats["mean"]) / self.stats["std"]
         return [(s - self.stats["mean"]) / self.stats["std"] for s in scores]
 
     def raw(self, value):
-        """The RM's own score of a (normalised) search reward."""
-        return value if self.stats is None or value is None else value * self.stats["std"] + self.stats["mean"]
+        """The RM's own score of a search reward."""
+        return value if not self.normalize or value is None else value * self.stats["std"] + self.stats["mean"]
 
     def shares_tokens_with(self, policy):
         """The cached path needs a decoder RM whose tokenizer and prompt rendering equal the policy's."""
@@ -345,35 +279,71 @@ class RewardModel:
             a.chat_template == b.chat_template
 
 
-# ------------------------------------------------------------------------------------------ the search core
+# ------------------------------------------------------------------------------------------ the loop
+
+def search_params(method, max_new_tokens, seed, has_rm, normalize, stats):
+    """What a run's rows record: the method's knobs (after the RM's statistics set its defaults), the budget
+    and seed, and for RM-guided methods whether rewards were normalised (the switch that acted) and with
+    which statistics."""
+    if has_rm:
+        method.bind(normalize, stats)
+    out = method.params()
+    if method.uses_rm and has_rm:
+        out["reward_norm"] = "std" if normalize else "none"
+        if normalize:
+            out["reward_stats"] = {"mean": stats["mean"], "std": stats["std"]}
+    out.update(max_new_tokens=max_new_tokens, seed=seed)
+    return out
+
 
 @dataclass
-class Row:
-    prompt: int             # index into the batch
-    slot: int               # beam index within the prompt
-    tokens: list            # response token ids so far (prefill included)
-    finished: bool = False
-    score: float = None     # RM score of the accepted response
-    logp: float = 0.0
+class Candidates:
+    """What step 2 grew and step 3 scored: per row i, K chains (token lists), whether each ended the
+    response, their LM log-probabilities (top-k proposals) and search rewards ([R, K] or None)."""
+    chains: list
+    done: list
+    logp: torch.Tensor
+    scores: torch.Tensor = None
+
+
+@dataclass
+class Batch:
+    """What a method may read while it chooses: the round, the prompts' seeds and prefills, its own state."""
+    seed: int
+    keys: list
+    prefill_len: list
+    max_new_tokens: int
+    state: dict
+    round_idx: int = 0
+
+    def uniform(self, b, *coords):
+        return uniform(self.seed, self.keys[b], *coords)
 
 
 class Search:
-    """Runs one method over a batch of prompts. `run` returns one result dict per prompt."""
+    """Runs one method over batches of prompts. `run` returns one result dict per prompt.
 
-    def __init__(self, policy, cfg, rm=None, rm_path="auto"):
-        self.policy, self.cfg, self.rm = policy, cfg, rm
-        if cfg.uses_rm and rm is None:
-            raise ValueError(f"method {cfg.method} needs a reward model (--rm)")
-        if cfg.method == "cards" and cfg.cards_rule not in CARDS_RULES:
-            raise ValueError(f"unknown CARDS rule {cfg.cards_rule!r}; choose from {CARDS_RULES}")
-        if cfg.method == "cards" and cfg.cards_rule != "prefix" and cfg.reward_threshold is None:
-            raise ValueError(f"CARDS' {cfg.cards_rule} rule needs its target reward r* (reward_threshold)")
+    method: a Method instance (methods.py) or its name (then knobs are its keyword arguments)."""
+
+    def __init__(self, policy, method, rm=None, rm_path="auto", max_new_tokens=128, seed=0, stop_strings=(),
+                 **knobs):
+        self.method = make_method(method, **knobs) if isinstance(method, str) else method
+        self.policy, self.rm = policy, rm
+        self.max_new_tokens, self.seed = max_new_tokens, seed
+        if self.method.uses_rm and rm is None:
+            raise ValueError(f"method {self.method.name} needs a reward model (--rm)")
+        if rm is not None:
+            self.method.bind(rm.normalize, rm.stats)
         self.cached_rm = rm is not None and (
             rm_path == "cached" or (rm_path == "auto" and rm.shares_tokens_with(policy)))
         if rm_path == "cached" and rm is not None and not rm.shares_tokens_with(policy):
             raise ValueError("the cached RM path needs a decoder RM that shares the policy's tokenizer")
-        self.stop_strings = tuple(cfg.stop_strings) or policy.default_stop_strings
+        self.stop_strings = tuple(stop_strings) or policy.default_stop_strings
         self.pad = policy.tokenizer.pad_token_id
+
+    def params(self):
+        return search_params(self.method, self.max_new_tokens, self.seed, self.rm is not None,
+                             self.rm is not None and self.rm.normalize, self.rm and self.rm.stats)
 
     # -- helpers ------------------------------------------------------------------------------------
     def _stopped_by_string(self, tokens):
@@ -393,55 +363,53 @@ class Search:
     # -- the run ------------------------------------------------------------------------------------
     @torch.no_grad()
     def run(self, prompts):
-        """prompts: list of {"id", "prompt", "prefill"?}. Returns [{"response", "tokens", "stats"}]."""
-        cfg, pol = self.cfg, self.policy
+        """prompts: list of {"id", "prompt", "prefill"?}. Returns [{"response", "tokens", "reward", "stats"}]."""
+        method, pol = self.method, self.policy
         t0 = time.perf_counter()
-        W, K, L = cfg.shape()
-        keys = [prompt_key(p["id"]) for p in prompts]
+        W, K, L = method.shape(self.max_new_tokens)
+        B = len(prompts)
         prefills = [pol.tokenizer(p["prefill"], add_special_tokens=False).input_ids if p.get("prefill") else []
                     for p in prompts]
         prompt_ids = [pol.fmt.prompt_ids(p["prompt"]) + pre for p, pre in zip(prompts, prefills)]
-        rows = [Row(prompt=b, slot=0, tokens=list(pre)) for b, pre in enumerate(prefills)]
-        self.prefill_len = [len(pre) for pre in prefills]
+        rows = [Row(prompt=b, lineage=0, tokens=list(pre)) for b, pre in enumerate(prefills)]
 
-        policy_cache = TreeCache(pol.model, lm_head(pol.model))
+        policy_cache = TreeCache(pol.model, lm_head(pol.model), range(B))
         tokens, valid = pad_rows(prompt_ids, self.pad, left=True)
         hidden = policy_cache.feed(tokens, valid, torch.full_like(tokens, -1))
-        last_logits = policy_cache.head(hidden[torch.arange(len(rows)), last_valid(valid)])
+        last_logits = policy_cache.head(hidden[torch.arange(B), last_valid(valid)])
 
-        rm_cache = None
-        rm_calls, rm_tokens_text = 0, [0] * len(prompts)
+        rm_cache, prompt_scores = None, None
+        rm_calls, rm_tokens_text = 0, [0] * B
         if self.rm is not None:
             if self.cached_rm:
-                rm_cache = TreeCache(self.rm.model, self.rm.model.score)
+                rm_cache = TreeCache(self.rm.model, self.rm.model.score, range(B))
                 rm_ids = [self.rm.fmt.prompt_ids(p["prompt"]) + pre for p, pre in zip(prompts, prefills)]
                 t, v = pad_rows(rm_ids, self.pad, left=True)
                 h = rm_cache.feed(t, v, torch.full_like(t, -1))
-                scores0 = self.rm.normalize(rm_cache.head(h[torch.arange(len(rows)), last_valid(v)])[:, 0].float())
+                scores0 = self.rm.to_search(rm_cache.head(h[torch.arange(B), last_valid(v)])[:, 0].float())
             else:
                 scores0 = torch.tensor(self._text_scores([(r.prompt, r.tokens) for r in rows], prompts,
                                                          rm_tokens_text))
                 rm_calls += 1
             for r, s in zip(rows, scores0.tolist()):
                 r.score = s
-            self.prompt_scores = scores0.tolist()  # CARDS: r(x), where its threshold starts
+            prompt_scores = scores0.tolist()
+        batch = Batch(self.seed, [prompt_key(p["id"]) for p in prompts], [len(pre) for pre in prefills],
+                      self.max_new_tokens, method.new_batch(B, prompt_scores))
 
-        # Algorithm 3 starts H with W copies of the prompt: the first round ranks W*K candidates, and the
-        # copies differ because each beam slot draws its own samples. The prompt is encoded once.
-        if cfg.method in ("tbs", "cbs") and W > 1:
-            parents = [b for b in range(len(prompts)) for _ in range(W)]
+        # Rows start as W copies of the prompt (Algorithm 3's H, or N samples); each copy has its own
+        # lineage, so it draws its own samples. The prompt is encoded once and its cache rows copied.
+        if W > 1:
+            parents = [b for b in range(B) for _ in range(W)]
             policy_cache.select_rows(parents)
             last_logits = last_logits[torch.tensor(parents)]
             if rm_cache is not None:
                 rm_cache.select_rows(parents)
-            rows = [Row(prompt=b, slot=s, tokens=list(rows[b].tokens), score=rows[b].score)
-                    for b in range(len(prompts)) for s in range(W)]
+            rows = [Row(prompt=b, lineage=s, tokens=list(rows[b].tokens), score=rows[b].score)
+                    for b in range(B) for s in range(W)]
 
-        pending = [[] for _ in rows]      # accepted tokens not yet fed to the policy / RM
-        attempts = [0] * len(rows)         # CARDS retries of the current segment
-        best_attempt = [None] * len(rows)  # CARDS: (score, chain, finished) of the best rejected attempt
-        n_attempts = [0] * len(prompts)
-        round_idx = 0
+        pending = [[] for _ in rows]     # accepted tokens not yet fed to the policy
+        rm_pending = [[] for _ in rows]  # ... and to the RM's cache
         while not all(r.finished for r in rows):
             R = len(rows)
             # 1. feed the accepted tokens; the policy's next-token logits of every row
@@ -452,84 +420,82 @@ class Search:
                 fresh = policy_cache.head(hidden[torch.arange(R), last_valid(valid).clamp(min=0)])
                 last_logits = torch.where(has[:, None], fresh, last_logits)
             # 2. grow K candidate chains of up to L tokens per row
-            chains, chain_done, chain_logp = self._grow(rows, last_logits, policy_cache, keys, round_idx, W, K, L)
-            # 3. score them
-            scores = None
+            cand = self._grow(rows, last_logits, policy_cache, batch, K, L)
+            # 3. score them (a finished row's candidates score as the row)
             if self.rm is not None:
                 if rm_cache is not None:
-                    scores = self._cached_scores(rm_cache, rows, pending, chains)
+                    cand.scores = self._cached_scores(rm_cache, rows, rm_pending, cand.chains)
                 else:
-                    flat = [(r.prompt, r.tokens + c) for r, cs in zip(rows, chains) for c in cs]
-                    flat_scores = self._text_scores(flat, prompts, rm_tokens_text)
+                    flat = [(r.prompt, r.tokens + c) for r, cs in zip(rows, cand.chains) for c in cs]
+                    cand.scores = torch.tensor(self._text_scores(flat, prompts, rm_tokens_text)).view(R, K)
                     rm_calls += 1
-                    scores = torch.tensor(flat_scores).view(R, K)
                 for i, r in enumerate(rows):
                     if r.finished:
-                        scores[i] = r.score
-                    n_attempts[r.prompt] += 1 if not r.finished else 0
-            # 4. choose
-            choice = self._choose(rows, chains, chain_done, chain_logp, scores, W, K, attempts, best_attempt,
-                                  keys, round_idx)
-            # 5. move the caches to the chosen rows and queue the chosen chains
-            policy_cache.drop_chains()
-            if rm_cache is not None:
-                rm_cache.drop_chains()
-            parents = [c[0] for c in choice]
+                        cand.scores[i] = r.score
+            # 4. choose; the caches follow the chosen rows
+            choice = method.choose(rows, cand, batch)
+            if method.keeps_chains:
+                policy_cache.commit_chains()
+                if rm_cache is not None:
+                    rm_cache.commit_chains()
+            else:
+                policy_cache.drop_chains()
+                if rm_cache is not None:
+                    rm_cache.drop_chains()
+            parents = [c.parent for c in choice]
             if parents != list(range(R)):
                 policy_cache.select_rows(parents)
                 last_logits = last_logits[torch.tensor(parents)]
                 if rm_cache is not None:
                     rm_cache.select_rows(parents)
-            new_rows, pending = [], []
-            for parent, new_row, accepted in choice:
-                new_rows.append(new_row)
-                pending.append(accepted)
-            attempts = [attempts[p] if not acc and not rows[p].finished and cfg.method == "cards" else 0
-                        for p, _, acc in choice]
-            best_attempt = [best_attempt[p] if cfg.method == "cards" and not acc else None
-                            for p, _, acc in choice]
-            rows = new_rows
-            round_idx += 1
+            pending, rm_pending = [], []
+            for c in choice:
+                if method.keeps_chains:
+                    # the chain is in both caches already, but for the policy its last token, which was
+                    # sampled from the logits before it and never fed
+                    pending.append(c.accepted[-1:] if not c.row.finished else [])
+                    rm_pending.append([])
+                else:
+                    pending.append(c.accepted)
+                    rm_pending.append(c.accepted)
+            rows = [c.row for c in choice]
+            batch.round_idx += 1
 
-        # the best row of each prompt
+        # the answer of each prompt, and what it cost
         results = []
         seconds = time.perf_counter() - t0
+        device = next(pol.model.parameters()).device
         for b, p in enumerate(prompts):
-            mine = [r for r in rows if r.prompt == b]
-            best = mine[0]
-            for r in mine[1:]:
-                if r.score is not None and (best.score is None or r.score > best.score):
-                    best = r
-            policy_tokens = int(sum(policy_cache.tokens[i] for i, r in enumerate(rows) if r.prompt == b))
-            rm_tokens = rm_tokens_text[b] if rm_cache is None else int(
-                sum(rm_cache.tokens[i] for i, r in enumerate(rows) if r.prompt == b))
+            best = method.answer([r for r in rows if r.prompt == b], batch, b)
+            rm_tokens = rm_tokens_text[b] if rm_cache is None else int(rm_cache.tokens[b])
             results.append({
                 "response": self.response_text(best.tokens),
                 "tokens": best.tokens,
                 "reward": self.rm.raw(best.score) if self.rm else None,
                 "search_reward": best.score,
                 "stats": {
-                    "policy_calls": policy_cache.calls, "policy_tokens": policy_tokens,
+                    "policy_calls": policy_cache.calls, "policy_tokens": int(policy_cache.tokens[b]),
                     "rm_calls": (rm_cache.calls if rm_cache is not None else rm_calls) if self.rm else 0,
                     "rm_tokens": rm_tokens if self.rm else 0,
                     "rm_path": ("cached" if rm_cache is not None else "text") if self.rm else None,
-                    "new_tokens": len(best.tokens) - self.prefill_len[b],
-                    "rounds": round_idx, "segments_tried": n_attempts[b] if cfg.method == "cards" else None,
-                    "seconds": seconds / len(prompts), "batch_seconds": seconds, "batch_size": len(prompts),
+                    "new_tokens": len(best.tokens) - batch.prefill_len[b],
+                    "rounds": batch.round_idx, **method.record(batch, b),
+                    "seconds": seconds / B, "batch_seconds": seconds, "batch_size": B,
+                    "peak_memory_mb": round(peak_memory_mb(device), 1),
                 },
             })
         return results
 
     # -- step 2 -------------------------------------------------------------------------------------
-    def _grow(self, rows, last_logits, cache, keys, round_idx, W, K, L):
-        cfg, R = self.cfg, len(rows)
+    def _grow(self, rows, last_logits, cache, batch, K, L):
+        method, R = self.method, len(rows)
         chains = [[[] for _ in range(K)] for _ in rows]
         done = [[r.finished] * K for r in rows]      # chain ended the response (EOS, stop, budget)
-        stopped = [[r.finished] * K for r in rows]   # chain ended (also: CARDS segment boundary)
+        stopped = [[r.finished] * K for r in rows]   # chain ended (also: a segment boundary)
         logp = torch.zeros(R, K)
         logits = last_logits[:, None, :].expand(R, K, last_logits.shape[-1])
-        budget = [cfg.max_new_tokens - (len(r.tokens) - self.prefill_len[r.prompt]) for r in rows]
-        if cfg.method == "argsg":
+        budget = [self.max_new_tokens - (len(r.tokens) - batch.prefill_len[r.prompt]) for r in rows]
+        if method.proposal == "top_k":
             lp = torch.log_softmax(last_logits.float(), -1)
             top = torch.topk(lp, K, dim=-1)
             for i, r in enumerate(rows):
@@ -538,24 +504,24 @@ class Search:
                 for j in range(K):
                     self._append(chains, done, stopped, i, j, int(top.indices[i, j]), budget[i], r)
                 logp[i] = top.values[i]
-            return chains, done, logp
+            return Candidates(chains, done, logp)
         for step in range(L):
             active = [(i, j) for i in range(R) for j in range(K) if not stopped[i][j]]
             if not active:
                 break
             flat = logits.reshape(R * K, -1)
-            if cfg.method == "cards" and step >= max(1, cfg.min_segment):
+            if method.checks_entropy(step):
                 ent = entropy(flat[torch.tensor([i * K + j for i, j in active])]).tolist()
                 for (i, j), e in zip(active, ent):
-                    if e >= cfg.entropy_threshold:
+                    if method.segment_ends(e):
                         stopped[i][j] = True  # segment boundary: this uncertain token opens the next one
                 active = [(i, j) for i, j in active if not stopped[i][j]]
                 if not active:
                     break
             sel = flat[torch.tensor([i * K + j for i, j in active])]
-            us = [uniform(cfg.seed, keys[rows[i].prompt], round_idx, rows[i].slot, j, step) for i, j in active] \
-                if cfg.samples else None
-            picked = pick_tokens(sel, us, cfg).tolist()
+            us = [batch.uniform(rows[i].prompt, *method.seed_coords(rows[i], batch.round_idx, j, step))
+                  for i, j in active] if method.samples else None
+            picked = pick_tokens(sel, us, method).tolist()
             going = []
             for (i, j), tok in zip(active, picked):
                 if self._append(chains, done, stopped, i, j, tok, budget[i], rows[i]) and step + 1 < L:
@@ -572,7 +538,7 @@ class Search:
                 feed_valid[i, j] = True
             seg = torch.arange(K).expand(R, K).clone()
             logits = cache.head(cache.feed(feed_tokens, feed_valid, seg, n_chains=K))
-        return chains, done, logp
+        return Candidates(chains, done, logp)
 
     def _append(self, chains, done, stopped, i, j, tok, budget, row):
         """Add a token to chain j of row i; False when the response ends there (EOS, stop string, budget)."""
@@ -610,13 +576,13 @@ class Search:
         has_pending = valid[:, :P].any(1)
         if has_pending.any():
             h = hidden[torch.arange(R), last_valid(valid[:, :P]).clamp(min=0)]
-            fresh = self.rm.normalize(cache.head(h)[:, 0].float())
+            fresh = self.rm.to_search(cache.head(h)[:, 0].float())
             prefix = torch.where(has_pending, fresh, prefix)
         out = prefix[:, None].repeat(1, K)
         ends = [(i, j, P + j * L + len(chains[i][j]) - 1) for i in range(R) for j in range(K) if chains[i][j]]
         if ends:
             h = hidden[torch.tensor([e[0] for e in ends]), torch.tensor([e[2] for e in ends])]
-            vals = self.rm.normalize(cache.head(h)[:, 0].float())
+            vals = self.rm.to_search(cache.head(h)[:, 0].float())
             for (i, j, _), v in zip(ends, vals.tolist()):
                 out[i, j] = v
         for i, r in enumerate(rows):
@@ -627,73 +593,7 @@ class Search:
         examples = [self.rm.fmt.encode(prompts[b]["prompt"], self.response_text(t)) for b, t in items]
         for (b, _), e in zip(items, examples):
             rm_tokens[b] += len(e["input_ids"])
-        return self.rm.normalize(score_encoded(self.rm.model, examples, self.rm.tokenizer.pad_token_id, batch_size=64))
+        return self.rm.to_search(score_encoded(self.rm.model, examples, self.rm.tokenizer.pad_token_id,
+                                               batch_size=64))
 
-    # -- step 4 -------------------------------------------------------------------------------------
-    def _cards_accepts(self, row, chain, s, key, round_idx):
-        cfg = self.cfg
-        threshold = cfg.reward_threshold
-        if cfg.cards_rule != "prefix":
-            t = len(row.tokens) + len(chain) - self.prefill_len[row.prompt]
-            threshold = cards_threshold(self.prompt_scores[row.prompt], cfg.reward_threshold, cfg.cards_alpha,
-                                        t, cfg.max_new_tokens)
-        u = uniform(cfg.seed, key, round_idx, row.slot, "accept", 0) if cfg.cards_rule == "soft" else None
-        return cards_accepts(cfg.cards_rule, s, u, r_prefix=row.score, threshold=threshold, beta=cfg.cards_beta)
 
-    def _choose(self, rows, chains, done, logp, scores, W, K, attempts, best_attempt, keys=None, round_idx=0):
-        """[(parent row, new Row, accepted tokens)] in the new row order."""
-        cfg = self.cfg
-        out = []
-        if cfg.method in ("greedy", "sample", "argsg", "cards"):
-            for i, r in enumerate(rows):
-                if r.finished:
-                    out.append((i, r, []))
-                    continue
-                if cfg.method == "argsg":
-                    obj = logp[i] + cfg.w * scores[i]
-                    j = int(torch.argmax(obj))
-                elif cfg.method == "cards":
-                    s = float(scores[i, 0])
-                    attempt = (s, chains[i][0], done[i][0])
-                    if best_attempt[i] is None or s > best_attempt[i][0]:
-                        best_attempt[i] = attempt
-                    # as CARDS: after max_retries rejections the best attempt so far (this one included) is
-                    # taken; before that, the attempt is accepted or the segment is resampled next round
-                    if attempts[i] >= cfg.max_retries:
-                        s, chain, fin = best_attempt[i]
-                    elif self._cards_accepts(r, chains[i][0], s, keys[r.prompt], round_idx):
-                        s, chain, fin = attempt
-                    else:
-                        attempts[i] += 1
-                        out.append((i, r, []))
-                        continue
-                    out.append((i, Row(r.prompt, r.slot, r.tokens + chain, fin or not chain, s), chain))
-                    continue
-                else:
-                    j = 0
-                chain = chains[i][j]
-                s = float(scores[i, j]) if scores is not None else None
-                out.append((i, Row(r.prompt, r.slot, r.tokens + chain, done[i][j] or not chain, s), chain))
-            return out
-        # beam methods: per prompt, top-W of its rows' candidates (a finished row is its own candidate)
-        by_prompt = {}
-        for i, r in enumerate(rows):
-            by_prompt.setdefault(r.prompt, []).append(i)
-        for b in sorted(by_prompt):
-            cands = []
-            for i in by_prompt[b]:
-                r = rows[i]
-                if r.finished:
-                    cands.append((r.score, r.slot * K, i, None))
-                    continue
-                for j in range(K):
-                    cands.append((float(scores[i, j]), r.slot * K + j, i, j))
-            cands.sort(key=lambda c: (-c[0], c[1]))
-            for slot, (s, _, i, j) in enumerate(cands[:W]):
-                r = rows[i]
-                if j is None:
-                    out.append((i, Row(b, slot, r.tokens, True, s), []))
-                else:
-                    chain = chains[i][j]
-                    out.append((i, Row(b, slot, r.tokens + chain, done[i][j] or not chain, s), chain))
-        return out
