@@ -63,6 +63,8 @@ class Reference:
             return self.plain(p, prompt_ids, prefill)
         if m in ("cbs", "tbs", "bon"):
             return self.chunk_beam(p, prompt_ids, prefill, *self.method.shape(self.max_new_tokens))
+        if m == "specrej":
+            return self.speculative_rejection(p, prompt_ids, prefill)[0]
         raise ValueError(f"no literal reference for {m}")
 
     def plain(self, p, prompt_ids, response):
@@ -128,3 +130,37 @@ class Reference:
             beams = [{**b, "score": s} for s, _, b in candidates[:W]]
             round_idx += 1
         return max(beams, key=lambda b: b["score"])["tokens"]
+
+    def speculative_rejection(self, p, prompt_ids, prefill):
+        """Speculative rejection as its authors' code runs it: every sample in play grows L tokens, its whole
+        text is scored afresh, the lowest-scored share alpha of the samples in play is dropped. Sample j draws
+        Best-of-N's sample j. Returns (the answer's tokens, samples in play after each decision point)."""
+        import math
+
+        N, alpha, L = self.method.n, self.method.alpha, self.method.decision_every
+        key, n0 = prompt_key(p["id"]), len(prefill)
+        in_play = [{"tokens": list(prefill), "done": False, "lineage": j} for j in range(N)]
+        dropped, kept = [], []
+        while True:
+            for s in in_play:
+                for _ in range(L):
+                    if s["done"]:
+                        break
+                    n_new = len(s["tokens"]) - n0
+                    us = [uniform(self.seed, key, 0, 0, s["lineage"], n_new)]
+                    tok = int(pick_tokens(self.logits(prompt_ids, s["tokens"])[None], us, self.method)[0])
+                    if tok in self.policy.eos_ids:
+                        s["done"] = True
+                        break
+                    s["tokens"].append(tok)
+                    s["done"] = self.ends(s["tokens"], n_new + 1)
+                s["score"] = self.search_reward(p["prompt"], s["tokens"])
+            if all(s["done"] for s in in_play):
+                break
+            keep = max(1, math.ceil(round((1 - alpha) * len(in_play), 9)))
+            ranked = sorted(in_play, key=lambda s: (-s["score"], s["lineage"]))
+            dropped += [s for s in ranked[keep:] if s["done"]]
+            in_play = sorted(ranked[:keep], key=lambda s: s["lineage"])
+            kept.append(keep)
+        best = min(in_play + dropped, key=lambda s: (-s["score"], s["lineage"]))
+        return best["tokens"], kept

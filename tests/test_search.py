@@ -224,3 +224,46 @@ def test_args_with_normalised_reward_matches_reference(policy, smol_tokenizer, r
     # what is recorded is what acted
     assert Search(policy, "argsg", normed, rm_path, **knobs).params()["reward_norm"] == "std"
     assert unnormed.params()["reward_norm"] == "none" and "reward_stats" not in unnormed.params()
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+@pytest.mark.parametrize("rm_path", ["cached", "text"])
+def test_speculative_rejection_matches_reference(policy, decoder_rm, rm_path, batch_size):
+    got = check(policy, "specrej", decoder_rm, rm_path, batch_size, n=4, alpha=0.5, decision_every=3,
+                max_new_tokens=9, seed=3, temperature=0.8)
+    search = Search(policy, "specrej", decoder_rm, rm_path, n=4, alpha=0.5, decision_every=3, max_new_tokens=9,
+                    seed=3, temperature=0.8)
+    ref = Reference.of(search)
+    for p, g in zip(PROMPTS, got):
+        prefill = policy.tokenizer(p["prefill"], add_special_tokens=False).input_ids if p.get("prefill") else []
+        assert g["stats"]["kept"] == ref.speculative_rejection(p, policy.fmt.prompt_ids(p["prompt"]), prefill)[1]
+
+
+@pytest.mark.parametrize("rm_path", ["cached", "text"])
+def test_speculative_rejection_at_alpha_0_is_best_of_n(smol_tokenizer, decoder_rm, rm_path):
+    """The same samples as Best-of-N (EOS often, so samples end at different lengths), the same answer, and
+    on the cached path a policy token count that shrinks with alpha."""
+    pol = tiny_policy(smol_tokenizer, seed=4, eos_often=True)
+    settings = dict(n=4, max_new_tokens=12, seed=2, temperature=0.9)
+    bon = Search(pol, "bon", decoder_rm, rm_path, **settings).run(PROMPTS)
+    spec = Search(pol, "specrej", decoder_rm, rm_path, alpha=0.0, decision_every=3, **settings).run(PROMPTS)
+    assert [s["tokens"] for s in spec] == [b["tokens"] for b in bon]
+    assert [s["reward"] for s in spec] == pytest.approx([b["reward"] for b in bon], abs=1e-4)
+    assert all(set(s["stats"]["kept"]) <= {4} for s in spec)
+    half = Search(pol, "specrej", decoder_rm, rm_path, alpha=0.5, decision_every=3, **settings).run(PROMPTS)
+    assert sum(h["stats"]["policy_tokens"] for h in half) < sum(s["stats"]["policy_tokens"] for s in spec)
+
+
+def test_speculative_rejection_keeps_the_share_it_promises(policy, decoder_rm):
+    """ceil((1 - alpha) m) of the m samples in play after each decision point, and at most 0.65x the policy
+    tokens of Best-of-N at alpha 0.5 with a decision every quarter of the budget."""
+    settings = dict(n=8, max_new_tokens=16, seed=1)
+    bon = Search(policy, "bon", decoder_rm, **settings).run(PROMPTS)
+    spec = Search(policy, "specrej", decoder_rm, alpha=0.5, decision_every=4, **settings).run(PROMPTS)
+    for s in spec:
+        kept, m = s["stats"]["kept"], 8
+        for k in kept:
+            assert k == max(1, -(-m // 2))
+            m = k
+    ratio = sum(s["stats"]["policy_tokens"] for s in spec) / sum(b["stats"]["policy_tokens"] for b in bon)
+    assert ratio <= 0.65, ratio

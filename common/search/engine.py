@@ -11,10 +11,11 @@ Caches. The policy keeps one KV cache for all rows. The K candidate chains of a 
 tree: each chain token attends the row's accepted prefix and its own chain only, and all chains share
 positions (a 4-D attention mask, as in speculative decoding), so the prefix cache is never copied K times.
 After the choice the chain keys are cropped off and the chosen chain is fed again as the row's next
-accepted tokens (L tokens, once); a method whose rows always keep their single chain (`keeps_chains`) turns
-the chain's keys into accepted ones in place instead. A decoder RM that shares the policy's tokenizer keeps
-its own cache the same way, so scoring K candidates of L tokens costs K*L new tokens. Any other RM gets
-decoded text (the text path), batched. Sampling draws one uniform number per token from a generator seeded
+accepted tokens (L tokens, once). A method may also decide inside a round (`decision_points`): the chains
+grown so far are scored and the method stops some of them (`prune`); a stopped chain is fed no further, so
+the policy's work shrinks with it. A decoder RM that shares the policy's tokenizer keeps its own cache the
+same way, each chain token fed once however often it is scored, so scoring K candidates of L tokens costs
+K*L new tokens. Any other RM gets decoded text (the text path), batched. Sampling draws one uniform number per token from a generator seeded
 by (seed, prompt id, and the coordinates the method gives: round, lineage, chain, step), so results do not
 depend on batch size or composition. Compute is counted per prompt: a token counts once for each time a
 model computes it (a prompt encoded once and copied to W beams or N samples counts once).
@@ -162,17 +163,6 @@ class TreeCache:
         if self.chain_len is not None:
             self.chain_len.zero_()
 
-    def commit_chains(self):
-        """Every row's single chain (chain 0) becomes accepted tokens in place: its keys turn shared."""
-        if self.chain_len is None:
-            return
-        if self.chain_len.shape[1] > 1:
-            raise RuntimeError("commit_chains needs one chain a row")
-        self.n_shared = self.n_shared + self.chain_len[:, 0]
-        self.key_seg = torch.where(self.key_seg >= 0, torch.full_like(self.key_seg, -1), self.key_seg)
-        self.shared_len = self.length
-        self.chain_len.zero_()
-
     def select_rows(self, index):
         index = torch.as_tensor(index, dtype=torch.long)
         self.cache.batch_select_indices(index.to(next(self.model.parameters()).device))
@@ -299,11 +289,13 @@ def search_params(method, max_new_tokens, seed, has_rm, normalize, stats):
 @dataclass
 class Candidates:
     """What step 2 grew and step 3 scored: per row i, K chains (token lists), whether each ended the
-    response, their LM log-probabilities (top-k proposals) and search rewards ([R, K] or None)."""
+    response, whether the method stopped it inside the round (`dropped`), their LM log-probabilities
+    (top-k proposals) and search rewards ([R, K] or None)."""
     chains: list
     done: list
     logp: torch.Tensor
     scores: torch.Tensor = None
+    dropped: list = None
 
 
 @dataclass
@@ -408,8 +400,8 @@ class Search:
             rows = [Row(prompt=b, lineage=s, tokens=list(rows[b].tokens), score=rows[b].score)
                     for b in range(B) for s in range(W)]
 
-        pending = [[] for _ in rows]     # accepted tokens not yet fed to the policy
-        rm_pending = [[] for _ in rows]  # ... and to the RM's cache
+        pending = [[] for _ in rows]  # accepted tokens not yet fed to the policy / RM
+        self._text_calls = 0
         while not all(r.finished for r in rows):
             R = len(rows)
             # 1. feed the accepted tokens; the policy's next-token logits of every row
@@ -419,47 +411,30 @@ class Search:
                 has = valid.any(1)
                 fresh = policy_cache.head(hidden[torch.arange(R), last_valid(valid).clamp(min=0)])
                 last_logits = torch.where(has[:, None], fresh, last_logits)
-            # 2. grow K candidate chains of up to L tokens per row
-            cand = self._grow(rows, last_logits, policy_cache, batch, K, L)
+            # 2. grow K candidate chains of up to L tokens per row (the method may stop some on the way);
             # 3. score them (a finished row's candidates score as the row)
-            if self.rm is not None:
-                if rm_cache is not None:
-                    cand.scores = self._cached_scores(rm_cache, rows, rm_pending, cand.chains)
-                else:
-                    flat = [(r.prompt, r.tokens + c) for r, cs in zip(rows, cand.chains) for c in cs]
-                    cand.scores = torch.tensor(self._text_scores(flat, prompts, rm_tokens_text)).view(R, K)
-                    rm_calls += 1
+            scorer = self._scorer(rm_cache, rows, pending, prompts, rm_tokens_text)
+            cand = self._grow(rows, last_logits, policy_cache, batch, K, L, scorer)
+            if scorer is not None:
+                cand.scores = scorer(cand)
                 for i, r in enumerate(rows):
                     if r.finished:
                         cand.scores[i] = r.score
             # 4. choose; the caches follow the chosen rows
             choice = method.choose(rows, cand, batch)
-            if method.keeps_chains:
-                policy_cache.commit_chains()
-                if rm_cache is not None:
-                    rm_cache.commit_chains()
-            else:
-                policy_cache.drop_chains()
-                if rm_cache is not None:
-                    rm_cache.drop_chains()
+            policy_cache.drop_chains()
+            if rm_cache is not None:
+                rm_cache.drop_chains()
             parents = [c.parent for c in choice]
             if parents != list(range(R)):
                 policy_cache.select_rows(parents)
                 last_logits = last_logits[torch.tensor(parents)]
                 if rm_cache is not None:
                     rm_cache.select_rows(parents)
-            pending, rm_pending = [], []
-            for c in choice:
-                if method.keeps_chains:
-                    # the chain is in both caches already, but for the policy its last token, which was
-                    # sampled from the logits before it and never fed
-                    pending.append(c.accepted[-1:] if not c.row.finished else [])
-                    rm_pending.append([])
-                else:
-                    pending.append(c.accepted)
-                    rm_pending.append(c.accepted)
+            pending = [c.accepted for c in choice]
             rows = [c.row for c in choice]
             batch.round_idx += 1
+        rm_calls += self._text_calls
 
         # the answer of each prompt, and what it cost
         results = []
@@ -486,15 +461,50 @@ class Search:
             })
         return results
 
+    # -- step 3: scoring, on the RM's cache or through text ---------------------------------------------
+    def _scorer(self, rm_cache, rows, pending, prompts, rm_tokens_text):
+        """A function Candidates -> [R, K] search rewards of the chains as grown so far; each call scores
+        what was added since the last (None without an RM)."""
+        if self.rm is None:
+            return None
+        R = len(rows)
+        state = {"fed": None, "scores": None, "pending": pending}
+
+        def score(cand):
+            K = len(cand.chains[0])
+            if state["scores"] is None:
+                state["fed"] = [[0] * K for _ in range(R)]
+            live = [[not (cand.dropped and cand.dropped[i][j]) for j in range(K)] for i in range(R)]
+            if rm_cache is not None:
+                out = self._cached_scores(rm_cache, rows, state["pending"], cand.chains, state["fed"], state["scores"],
+                                          live)
+                state["pending"] = [[] for _ in rows]
+            else:
+                out = state["scores"].clone() if state["scores"] is not None else torch.zeros(R, K)
+                todo = [(i, j) for i in range(R) for j in range(K)
+                        if live[i][j] and (state["scores"] is None or len(cand.chains[i][j]) > state["fed"][i][j])]
+                if todo:
+                    flat = [(rows[i].prompt, rows[i].tokens + cand.chains[i][j]) for i, j in todo]
+                    for (i, j), v in zip(todo, self._text_scores(flat, prompts, rm_tokens_text)):
+                        out[i, j] = v
+                    self._text_calls += 1
+                for i, j in todo:
+                    state["fed"][i][j] = len(cand.chains[i][j])
+            state["scores"] = out
+            return out.clone()
+        return score
+
     # -- step 2 -------------------------------------------------------------------------------------
-    def _grow(self, rows, last_logits, cache, batch, K, L):
+    def _grow(self, rows, last_logits, cache, batch, K, L, scorer=None):
         method, R = self.method, len(rows)
         chains = [[[] for _ in range(K)] for _ in rows]
         done = [[r.finished] * K for r in rows]      # chain ended the response (EOS, stop, budget)
-        stopped = [[r.finished] * K for r in rows]   # chain ended (also: a segment boundary)
+        stopped = [[r.finished] * K for r in rows]   # chain ended (also: a segment boundary, a rejection)
+        dropped = [[False] * K for _ in rows]        # stopped by the method inside the round
         logp = torch.zeros(R, K)
         logits = last_logits[:, None, :].expand(R, K, last_logits.shape[-1])
         budget = [self.max_new_tokens - (len(r.tokens) - batch.prefill_len[r.prompt]) for r in rows]
+        decisions = set(method.decision_points(L)) if scorer is not None else set()
         if method.proposal == "top_k":
             lp = torch.log_softmax(last_logits.float(), -1)
             top = torch.topk(lp, K, dim=-1)
@@ -509,6 +519,14 @@ class Search:
             active = [(i, j) for i in range(R) for j in range(K) if not stopped[i][j]]
             if not active:
                 break
+            if step in decisions:  # score what has grown; the method stops some chains
+                partial = Candidates(chains, done, logp, dropped=dropped)
+                partial.scores = scorer(partial)
+                for i, j in method.prune(rows, partial, batch):
+                    dropped[i][j] = stopped[i][j] = True
+                active = [(i, j) for i, j in active if not stopped[i][j]]
+                if not active:
+                    break
             flat = logits.reshape(R * K, -1)
             if method.checks_entropy(step):
                 ent = entropy(flat[torch.tensor([i * K + j for i, j in active])]).tolist()
@@ -530,15 +548,29 @@ class Search:
                     stopped[i][j] = True
             if not going:
                 break
-            # feed the chains that go on (one token each) to get their next-token logits
-            feed_tokens = torch.full((R, K), self.pad, dtype=torch.long)
-            feed_valid = torch.zeros((R, K), dtype=torch.bool)
+            # feed the chains that go on (one token each) to get their next-token logits: one column per
+            # chain not dropped (a dropped chain takes no more room or work)
+            columns = [[j for j in range(K) if not dropped[i][j]] for i in range(R)]
+            width = max(1, max(len(c) for c in columns))
+            feed_tokens = torch.full((R, width), self.pad, dtype=torch.long)
+            feed_valid = torch.zeros((R, width), dtype=torch.bool)
+            seg = torch.zeros((R, width), dtype=torch.long)
+            where = {}
+            for i, cols in enumerate(columns):
+                for c, j in enumerate(cols):
+                    seg[i, c] = j
+                    where[i, j] = c
             for i, j, tok in going:
-                feed_tokens[i, j] = tok
-                feed_valid[i, j] = True
-            seg = torch.arange(K).expand(R, K).clone()
-            logits = cache.head(cache.feed(feed_tokens, feed_valid, seg, n_chains=K))
-        return Candidates(chains, done, logp)
+                feed_tokens[i, where[i, j]] = tok
+                feed_valid[i, where[i, j]] = True
+            fed = cache.head(cache.feed(feed_tokens, feed_valid, seg, n_chains=K))
+            if width == K and all(len(c) == K for c in columns):
+                logits = fed
+            else:
+                logits = torch.zeros(R, K, fed.shape[-1])
+                for (i, j), c in where.items():
+                    logits[i, j] = fed[i, c]
+        return Candidates(chains, done, logp, dropped=dropped)
 
     def _append(self, chains, done, stopped, i, j, tok, budget, row):
         """Add a token to chain j of row i; False when the response ends there (EOS, stop string, budget)."""
@@ -551,11 +583,16 @@ class Search:
             return False
         return True
 
-    # -- step 3 -------------------------------------------------------------------------------------
-    def _cached_scores(self, cache, rows, pending, chains):
+    def _cached_scores(self, cache, rows, pending, chains, fed, previous, live):
+        """Feed the accepted tokens and each live chain's tokens not yet in the RM's cache (fed[i][j] of them
+        are); the score at each chain's end ([R, K]; a chain with no token scores as its row's prefix, one
+        with nothing new keeps its `previous` score)."""
         R, K = len(rows), len(chains[0])
-        L = max(1, max(len(c) for cs in chains for c in cs))
-        P = max(1, max(len(p) for p in pending))
+        new = [[chains[i][j][fed[i][j]:] if live[i][j] else [] for j in range(K)] for i in range(R)]
+        L = max(1, max(len(c) for cs in new for c in cs))
+        # the first call of a round opens with the accepted tokens (a column even when there are none);
+        # later calls of the same round add chain tokens only
+        P = max([1 if previous is None else 0] + [len(p) for p in pending])
         tokens = torch.full((R, P + K * L), self.pad, dtype=torch.long)
         valid = torch.zeros((R, P + K * L), dtype=torch.bool)
         seg = torch.full((R, P + K * L), -1, dtype=torch.long)
@@ -566,10 +603,11 @@ class Search:
             for j in range(K):
                 start = P + j * L
                 seg[i, start:start + L] = j
-                c = chains[i][j]
+                c = new[i][j]
                 if c:
                     tokens[i, start:start + len(c)] = torch.tensor(c)
                     valid[i, start:start + len(c)] = True
+                fed[i][j] += len(c)
         hidden = cache.feed(tokens, valid, seg, n_chains=K)
         # prefix score of each row (the accepted response); a chain with no token scores as that prefix
         prefix = torch.tensor([r.score if r.score is not None else float("nan") for r in rows])
@@ -578,8 +616,8 @@ class Search:
             h = hidden[torch.arange(R), last_valid(valid[:, :P]).clamp(min=0)]
             fresh = self.rm.to_search(cache.head(h)[:, 0].float())
             prefix = torch.where(has_pending, fresh, prefix)
-        out = prefix[:, None].repeat(1, K)
-        ends = [(i, j, P + j * L + len(chains[i][j]) - 1) for i in range(R) for j in range(K) if chains[i][j]]
+        out = prefix[:, None].repeat(1, K) if previous is None else previous.clone()
+        ends = [(i, j, P + j * L + len(new[i][j]) - 1) for i in range(R) for j in range(K) if new[i][j]]
         if ends:
             h = hidden[torch.tensor([e[0] for e in ends]), torch.tensor([e[2] for e in ends])]
             vals = self.rm.to_search(cache.head(h)[:, 0].float())

@@ -65,7 +65,6 @@ class Method:
     uses_rm = True          # needs a reward model
     samples = True          # tokens are drawn with seeded uniforms (else argmax)
     proposal = "chains"     # "chains": K chains of up to L tokens; "top_k": the K most likely next tokens
-    keeps_chains = False    # K = 1 and a row always keeps its chain: it becomes accepted in place (no re-feed)
     knobs = ()
 
     def __init__(self, **values):
@@ -107,6 +106,15 @@ class Method:
     def seed_coords(self, row, round_idx, chain, step):
         """What picks the uniform number of token `step` of candidate chain `chain` of `row` this round."""
         return round_idx, row.lineage, chain, step
+
+    def decision_points(self, L):
+        """Steps of a round (0 < step < L) at which the chains grown so far are scored and `prune` may stop
+        some of them."""
+        return ()
+
+    def prune(self, rows, partial, batch):
+        """[(row, chain)] to stop, given partial.chains / done / dropped and partial.scores ([R, K]) so far."""
+        return []
 
     def checks_entropy(self, step):
         """True when the next token's entropy may end a chain at this step (segment methods)."""
@@ -381,6 +389,59 @@ class CARDS(Method):
 
     def record(self, batch, b):
         return {"segments_tried": batch.state["tried"][b]}
+
+
+# ------------------------------------------------------------------------------------------ speculative rejection
+
+@register
+class SpeculativeRejection(BestOfN):
+    """Speculative rejection (Sun et al., 2024, Fast Best-of-N Decoding via Speculative Rejection): Best-of-N's
+    N samples, but every L new tokens the m samples still in play are ranked by the RM's current score (a live
+    sample by its prefix, a finished one by its final score) and only the top ceil((1 - alpha) m) go on (at
+    least one); the answer is the best finished sample. Sample j draws the tokens of Best-of-N's sample j, so
+    with alpha 0 it is Best-of-N."""
+    name = "specrej"
+    knobs = (Knob("n", positive_int, 16, "samples N"),
+             Knob("alpha", fraction, 0.5, "share of the samples in play rejected at each decision point"),
+             Knob("decision_every", positive_int, 32, "new tokens L between decision points")) + SAMPLING
+
+    def decision_points(self, L):
+        return range(self.decision_every, L, self.decision_every)
+
+    def kept(self, m):
+        return max(1, math.ceil(round((1 - self.alpha) * m, 9)))
+
+    def new_batch(self, n_prompts, prompt_scores):
+        return {"kept": [[] for _ in range(n_prompts)]}
+
+    def prune(self, rows, partial, batch):
+        stop = []
+        for i, r in enumerate(rows):
+            if r.finished:
+                continue
+            in_play = [j for j in range(self.n) if not partial.dropped[i][j]]
+            if all(partial.done[i][j] for j in in_play):  # nothing left to decide
+                continue
+            keep = self.kept(len(in_play))
+            ranked = sorted(in_play, key=lambda j: (-float(partial.scores[i, j]), j))
+            stop += [(i, j) for j in ranked[keep:]]
+            batch.state["kept"][r.prompt].append(keep)
+        return stop
+
+    def choose(self, rows, cand, batch):
+        """The best of the samples that finished: those still in play, and those that had finished when a
+        later decision dropped them."""
+        out = []
+        for i, r in enumerate(rows):
+            if r.finished:
+                out.append(unchanged(i, r))
+                continue
+            pool = [j for j in range(self.n) if not cand.dropped[i][j] or cand.done[i][j]]
+            out.append(take(i, r, cand, min(pool, key=lambda j: (-float(cand.scores[i, j]), j))))
+        return out
+
+    def record(self, batch, b):
+        return {"kept": batch.state["kept"][b]}
 
 
 # ------------------------------------------------------------------------------------------ registry helpers
