@@ -15,9 +15,11 @@ accepted tokens (L tokens, once). A method may also decide inside a round (`deci
 grown so far are scored and the method stops some of them (`prune`); a stopped chain is fed no further, so
 the policy's work shrinks with it. A decoder RM that shares the policy's tokenizer keeps its own cache the
 same way, each chain token fed once however often it is scored, so scoring K candidates of L tokens costs
-K*L new tokens. Any other RM gets decoded text (the text path), batched. Sampling draws one uniform number per token from a generator seeded
-by (seed, prompt id, and the coordinates the method gives: round, lineage, chain, step), so results do not
-depend on batch size or composition. Compute is counted per prompt: a token counts once for each time a
+K*L new tokens. Any other RM gets decoded text (the text path), batched.
+
+Sampling draws one uniform number per token from a generator seeded by (seed, prompt id, and the
+coordinates the method gives: round, lineage, chain, step), so results do not depend on batch size or
+composition. Compute is counted per prompt: a token counts once for each time a
 model computes it (a prompt encoded once and copied to W beams or N samples counts once).
 
 The search itself (sampling, ranking, bookkeeping) runs on the CPU in fp32 whatever the models' device and
