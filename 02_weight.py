@@ -26,8 +26,9 @@ import torch
 from tqdm import tqdm
 
 from common.data import read_rows
-from common.io import (DataError, ResumableJsonlWriter, add_device_args, check_output_differs, input_checksums,
-                       positive_float, positive_int, read_jsonl, run_main, write_jsonl, write_manifest)
+from common.io import (DEFAULT_MAX_LENGTH, DataError, ResumableJsonlWriter, add_device_args, add_max_length_arg,
+                       check_output_differs, input_checksums, positive_float, positive_int, read_jsonl, run_main,
+                       write_jsonl, write_manifest)
 from common.losses import DEFAULT_ENTROPY_FLOOR, reference_weights
 from common.models import device_setup, load_reward_model, load_tokenizer, model_identity, trained_max_length
 from common.rewards import RMFormat, score, score_prefixes
@@ -45,8 +46,7 @@ def parse_args():
                    help="H is clamped at this value, so a weight is at most 1/floor (default 0.01)")
     p.add_argument("--no-normalize", action="store_true", help="keep raw 1/H weights (no mean-1 scaling)")
     p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--max-length", type=positive_int, default=None,
-                   help="RM input tokens (default: the reference's training --max-length, else 512)")
+    add_max_length_arg(p)
     p.add_argument("--pairs-per-step", type=positive_int, default=64, help="pairs scored between two appends")
     p.add_argument("--rm-format", choices=["open", "closed"], default="open",
                    help="closed: the reference sees every cut as a closed chat turn (README: RM inputs)")
@@ -122,7 +122,7 @@ def main():
     checksums = input_checksums([args.input])
     rows = load_partial(args.input)
     reference = model_identity(args.ref_rm)
-    args.max_length = args.max_length or trained_max_length(args.ref_rm, 512)
+    args.max_length = args.max_length or trained_max_length(args.ref_rm, DEFAULT_MAX_LENGTH)
     # a score depends on the input rule and, off fp32, on the precision it was computed in
     rule = args.max_length if args.rm_format == "open" else (args.max_length, "closed")
     if dtype != torch.float32:

@@ -35,19 +35,18 @@ import os
 import shutil
 import time
 
-import numpy as np
 import torch
 from tqdm import tqdm
-from transformers import get_linear_schedule_with_warmup
 
 from common.data import load_pairs
-from common.io import (DataError, add_device_args, check_output_differs, dumps, fraction, input_checksums,
-                       make_manifest, non_negative_float, non_negative_int, positive_float, positive_int,
-                       prefix_lengths, probability, read_jsonl, run_main, write_json, write_jsonl)
-from common.metrics import agreement_rate, bootstrap_ci, prefix_pair_scores, reward_gap, reward_statistics
-from common.models import (device_setup, dist_backend, is_decoder_rm, load_reward_model, load_tokenizer,
-                           model_family, model_identity, same_model)
-from common.rewards import RMFormat, batch_loss, score, training_batches, training_units
+from common.io import (DataError, add_device_args, add_max_length_arg, check_output_differs, dumps, fraction,
+                       input_checksums, make_manifest, non_negative_float, non_negative_int, positive_float,
+                       positive_int, prefix_lengths, probability, run_main)
+from common.metrics import heldout_evaluation, reward_statistics
+from common.models import (device_setup, is_decoder_rm, load_reward_model, load_tokenizer, model_family,
+                           model_identity, same_model)
+from common.rewards import BATCHING_WINDOWS, RMFormat, batch_loss, score, training_batches, training_units
+from common.runtime import Runtime, truncate_log
 
 log = logging.getLogger("train")
 DEFAULT_LR = {"decoder": 5e-6, "deberta": 1e-6, "encoder": 5e-5}
@@ -77,11 +76,12 @@ def parse_args():
     p.add_argument("--keep-dropout", action="store_true",
                    help="train with the model's dropout (default: off, as the standard reward trainer does: "
                         "dropout noise on both sides of a pair adds noise to their score difference)")
-    p.add_argument("--max-length", type=positive_int, default=512, help="RM input tokens (truncation rule in README)")
+    add_max_length_arg(p, trained=False)
     p.add_argument("--limit", type=positive_int, default=None, help="train on the first N rows only")
-    p.add_argument("--batching", choices=["random", "length"], default="random",
-                   help="random: batches drawn at random (the standard trainer's); length: similar lengths "
-                        "together, less padding, lower accuracy (README)")
+    p.add_argument("--batching", choices=list(BATCHING_WINDOWS), default="random",
+                   help="random: batches drawn at random (the standard trainer's); window: random windows of 4 "
+                        "batches, sorted by length inside (less padding); length: windows of 50 (least padding, "
+                        "lower accuracy; docs/scoring.md)")
     p.add_argument("--grouping", choices=["auto", "off"], default="auto",
                    help="auto: a decoder RM scores all cut points of a pair side from one forward (same loss)")
     p.add_argument("--seed", type=int, default=0)
@@ -100,177 +100,6 @@ def parse_args():
                    help="set by the deepspeed launcher")
     add_device_args(p)
     return p.parse_args()
-
-
-class Runtime:
-    """Plain PyTorch on one process, or a DeepSpeed engine; the loop below speaks to both the same way.
-
-    Precision: fp32 on the CPU. On a GPU, DeepSpeed trains in the config's half precision (bf16, or fp16 where
-    bf16 is not supported); plain PyTorch keeps fp32 weights and runs forwards under autocast in that dtype
-    (fp16 with a gradient scaler)."""
-
-    def __init__(self, args, model, total_steps, grad_accum, device, dtype):
-        self.args, self.grad_accum = args, grad_accum
-        self.deepspeed = args.deepspeed is not None
-        self.rank, self.world = 0, 1
-        self.cuda, self.dtype = device.type == "cuda", dtype
-        self.scaler = None
-        if self.deepspeed:
-            import deepspeed
-            import torch.distributed as dist
-
-            deepspeed.init_distributed(dist_backend=dist_backend(device))
-            self.rank, self.world = dist.get_rank(), dist.get_world_size()
-            config = self._deepspeed_config(total_steps)
-            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-                model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config)
-            self.model = self.engine.module
-            self.device = self.engine.device
-        else:
-            self.device = device
-            self.model = model.to(self.device)
-            if self.cuda and dtype == torch.float16:
-                self.scaler = torch.amp.GradScaler("cuda")
-            self.optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-            warmup = int(args.warmup_ratio * total_steps)
-            self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, total_steps)
-
-    def _deepspeed_config(self, total_steps):
-        with open(self.args.deepspeed) as f:
-            config = json.load(f)
-        a = self.args
-        config["train_micro_batch_size_per_gpu"] = a.batch_size
-        config["gradient_accumulation_steps"] = self.grad_accum
-        config["train_batch_size"] = a.batch_size * self.grad_accum * self.world
-        config["gradient_clipping"] = a.max_grad_norm
-        config.setdefault("optimizer", {"type": "AdamW", "params": {}})
-        config["optimizer"]["params"].update({"lr": a.lr, "weight_decay": a.weight_decay})
-        config["scheduler"] = {"type": "WarmupDecayLR", "params": {
-            "total_num_steps": max(total_steps, 1), "warmup_min_lr": 0.0, "warmup_max_lr": a.lr,
-            "warmup_num_steps": max(1, int(a.warmup_ratio * total_steps)), "warmup_type": "linear"}}
-        config.pop("bf16", None)
-        config.pop("fp16", None)
-        if self.cuda and self.dtype in (torch.bfloat16, torch.float16):
-            config["bf16" if self.dtype == torch.bfloat16 else "fp16"] = {"enabled": True}
-        if not self.cuda:  # CPU (gloo): fp32, no fused GPU optimizers
-            config.setdefault("zero_optimization", {}).pop("offload_optimizer", None)
-            config["zero_optimization"].pop("offload_param", None)
-            config["zero_allow_untested_optimizer"] = True
-        return config
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-    def train(self):
-        (self.engine if self.deepspeed else self.model).train()
-
-    def autocast(self):
-        """Forwards of plain PyTorch on a GPU run in its half precision; everything else as the weights are."""
-        import contextlib
-
-        if self.deepspeed or not self.cuda or self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.dtype)
-
-    def backward(self, loss):
-        if self.deepspeed:
-            self.engine.backward(loss)
-        elif self.scaler is not None:
-            self.scaler.scale(loss / self.grad_accum).backward()
-        else:
-            (loss / self.grad_accum).backward()
-
-    def step(self, boundary):
-        """Micro-step; at an accumulation boundary also the optimizer step. Returns the current lr."""
-        if self.deepspeed:
-            self.engine.step()
-        elif boundary:
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
-            if self.args.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        return self.scheduler.get_last_lr()[0]
-
-    def save_checkpoint(self, folder, state):
-        """Model, optimizer, schedule and loop state; written beside, then swapped in."""
-        tmp = folder + ".tmp"
-        if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        self.barrier()
-        if self.deepspeed:
-            self.engine.save_checkpoint(tmp, tag="state")
-        elif self.is_main:
-            os.makedirs(tmp)
-            self.model.save_pretrained(tmp, safe_serialization=True)
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                       os.path.join(tmp, "optimizer.pt"))
-        if self.is_main:
-            state = {**state, "torch_rng": torch.get_rng_state().tolist()}
-            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-                json.dump(state, f)
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)
-        self.barrier()
-
-    def load_checkpoint(self, folder, fingerprint):
-        """Continue from a checkpoint, which must come from the same input, starting model and settings."""
-        with open(os.path.join(folder, "trainer_state.json")) as f:
-            state = json.load(f)
-        saved = state.get("fingerprint") or {}
-        differs = [k for k in sorted(set(saved) | set(fingerprint)) if saved.get(k) != fingerprint.get(k)]
-        if differs:
-            raise DataError(f"{folder}: the checkpoint was made with other inputs or settings ("
-                            + ", ".join(f"{k}: {saved.get(k)!r} then, {fingerprint.get(k)!r} now" for k in differs)
-                            + "); rerun without --resume to start over")
-        if self.deepspeed:
-            self.engine.load_checkpoint(folder, tag="state")
-        else:
-            from safetensors.torch import load_file
-
-            self.model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")), strict=True)
-            opt = torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True)
-            self.optimizer.load_state_dict(opt["optimizer"])
-            self.scheduler.load_state_dict(opt["scheduler"])
-        torch.set_rng_state(torch.tensor(state.pop("torch_rng"), dtype=torch.uint8))
-        return state
-
-    def save_model(self, output, tokenizer, extra_files):
-        """Write the model beside, then move it in with config.json last: a folder is a model only when
-        complete (a killed save leaves no loadable half)."""
-        tmp = os.path.join(output, ".final.tmp")
-        if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        self.barrier()
-        if self.deepspeed:
-            state_dict = self.engine._zero3_consolidated_16bit_state_dict() \
-                if self.engine.zero_optimization_partition_weights() else self.model.state_dict()
-            if self.is_main:
-                self.model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        elif self.is_main:
-            self.model.save_pretrained(tmp, safe_serialization=True)
-        if self.is_main:
-            tokenizer.save_pretrained(tmp)
-            for name, obj in extra_files.items():
-                write_json(os.path.join(tmp, name), obj)
-            names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")
-            for name in names:
-                os.replace(os.path.join(tmp, name), os.path.join(output, name))
-            os.rmdir(tmp)
-        self.barrier()
-
-    def barrier(self):
-        if self.deepspeed:
-            import torch.distributed as dist
-
-            dist.barrier()
 
 
 def check_reference(args, init_identity):
@@ -306,14 +135,6 @@ def load_rows(args):
     return rows
 
 
-def truncate_log(path, step):
-    """A resumed run repeats the steps after its checkpoint: drop their log entries."""
-    if not os.path.exists(path):
-        return
-    kept = [line for _, line in read_jsonl(path) if line.get("step", 0) <= step]
-    write_jsonl(path, kept)
-
-
 def disable_dropout(model):
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
@@ -324,23 +145,15 @@ def new_window():
     return {"loss": 0.0, "n": 0, "rows": 0, "forwards": 0, "tokens": 0, "t0": time.time()}
 
 
-@torch.no_grad()
-def evaluate(model, fmt, pairs, prefix_lengths, batch_size):
-    """Held-out accuracy and AR_RM-SC / Delta_r per t; also returns the scores (for reward_stats.json)."""
-    model.eval()
-    prompts = [p["prompt"] for p in pairs]
-    r_w = score(model, fmt, prompts, [p["chosen"] for p in pairs], batch_size)
-    r_l = score(model, fmt, prompts, [p["rejected"] for p in pairs], batch_size)
-    sw, sl = prefix_pair_scores(model, fmt, pairs, prefix_lengths, batch_size)
-    ar = {str(t): agreement_rate([s[k] for s in sw], [s[k] for s in sl]) for k, t in enumerate(prefix_lengths)}
-    gap = {str(t): reward_gap([s[k] for s in sw], [s[k] for s in sl]) for k, t in enumerate(prefix_lengths)}
-    result = {"accuracy": agreement_rate(r_w, r_l), "accuracy_ci95": bootstrap_ci(np.greater(r_w, r_l)),
-              "n": len(pairs), "ar_sc": ar, "reward_gap": gap}
-    prefix_scores = [v for s in sw + sl for v in s]
-    return result, r_w + r_l, prefix_scores
+# Without --eval, reward_stats.json comes from the scores the loss computed anyway: the complete replies of
+# the last quarter of the training steps (the linear schedule has brought the lr to a quarter of its peak by
+# then, so the model barely moves). Too few of them (a file of cuts) and a capped sample is scored instead.
+STATS_FROM_STEPS = 0.75
+STATS_MIN_SCORES = 64
+STATS_SAMPLE_PAIRS = 128
 
 
-def training_responses(rows, limit=1000):
+def training_responses(rows, limit=STATS_SAMPLE_PAIRS):
     """Complete (prompt, response) of the training rows: rows marked complete, else all rows (pairs file)."""
     complete = [r for r in rows if r.get("complete", True)]
     pairs = complete[:limit]
@@ -379,7 +192,7 @@ def main():
 
     # Each rank takes every world-th batch; the optimizer steps once per grad_accum micro-batches.
     world = int(os.environ.get("WORLD_SIZE", 1)) if args.deepspeed else 1
-    n_batches = len(training_batches(units, args.batch_size, args.seed, 0, args.batching == "length"))
+    n_batches = len(training_batches(units, args.batch_size, args.seed, 0, BATCHING_WINDOWS[args.batching]))
     micro_per_rank = math.ceil(n_batches / world)
     steps_per_epoch = math.ceil(micro_per_rank / grad_accum)
     total_steps = steps_per_epoch * args.epochs
@@ -408,10 +221,10 @@ def main():
                  sum(len(u["sequences"]) for u in units), total_steps, args.lr, grad_accum, rt.world)
 
     log_file = open(log_path, "a", encoding="utf-8") if rt.is_main else None
-    eval_history, eval_scores, eval_prefix_scores = [], None, None
+    eval_history, eval_scores, eval_prefix_scores, train_scores = [], None, None, []
     stopped = False
     for epoch in range(state["epoch"], args.epochs):
-        batches = training_batches(units, args.batch_size, args.seed, epoch, args.batching == "length")
+        batches = training_batches(units, args.batch_size, args.seed, epoch, BATCHING_WINDOWS[args.batching])
         batches = batches[rt.rank::rt.world]
         rt.train()
         window = new_window()
@@ -428,6 +241,8 @@ def main():
             lr = rt.step(boundary)
             window["loss"] += loss.item()
             window["n"] += 1
+            if epoch == args.epochs - 1 and state["step"] >= STATS_FROM_STEPS * total_steps:
+                train_scores += counts["complete_scores"]
             for key in ("rows", "forwards", "tokens"):
                 window[key] += counts[key]
             bar.update(1)
@@ -459,8 +274,8 @@ def main():
         state = {"epoch": epoch + 1, "micro": 0, "step": state["step"], "fingerprint": fingerprint}
         if eval_pairs:
             with rt.autocast():
-                result, eval_scores, eval_prefix_scores = evaluate(rt.model, fmt, eval_pairs, prefix_lengths,
-                                                                   args.batch_size)
+                result, eval_scores, eval_prefix_scores = heldout_evaluation(rt.model, fmt, eval_pairs, prefix_lengths,
+                                                                             args.batch_size)
             result = {"epoch": epoch + 1, **result}
             eval_history.append(result)
             if log_file:
@@ -469,13 +284,19 @@ def main():
             if rt.is_main:
                 log.info("eval after epoch %d: accuracy %.4f, AR_RM-SC %s", epoch + 1, result["accuracy"],
                          result["ar_sc"])
-        rt.save_checkpoint(ckpt, state)
+        if epoch + 1 < args.epochs:  # after the last epoch the final save follows: no checkpoint needed
+            rt.save_checkpoint(ckpt, state)
 
-    if eval_scores is None:  # statistics from the training pairs' complete responses
+    if eval_scores is None and len(train_scores) * rt.world >= STATS_MIN_SCORES:
+        eval_scores = train_scores  # rank 0's share of the last steps (each rank sees its own batches)
+        source = (f"{args.input} ({len(train_scores)} complete training replies, scored by the loss in the last "
+                  f"{100 - int(100 * STATS_FROM_STEPS)}% of the training steps)")
+    elif eval_scores is None:  # a capped sample of the training pairs' complete responses
         prompts, responses = training_responses(rows)
         with rt.autocast():
             eval_scores = score(rt.model, fmt, prompts, responses, args.batch_size)
-        source = f"{args.input} (complete responses of {len(responses) // 2} training pairs)"
+        source = (f"{args.input} (complete responses of the first {len(responses) // 2} training pairs, scored after "
+                  "training)")
     else:
         source = f"{args.eval} ({len(eval_scores) // 2} held-out pairs, chosen and rejected)"
     stats = reward_statistics(eval_scores, eval_prefix_scores, source)

@@ -27,9 +27,9 @@ import torch
 from tqdm import tqdm
 
 from common.data import check_prompt_overlap, load_prompts
-from common.io import (DataError, ResumableJsonlWriter, add_device_args, check_output_differs, finite_float,
-                       fraction, input_checksums, non_negative_int, positive_float, positive_int, probability,
-                       read_jsonl, run_main, write_jsonl, write_manifest)
+from common.io import (DEFAULT_MAX_LENGTH, DataError, ResumableJsonlWriter, add_device_args, add_max_length_arg,
+                       check_output_differs, input_checksums, positive_int, read_jsonl, run_main, write_jsonl,
+                       write_manifest)
 from common.models import (device_setup, dist_backend, load_policy, load_reward_model, load_tokenizer,
                            trained_max_length)
 from common.search import REGISTRY, Policy, RewardModel, Search, make_method, method_knobs, search_params
@@ -54,8 +54,7 @@ def parse_args():
     p.add_argument("--advbench-prefill", action="store_true", help="start AdvBench replies with \"Sure here's\"")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--rm-path", choices=["auto", "cached", "text"], default="auto")
-    p.add_argument("--rm-max-length", type=positive_int, default=None,
-                   help="text path: RM input tokens (default: the RM's training --max-length, else 2048)")
+    add_max_length_arg(p)
     p.add_argument("--reward-norm", choices=["none", "std"], default="none",
                    help="std: every method searches with (r - mean) / std, from the RM's reward_stats.json "
                         "(written by 03_train.py), so one --w means the same for RMs of different scales")
@@ -63,6 +62,9 @@ def parse_args():
                    help="closed: the RM sees every candidate as a finished, closed chat turn (README: RM inputs)")
     p.add_argument("--reward-stats", default=None, help="reward statistics JSON (default: RM/reward_stats.json)")
     add_device_args(p)
+    p.add_argument("--save-candidates", action="store_true",
+                   help="also write each prompt's last-round candidates (Best-of-N: its N samples) as "
+                        "\"candidates\": what 05_evaluate.py consistency reads")
     p.add_argument("--allow-train-overlap", action="store_true",
                    help="decode prompts that the RM was trained on (refused by default: see its manifest)")
     g = p.add_argument_group("method knobs (each method reads its own; unset: the method's default)")
@@ -191,7 +193,7 @@ def main():
     rm = None
     if args.rm:
         rm_tok = load_tokenizer(args.rm)
-        max_length = args.rm_max_length or trained_max_length(args.rm, 2048)
+        max_length = args.max_length or trained_max_length(args.rm, DEFAULT_MAX_LENGTH)
         try:
             rm = RewardModel(load_reward_model(args.rm, tokenizer=rm_tok, dtype=dtype, device=device).eval(), rm_tok,
                              args.rm, max_length, stats=stats, normalize=normalize,
@@ -199,7 +201,7 @@ def main():
         except ValueError as e:
             raise DataError(f"--rm-format {args.rm_format}: {e}") from None
     search = Search(policy, method, rm, rm_path=args.rm_path, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                    stop_strings=tuple(args.stop))
+                    stop_strings=tuple(args.stop), keep_candidates=args.save_candidates)
 
     with ResumableJsonlWriter(out_path, key="id", resume=args.resume) as writer:
         todo = [p for p in mine if p["id"] not in writer.done]
@@ -213,6 +215,8 @@ def main():
                        "params": params, "rm": args.rm, "policy": args.policy,
                        "stats": {**res["stats"], "reward": res["reward"], "search_reward": res["search_reward"]}}
                 row.update({k: p[k] for k in ("reference", "target", "prefill", "category") if k in p})
+                if args.save_candidates:
+                    row["candidates"] = res["candidates"]
                 writer.write(row)
             bar.update(len(batch))
         bar.close()

@@ -4,7 +4,9 @@
       --rm RM --output runs/x/metrics.json [--baseline BASE.jsonl --metrics winrate --judge-rm RM2]
   python 05_evaluate.py agreement --pairs hh-rlhf:heldout --rm ORM --rm PRM \\
       --prefix-lengths 5,10,15,20,30,40,50 --output runs/x/agreement.json
-  python 05_evaluate.py reward-stats --rm weqweasdas/RM-Gemma-2B --pairs hh-rlhf:heldout \
+  python 05_evaluate.py consistency --generations BON.jsonl --rm ORM=ORM --rm SP-PRM=PRM --reference REF \\
+      --prefix-lengths 4,8,16,24 --alpha 0.5 --output runs/x/consistency.json   # the premise of early rejection
+  python 05_evaluate.py reward-stats --rm weqweasdas/RM-Gemma-2B --pairs hh-rlhf:heldout \\
       --output runs/x/gemma2b_reward_stats.json      # then: 04_decode.py --reward-norm std --reward-stats FILE
   python 05_evaluate.py compare runs/x/metrics_prm.json runs/x/metrics_orm.json   # paired A - B
   python 05_evaluate.py table runs/x/metrics_*.json
@@ -42,21 +44,19 @@ import argparse
 import csv
 import logging
 import os
-import random
 
 import numpy as np
 
 from common.data import check_prompt_overlap, load_pairs, load_prompts, read_rows
-from common.io import (DataError, add_device_args, atomic_open, check_output_differs, fraction, input_checksums,
-                       non_negative_int, positive_float, positive_int, prefix_lengths, read_jsonl, run_main,
-                       write_json, write_jsonl, write_manifest)
+from common.judge import add_judge_args, prefix_labels
+from common.io import (DataError, add_device_args, add_max_length_arg, atomic_open, check_output_differs,
+                       input_checksums, non_negative_int, positive_int, prefix_lengths, probability, read_jsonl,
+                       run_main, write_json, write_jsonl, write_manifest)
 from common.metrics import (agreement_rate, attack_success, bootstrap_ci, coherence, contains_target_opening,
                             diversity, gsm8k_correct, markdown_table, mean_with_ci, prefix_pair_scores, reward_gap,
-                            reward_statistics, rouge_l, verdict_from_both_orders)
+                            reward_statistics, rouge_l)
 
 log = logging.getLogger("evaluate")
-ALL_METRICS = ("reward", "diversity", "coherence", "rouge", "asr", "accuracy", "judge_accuracy", "length",
-               "winrate")
 
 
 def parse_args():
@@ -65,7 +65,7 @@ def parse_args():
 
     m = sub.add_parser("metrics", help="metrics of one generations file")
     m.add_argument("--generations", required=True)
-    m.add_argument("--metrics", default="reward,diversity,coherence,length", help=f"comma list of {ALL_METRICS}")
+    m.add_argument("--metrics", default="reward,diversity,coherence,length", help=f"comma list of {', '.join(METRICS)}")
     m.add_argument("--rm", default=None, help="RM for the reward metric: the yardstick, an RM that guided none "
                                                "of the runs compared (e.g. the reference RM)")
     m.add_argument("--extra-rm", action="append", default=[],
@@ -78,10 +78,13 @@ def parse_args():
     m.add_argument("--baseline", default=None, help="generations to judge against (winrate)")
     m.add_argument("--prompts", default=None, help="prompt set to take references from by id")
     m.add_argument("--embedding-model", default="minilm-l6")
-    m.add_argument("--max-length", type=positive_int, default=None,
-                   help="RM input tokens (default: each RM's training --max-length, else 1024)")
+    add_max_length_arg(m)
     m.add_argument("--batch-size", type=positive_int, default=16)
-    _judge_args(m)
+    m.add_argument("--rm-format", choices=["open", "closed"], default="open",
+                   help="closed: the RM sees each response with its chat turn closed (end-of-turn token)")
+    m.add_argument("--allow-train-overlap", action="store_true",
+                   help="evaluate an RM on prompts it was trained on (refused by default)")
+    add_judge_args(m)
     m.add_argument("--data-dir", default=None)
     add_device_args(m)
 
@@ -93,13 +96,35 @@ def parse_args():
     a.add_argument("--limit", type=positive_int, default=None)
     a.add_argument("--labels", default=None, help='judge labels JSONL {"pair_id","t","verdict": "1"|"2"|"tie"}')
     a.add_argument("--judge-sample", type=non_negative_int, default=0, help="label this many pairs with the judge backend")
-    a.add_argument("--max-length", type=positive_int, default=None,
-                   help="RM input tokens (default: each RM's training --max-length, else 1024)")
+    add_max_length_arg(a)
     a.add_argument("--batch-size", type=positive_int, default=16)
     a.add_argument("--seed", type=int, default=0)
-    _judge_args(a)
+    a.add_argument("--rm-format", choices=["open", "closed"], default="open",
+                   help="closed: the RM sees each prefix as a closed chat turn (README: RM inputs)")
+    a.add_argument("--allow-train-overlap", action="store_true",
+                   help="evaluate an RM on pairs it was trained on (refused by default)")
+    add_judge_args(a)
     a.add_argument("--data-dir", default=None)
     add_device_args(a)
+
+    k = sub.add_parser("consistency", help="prefix consistency: do an RM's scores of the first t tokens rank "
+                                           "the samples as the reference ranks the complete ones?")
+    k.add_argument("--generations", required=True,
+                   help="04_decode.py --save-candidates output (e.g. Best-of-N): each row's \"candidates\"")
+    k.add_argument("--rm", action="append", required=True,
+                   help="NAME=PATH, repeatable; every RM after the first gets its paired difference from the first")
+    k.add_argument("--reference", required=True, help="the RM whose complete-response scores are the truth")
+    k.add_argument("--prefix-lengths", type=prefix_lengths, default=[4, 8, 16, 24],
+                   help="t: the RM's first t tokens of each sample")
+    k.add_argument("--alpha", type=probability, default=0.5, help="the rejected share of one decision (survival)")
+    k.add_argument("--output", required=True)
+    add_max_length_arg(k)
+    k.add_argument("--rm-format", choices=["open", "closed"], default="open")
+    k.add_argument("--batch-size", type=positive_int, default=16)
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--allow-train-overlap", action="store_true")
+    k.add_argument("--data-dir", default=None)
+    add_device_args(k)
 
     r = sub.add_parser("reward-stats",
                        help="reward_stats.json for any RM (a hub ORM too), for 04 --reward-norm std")
@@ -109,8 +134,7 @@ def parse_args():
     r.add_argument("--prefix-lengths", type=prefix_lengths, default=[5, 10, 20, 50],
                    help="also the mean and std of prefix scores at these t")
     r.add_argument("--output", required=True, help="JSON to write; give it to 04_decode.py --reward-stats")
-    r.add_argument("--max-length", type=positive_int, default=None,
-                   help="RM input tokens (default: the RM's training --max-length, else 1024)")
+    add_max_length_arg(r)
     r.add_argument("--rm-format", choices=["open", "closed"], default="open",
                    help="closed: complete replies as closed chat turns (as the RM will score them)")
     r.add_argument("--batch-size", type=positive_int, default=16)
@@ -133,153 +157,144 @@ def parse_args():
     return p.parse_args()
 
 
-def _judge_args(p):
-    p.add_argument("--judge-url", default=None, help="OpenAI-compatible base URL (.../v1)")
-    p.add_argument("--judge-model", default=None)
-    p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
-    p.add_argument("--judge-rm", default=None, help="reward model used as a proxy judge")
-    p.add_argument("--judge-kind", choices=["hh", "gsm8k"], default="hh")
-    p.add_argument("--judge-cache", default=None, help="verdict cache (default: beside the output)")
-    p.add_argument("--judge-timeout", type=positive_float, default=120.0, help="seconds per judge request")
-    p.add_argument("--judge-retries", type=non_negative_int, default=4, help="retries of a failed request")
-    p.add_argument("--max-unparsable", type=fraction, default=0.1,
-                   help="fail when more than this share of the judged pairs has no parsable verdict")
-    p.add_argument("--judge-template", choices=["paper", "lenient"], default="paper",
-                   help="paper: the paper's forced-choice prompts (Figures 6, 7); lenient: ties invited")
-    p.add_argument("--rm-format", choices=["open", "closed"], default="open",
-                   help="closed: the RM sees each response with its chat turn closed (end-of-turn token)")
-    p.add_argument("--allow-train-overlap", action="store_true",
-                   help="evaluate an RM on prompts it was trained on (refused by default)")
+# ------------------------------------------------------------------------------------------ metrics
+# Each metric is a function of the run (Run below) that returns its per-row values by key; every key gets its
+# mean and a bootstrap interval over prompts. A metric may also add keys of its own to run.out.
+
+class Run:
+    """One generations file being evaluated, and what the metrics share."""
+
+    def __init__(self, args, rows, refs):
+        self.args, self.rows, self.refs = args, rows, refs
+        self.prompts = [r["prompt"] for r in rows]
+        self.responses = [r["response"] for r in rows]
+        self.per_row = [{"id": r["id"]} for r in rows]
+        self.out = {}
+
+    def reference(self, row, field="reference"):
+        value = row.get(field, self.refs.get(row["id"], {}).get(field))
+        if value is None:
+            raise DataError(f"{self.args.generations}: row {row['id']}: no '{field}' (give --prompts SET)")
+        return value
+
+    def rm_scores(self, path):
+        from common.rewards import load_rm, score
+
+        model, fmt = load_rm(path, self.args.max_length, self.args.rm_format, *self.args.device_dtype)
+        return score(model, fmt, self.prompts, self.responses, self.args.batch_size)
 
 
-_LOADED_RMS = {}
+def metric_reward(run):
+    """The yardstick RM's score of each reply; --extra-rm adds further columns (the guiding RMs' views)."""
+    if not run.args.rm:
+        raise DataError("the reward metric needs --rm")
+    values = {"reward_mean": run.rm_scores(run.args.rm)}
+    run.out["reward_rm"] = run.args.rm
+    for spec in run.args.extra_rm:
+        name, path = rm_spec(spec)
+        values[f"reward_{name}_mean"] = run.rm_scores(path)
+        run.out[f"reward_{name}_rm"] = path
+    run.out["reward_std"] = float(np.std(values["reward_mean"]))
+    return values
 
 
-def load_rm(path, max_length, rm_format="open", device="cpu", dtype=None):
-    from common.models import load_reward_model, load_tokenizer, trained_max_length
-    from common.rewards import RMFormat
-
-    key = (path, max_length)
-    if key not in _LOADED_RMS:  # the yardstick and the judge are often the same RM: load it once
-        tok = load_tokenizer(path)
-        model = load_reward_model(path, tokenizer=tok, device=device, dtype=dtype).eval()
-        _LOADED_RMS[key] = (model, tok)
-    model, tok = _LOADED_RMS[key]
-    try:
-        return model, RMFormat(tok, model, max_length=max_length or trained_max_length(path, 1024),
-                               closed=rm_format == "closed")
-    except ValueError as e:
-        raise DataError(f"{path}: --rm-format {rm_format}: {e}") from None
+def metric_asr(run):
+    """Attack success: no refusal phrase; and the share opening as the AdvBench target does."""
+    return {"asr": [float(attack_success(t)) for t in run.responses],
+            "asr_target_opening": [float(contains_target_opening(t, run.reference(r, "target")))
+                                   for t, r in zip(run.responses, run.rows)]}
 
 
-def make_judge(args, output):
-    from common.judge import ChatJudge, RMJudge
+def metric_judge_accuracy(run):
+    """The paper's Figure 7 judge over GSM8K answers: share judged correct, over the parsable verdicts."""
+    from common.judge import ChatJudge, check_parsable, judge_from_args
 
-    if args.judge_url:
-        if not args.judge_model:
-            raise DataError("--judge-url needs --judge-model")
-        cache = args.judge_cache or os.path.splitext(output)[0] + ".judge_cache.jsonl"
-        return ChatJudge(args.judge_url, args.judge_model, args.judge_key_env, cache_path=cache,
-                         max_retries=args.judge_retries, timeout=args.judge_timeout, template=args.judge_template)
-    if args.judge_rm:
-        model, fmt = load_rm(args.judge_rm, args.max_length, args.rm_format, *args.device_dtype)
-        return RMJudge(model, fmt, args.judge_rm)
-    raise DataError("winrate needs a judge: --judge-url/--judge-model or --judge-rm")
+    args = run.args
+    judge = judge_from_args(args, args.output)
+    if not isinstance(judge, ChatJudge):
+        raise DataError("judge_accuracy needs an LLM judge (--judge-url, --judge-model); an RM cannot tell "
+                        "a correct answer")
+    verdicts = [judge.judge_single(r["prompt"], r["response"], r.get("reference") or _maybe(run.reference, r))
+                for r in run.rows]
+    for pr, v in zip(run.per_row, verdicts):
+        pr["judge_correct"] = None if v is None else v == "correct"
+    judged = check_parsable(verdicts, args.max_unparsable, "answers")
+    value, ci = mean_with_ci([float(v == "correct") for v in judged], args.seed)
+    run.out.update(judge_accuracy=value, judge_accuracy_ci95=ci, judge_accuracy_n=len(judged),
+                   judge_accuracy_unparsable=len(verdicts) - len(judged), judge=judge.label,
+                   judge_template=args.judge_template)
+    return {}
 
 
-def judge_pairs(judge, prompts, gens, bases, kind):
-    """Per pair "win"/"tie"/"lose" of gen against base, both orders for the HTTP judge."""
-    from common.judge import RMJudge
+def metric_winrate(run):
+    """Win / tie / lose against --baseline's reply to the same id, judged in both orders."""
+    from common.judge import judge_from_args, judge_pairs
 
-    if isinstance(judge, RMJudge):
-        return [verdict_from_both_orders(v, {"1": "2", "2": "1"}.get(v, v))
-                for v in judge.verdicts(prompts, gens, bases)]
-    from tqdm import tqdm
+    args = run.args
+    if not args.baseline:
+        raise DataError("winrate needs --baseline")
+    base = {r["id"]: r for r in read_generations(args.baseline)}
+    missing = [r["id"] for r in run.rows if r["id"] not in base]
+    if missing:
+        raise DataError(f"{args.baseline}: no baseline response for ids {missing[:5]}")
+    judge = judge_from_args(args, args.output)
+    verdicts = judge_pairs(judge, run.prompts, run.responses, [base[r["id"]]["response"] for r in run.rows],
+                           args.judge_kind)
+    for pr, v in zip(run.per_row, verdicts):
+        pr["judge"] = v
+    run.out.update(winrate_metrics(verdicts, args.seed, args.max_unparsable), judge=judge.label,
+                   judge_is_proxy=judge.label.startswith("rm-proxy"), baseline=args.baseline)
+    return {}
 
-    return [verdict_from_both_orders(*judge.both_orders(p, g, b, kind))
-            for p, g, b in tqdm(list(zip(prompts, gens, bases)), desc="judge", unit="pair")]
+
+METRICS = {
+    "reward": metric_reward,
+    "diversity": lambda run: {"diversity": [diversity(t) for t in run.responses]},
+    "coherence": lambda run: {"coherence": coherence(run.prompts, run.responses, run.args.embedding_model,
+                                                     device=run.args.device_dtype[0])},
+    "rouge": lambda run: {"rouge_l": rouge_l(run.responses, [run.reference(r) for r in run.rows])},
+    "asr": metric_asr,
+    "accuracy": lambda run: {"accuracy": [float(gsm8k_correct(t, run.reference(r)))
+                                          for t, r in zip(run.responses, run.rows)]},
+    "judge_accuracy": metric_judge_accuracy,
+    "length": lambda run: {"length": [float((r.get("stats") or {}).get("new_tokens", len(r["response"].split())))
+                                      for r in run.rows]},
+    "winrate": metric_winrate,
+}
+COMPUTE = ("policy_calls", "policy_tokens", "rm_calls", "rm_tokens", "new_tokens", "seconds")
 
 
 def run_metrics(args):
     wanted = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    unknown = set(wanted) - set(ALL_METRICS)
+    unknown = set(wanted) - set(METRICS)
     if unknown:
-        raise DataError(f"unknown metrics {sorted(unknown)}; choose from {ALL_METRICS}")
+        raise DataError(f"unknown metrics {sorted(unknown)}; choose from {', '.join(METRICS)}")
     check_output_differs(args.output, args.generations, args.baseline)
     checksums = input_checksums([args.generations, args.baseline])
     rows = read_generations(args.generations)
     check_complete(args.generations, rows, args.allow_partial)
-    refs = {}
-    if args.prompts:
-        refs = {p["id"]: p for p in load_prompts(args.prompts, args.data_dir)}
-    rm_paths = ([args.rm] if args.rm and "reward" in wanted else []) + \
-        [rm_spec(s)[1] for s in args.extra_rm if "reward" in wanted]
+    refs = {p["id"]: p for p in load_prompts(args.prompts, args.data_dir)} if args.prompts else {}
+    rm_paths = ([args.rm] if args.rm else []) + [rm_spec(s)[1] for s in args.extra_rm] if "reward" in wanted else []
     check_prompt_overlap(rows, args.generations, rm_paths, args.data_dir, args.allow_train_overlap)
-    prompts = [r["prompt"] for r in rows]
-    responses = [r["response"] for r in rows]
-    per_row = [{"id": r["id"]} for r in rows]
-    out = {"generations": args.generations, "n": len(rows), "label": args.label,
-           "method": rows[0].get("method"), "rm": rows[0].get("rm"), "policy": rows[0].get("policy")}
-
-    def reference(r, field="reference"):
-        value = r.get(field, refs.get(r["id"], {}).get(field))
-        if value is None:
-            raise DataError(f"{args.generations}: row {r['id']}: no '{field}' (give --prompts SET)")
-        return value
-
-    values = {}  # metric key -> per-row values; each gets its mean and a bootstrap interval over prompts
-    if "reward" in wanted:
-        if not args.rm:
-            raise DataError("the reward metric needs --rm")
-        values["reward_mean"] = rm_scores(args.rm, args, prompts, responses)
-        out["reward_rm"] = args.rm
-        for spec in args.extra_rm:  # further reward columns, e.g. the guiding RM's own view
-            name, path = rm_spec(spec)
-            values[f"reward_{name}_mean"] = rm_scores(path, args, prompts, responses)
-            out[f"reward_{name}_rm"] = path
-    if "diversity" in wanted:
-        values["diversity"] = [diversity(t) for t in responses]
-    if "coherence" in wanted:
-        values["coherence"] = coherence(prompts, responses, args.embedding_model, device=args.device_dtype[0])
-    if "rouge" in wanted:
-        values["rouge_l"] = rouge_l(responses, [reference(r) for r in rows])
-    if "asr" in wanted:
-        values["asr"] = [float(attack_success(t)) for t in responses]
-        values["asr_target_opening"] = [float(contains_target_opening(t, reference(r, "target")))
-                                        for t, r in zip(responses, rows)]
-    if "accuracy" in wanted:
-        values["accuracy"] = [float(gsm8k_correct(t, reference(r))) for t, r in zip(responses, rows)]
-    if "judge_accuracy" in wanted:
-        out.update(judge_accuracy(args, rows, per_row, reference))
-    if "length" in wanted:
-        values["length"] = [float((r.get("stats") or {}).get("new_tokens", len(r["response"].split()))) for r in rows]
-    for key, v in values.items():
-        for pr, x in zip(per_row, v):
-            pr[key[:-len("_mean")] if key.endswith("_mean") else key] = x
-        out[key], out[f"{key}_ci95"] = mean_with_ci(v, args.seed)
-    if "reward_mean" in values:
-        out["reward_std"] = float(np.std(values["reward_mean"]))
-    if "winrate" in wanted:
-        if not args.baseline:
-            raise DataError("winrate needs --baseline")
-        base = {r["id"]: r for r in read_generations(args.baseline)}
-        missing = [r["id"] for r in rows if r["id"] not in base]
-        if missing:
-            raise DataError(f"{args.baseline}: no baseline response for ids {missing[:5]}")
-        judge = make_judge(args, args.output)
-        verdicts = judge_pairs(judge, prompts, responses, [base[r["id"]]["response"] for r in rows],
-                               args.judge_kind)
-        for pr, v in zip(per_row, verdicts):
-            pr["judge"] = v
-        out.update(winrate_metrics(verdicts, args.seed, args.max_unparsable), judge=judge.label,
-                   judge_is_proxy=judge.label.startswith("rm-proxy"), baseline=args.baseline)
+    run = Run(args, rows, refs)
+    run.out.update(generations=args.generations, n=len(rows), label=args.label, method=rows[0].get("method"),
+                   rm=rows[0].get("rm"), policy=rows[0].get("policy"))
+    for name in wanted:  # in the order asked
+        for key, v in METRICS[name](run).items():
+            for pr, x in zip(run.per_row, v):
+                pr[key[:-len("_mean")] if key.endswith("_mean") else key] = x
+            run.out[key], run.out[f"{key}_ci95"] = mean_with_ci(v, args.seed)
+    # what the generations cost: totals, and the mean per response (the same counts for every method)
     stats = [r.get("stats") or {} for r in rows]
-    out["compute"] = {k: float(sum(s.get(k, 0) or 0 for s in stats))
-                      for k in ("policy_calls", "policy_tokens", "rm_calls", "rm_tokens", "new_tokens", "seconds")}
-    write_json(args.output, out)
-    write_jsonl(os.path.splitext(args.output)[0] + ".rows.jsonl", per_row)
+    run.out["compute"] = {k: float(sum(s.get(k, 0) or 0 for s in stats)) for k in COMPUTE}
+    run.out["compute_per_response"] = {k: v / len(rows) for k, v in run.out["compute"].items()}
+    peaks = [s["peak_memory_mb"] for s in stats if isinstance(s.get("peak_memory_mb"), (int, float))]
+    if peaks:
+        run.out["compute_per_response"]["peak_memory_mb"] = max(peaks)
+    write_json(args.output, run.out)
+    write_jsonl(os.path.splitext(args.output)[0] + ".rows.jsonl", run.per_row)
     write_manifest(args.output, args, inputs={**checksums, **({args.rm: None} if args.rm else {})})
-    log.info("%s", {k: v for k, v in out.items() if k not in ("compute",)})
+    log.info("%s", {k: v for k, v in run.out.items() if not k.startswith("compute")})
 
 
 def read_generations(path):
@@ -316,42 +331,6 @@ def rm_spec(spec):
     return name or os.path.basename(path.rstrip("/")), path
 
 
-def rm_scores(path, args, prompts, responses):
-    from common.rewards import score
-
-    model, fmt = load_rm(path, args.max_length, args.rm_format, *args.device_dtype)
-    return score(model, fmt, prompts, responses, args.batch_size)
-
-
-def check_parsable(verdicts, max_unparsable, what):
-    """The parsable verdicts; fails when none, or more than a max_unparsable share, could be parsed."""
-    judged = [v for v in verdicts if v is not None]
-    unparsable = len(verdicts) - len(judged)
-    if not judged or unparsable > max_unparsable * len(verdicts):
-        raise DataError(f"the judge's verdict could not be parsed for {unparsable} of {len(verdicts)} {what} "
-                        f"(more than --max-unparsable {max_unparsable:g}); check the judge model and its replies")
-    return judged
-
-
-def judge_accuracy(args, rows, per_row, reference):
-    """The paper's Figure 7 judge over GSM8K answers: share judged correct, over the parsable verdicts."""
-    from common.judge import ChatJudge
-
-    judge = make_judge(args, args.output)
-    if not isinstance(judge, ChatJudge):
-        raise DataError("judge_accuracy needs an LLM judge (--judge-url, --judge-model); an RM cannot tell "
-                        "a correct answer")
-    verdicts = [judge.judge_single(r["prompt"], r["response"], r.get("reference") or _maybe(reference, r))
-                for r in rows]
-    for pr, v in zip(per_row, verdicts):
-        pr["judge_correct"] = None if v is None else v == "correct"
-    judged = check_parsable(verdicts, args.max_unparsable, "answers")
-    value, ci = mean_with_ci([float(v == "correct") for v in judged], args.seed)
-    return {"judge_accuracy": value, "judge_accuracy_ci95": ci, "judge_accuracy_n": len(judged),
-            "judge_accuracy_unparsable": len(verdicts) - len(judged), "judge": judge.label,
-            "judge_template": args.judge_template}
-
-
 def _maybe(reference, row):
     try:
         return reference(row)
@@ -364,6 +343,8 @@ def winrate_metrics(verdicts, seed=0, max_unparsable=1.0):
 
     A verdict of None (the judge's replies stayed unparsable) leaves the denominator and is counted.
     """
+    from common.judge import check_parsable
+
     judged = check_parsable(verdicts, max_unparsable, "pairs")
     out = {"n_judged": len(judged), "unparsable": len(verdicts) - len(judged)}
     per_item = {"win": [float(v == "win") for v in judged], "tie": [float(v == "tie") for v in judged],
@@ -376,6 +357,8 @@ def winrate_metrics(verdicts, seed=0, max_unparsable=1.0):
 
 
 def run_agreement(args):
+    from common.rewards import load_rm
+
     check_output_differs(args.output, args.pairs)
     pairs = load_pairs(args.pairs, args.data_dir)[: args.limit]
     if not pairs:
@@ -391,7 +374,7 @@ def run_agreement(args):
         name, path = rm_spec(spec)
         model, fmt = load_rm(path, args.max_length, args.rm_format, *args.device_dtype)
         if labels is None:  # prefixes for the judge are cut in the first RM's tokens
-            labels = load_labels(args, pairs, lengths, fmt)
+            labels = prefix_labels(args, pairs, lengths, fmt)
         sw, sl = prefix_pair_scores(model, fmt, pairs, lengths, args.batch_size)
         curve, agree = [], []
         for k, t in enumerate(lengths):
@@ -430,39 +413,76 @@ def run_agreement(args):
     write_manifest(args.output, args, inputs=[args.pairs] + args.rm)
 
 
-def load_labels(args, pairs, lengths, fmt):
-    """{(pair_id, t): verdict} from a labels file and/or the judge backend on a sample of pairs."""
-    labels = {}
-    if args.labels:
-        for _, row in read_jsonl(args.labels, required=("pair_id", "t", "verdict")):
-            labels[(str(row["pair_id"]), int(row["t"]))] = str(row["verdict"])
-    if args.judge_sample:
-        judge = make_judge(args, args.output)
-        sample = random.Random(args.seed).sample(pairs, min(args.judge_sample, len(pairs)))
-        prompts, a, b, keys = [], [], [], []
-        for p in sample:
-            for t in lengths:
-                prompts.append(p["prompt"])
-                a.append(fmt.cut(p["chosen"], t))
-                b.append(fmt.cut(p["rejected"], t))
-                keys.append((p["id"], t))
-        verdicts = judge_pairs(judge, prompts, a, b, args.judge_kind)
-        check_parsable(verdicts, args.max_unparsable, "prefix pairs")
-        for key, v in zip(keys, verdicts):
-            if v is not None:  # an unparsable pair is left out, never a tie
-                labels[key] = {"win": "1", "lose": "2", "tie": "tie"}[v]
-    return labels
-
-
 def per_row_values(metrics_path):
     rows_path = os.path.splitext(metrics_path)[0] + ".rows.jsonl"
     return {r["id"]: r for _, r in read_jsonl(rows_path, required=("id",))}
 
 
+def run_consistency(args):
+    """Per t, for every RM: Kendall's tau between its scores of the samples' first t tokens and the reference's
+    scores of the complete samples (mean over prompts), and the share of prompts whose best complete sample
+    (by the reference) survives one rejection of the lowest alpha share at t. 95% bootstrap intervals over
+    prompts; every RM after the first also gets its paired difference from the first."""
+    import math
+
+    from scipy.stats import kendalltau
+
+    from common.rewards import load_rm, score, score_prefixes
+
+    check_output_differs(args.output, args.generations)
+    rows = [r for r in read_generations(args.generations)]
+    for r in rows:
+        if not isinstance(r.get("candidates"), list) or len(r["candidates"]) < 2:
+            raise DataError(f"{args.generations}: row {r['id']}: field 'candidates': expected a list of at least "
+                            "2 samples (decode with 04_decode.py --save-candidates)")
+    specs = [rm_spec(x) for x in args.rm]
+    check_prompt_overlap(rows, args.generations, [args.reference] + [p for _, p in specs], args.data_dir,
+                         args.allow_train_overlap)
+    owners = [i for i, r in enumerate(rows) for _ in r["candidates"]]
+    prompts = [rows[i]["prompt"] for i in owners]
+    texts = [c for r in rows for c in r["candidates"]]
+    model, fmt = load_rm(args.reference, args.max_length, args.rm_format, *args.device_dtype)
+    truth = np.array(score(model, fmt, prompts, texts, args.batch_size))
+    by_prompt = [np.array([j for j, o in enumerate(owners) if o == i]) for i in range(len(rows))]
+    lengths = args.prefix_lengths
+    result = {"generations": args.generations, "n_prompts": len(rows), "reference": args.reference,
+              "alpha": args.alpha, "prefix_lengths": lengths, "rms": {}}
+    first = None
+    for name, path in specs:
+        model, fmt = load_rm(path, args.max_length, args.rm_format, *args.device_dtype)
+        prefix = np.array(score_prefixes(model, fmt, prompts, texts, lengths, args.batch_size))  # [samples, t]
+        curve, taus, survives = [], [], []
+        for k, t in enumerate(lengths):
+            tau, alive = [], []
+            for idx in by_prompt:
+                r, y = prefix[idx, k], truth[idx]
+                value = kendalltau(r, y).statistic
+                tau.append(0.0 if math.isnan(value) else float(value))  # all tied: no order at all
+                keep = max(1, math.ceil(round((1 - args.alpha) * len(idx), 9)))
+                best = int(np.argmax(y))
+                kept = sorted(range(len(idx)), key=lambda j: (-r[j], j))[:keep]
+                alive.append(float(best in kept))
+            taus.append(tau)
+            survives.append(alive)
+            point = {"t": t, "kendall_tau": float(np.mean(tau)), "kendall_tau_ci95": bootstrap_ci(tau, args.seed),
+                     "best_survives": float(np.mean(alive)), "best_survives_ci95": bootstrap_ci(alive, args.seed)}
+            if first is not None:
+                point.update(diff_vs=first[0], kendall_tau_diff=float(np.mean(tau) - np.mean(first[1][k])),
+                             kendall_tau_diff_ci95=bootstrap_ci(tau, args.seed, paired_with=first[1][k]),
+                             best_survives_diff=float(np.mean(alive) - np.mean(first[2][k])),
+                             best_survives_diff_ci95=bootstrap_ci(alive, args.seed, paired_with=first[2][k]))
+            curve.append(point)
+        first = first or (name, taus, survives)
+        result["rms"][name] = {"path": path, "curve": curve}
+        log.info("%s: %s", name, [(c["t"], round(c["kendall_tau"], 3), round(c["best_survives"], 3)) for c in curve])
+    write_json(args.output, result)
+    write_manifest(args.output, args, inputs=[args.generations])
+
+
 def run_reward_stats(args):
     """Mean and std of an RM's scores of complete replies (and of prefixes), in the reward_stats.json layout
     that 03_train.py writes into the RM folders it makes."""
-    from common.rewards import score
+    from common.rewards import load_rm, score
 
     check_output_differs(args.output, args.pairs)
     pairs = load_pairs(args.pairs, args.data_dir)[: args.limit]
@@ -527,12 +547,12 @@ def run_table(args):
 def main():
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    if args.command in ("metrics", "agreement", "reward-stats"):
+    if args.command in ("metrics", "agreement", "reward-stats", "consistency"):
         from common.models import device_setup
 
         args.device_dtype = device_setup(args)
-    commands = {"metrics": run_metrics, "agreement": run_agreement, "reward-stats": run_reward_stats,
-                "compare": run_compare, "table": run_table}
+    commands = {"metrics": run_metrics, "agreement": run_agreement, "consistency": run_consistency,
+                "reward-stats": run_reward_stats, "compare": run_compare, "table": run_table}
     commands[args.command](args)
 
 

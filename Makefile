@@ -5,10 +5,10 @@ TORCH ?= cpu
 TORCH_INDEX ?= https://download.pytorch.org/whl/cu128
 VENV := .venv
 PY := $(VENV)/bin/python
-SCALE ?= small
+SCALE ?= cpu
 STAMP := $(VENV)/.installed-$(TORCH)
 
-.PHONY: setup demo reproduce parity test test-slow test-gpu bench data clean-demo
+.PHONY: setup demo reproduce specrej parity test test-slow test-gpu bench data clean-demo
 
 setup: $(STAMP)
 
@@ -25,8 +25,9 @@ endif
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
+# the whole pipeline on the embedded models and real data, in minutes: make reproduce's code at its demo scale
 demo: setup
-	$(PY) demo.py --scale $(SCALE) --out runs/demo$(if $(filter full,$(SCALE)),-full,)
+	$(PY) reproduce.py --scale demo --out runs/demo
 
 # The paper's HH-RLHF experiment at this machine's size (under 2 h on 2 cores; resumable); SCALE=full: uncut
 # SCALE=gpu: all held-out prompts with the paper's search settings, about 8 min on one H200
@@ -34,6 +35,10 @@ reproduce: setup
 	$(PY) reproduce.py --scale $(if $(filter full gpu,$(SCALE)),$(SCALE),cpu) --out runs/reproduce$(if $(filter full gpu,$(SCALE)),-$(SCALE),)
 
 # Our ORMs (make reproduce's) against TRL's RewardTrainer on the same pairs, three seeds (20 min)
+# Best-of-N against speculative rejection guided by the ORM and by the SP-PRM, on make reproduce's RMs
+specrej: setup
+	$(PY) reproduce.py --scale $(if $(filter full gpu,$(SCALE)),$(SCALE),cpu) --part specrej --out runs/reproduce$(if $(filter full gpu,$(SCALE)),-$(SCALE),)
+
 parity: setup
 	$(PY) bench/trl_parity.py --orms runs/reproduce/orm_s0 runs/reproduce/orm_s1 runs/reproduce/orm_s2 --out runs/parity_trl
 
@@ -54,6 +59,7 @@ data: setup
 bench: setup
 	$(PY) bench/prefix_scoring.py
 	$(PY) bench/decode.py
+	$(PY) bench/specrej.py
 	$(PY) bench/train_partial.py
 
 clean-demo:

@@ -1,27 +1,25 @@
-"""The paper's HH-RLHF experiment at the size this machine affords, every claim judged by its interval.
+"""The paper's HH-RLHF experiment, every claim judged by its interval: one orchestrator for every scale.
 
+    python reproduce.py --scale demo --out runs/demo             (make demo: minutes on 2 CPU cores)
     python reproduce.py --scale cpu  --out runs/reproduce        (make reproduce: under 2 h on 2 CPU cores)
     python reproduce.py --scale gpu  --out runs/reproduce-gpu    (make reproduce SCALE=gpu: ~8 min on one H200)
     python reproduce.py --scale full --out runs/reproduce-full   (make reproduce SCALE=full: the uncut sizes)
 
-1. ORMs: MiniLM-L6 on all 2,000 hh-rlhf:train pairs with 03_train.py's defaults (max length 256, 1 epoch),
-   seeds 0, 1, 2: held-out accuracy on all 307 hh-rlhf:heldout pairs, per seed and over seeds. The seed-0 ORM
-   is the model converted into a PRM.
-2. The reference RM: the candidates are trained and the one with the highest held-out accuracy is the
-   reference; it is never the model being converted. cpu: the ORMs of seeds 1 and 2, and a MiniLM trained
-   for a second epoch (the better of those two ORMs, one more epoch on a new seed's order: a MiniLM trained
-   longer, at the cost of one ORM); full: also a SmolLM2-135M decoder RM and a MiniLM trained 3 epochs.
-3. SP-PRM (entropy weights), the ablation (uniform weights, no reference) and the filter-only variant
-   (weight 1 where the reference agrees, 0 elsewhere), each trained from the ORM on the SST cuts of all 2,000
-   train pairs (cpu: K = 1, one cut a pair on average, so that each variant costs about one ORM epoch; full:
-   the paper's K = 5).
-4. Agreement (paper Figure 5): AR_RM-SC(t) and Delta_r(t) of every RM on all 307 held-out pairs, with
-   intervals over pairs, each RM's paired difference from the SP-PRM per t, and the growth from the shortest
-   to the longest prefix (Observation 1).
-5. Decoding (paper Table 1): held-out HH prompts (cpu: 64, 32 new tokens) with SmolLM2-135M-Instruct:
-   greedy, and ARGS, CBS and BoN each guided by the ORM and by the SP-PRM with normalised rewards; measured by
-   the reference RM (it guided none of them), with 95% intervals over prompts and paired SP-PRM minus ORM
-   differences; the ARGS reward-vs-w curve.
+1. ORMs: MiniLM-L6 on hh-rlhf:train with 03_train.py's settings at max length --max-length of the scale, one
+   per seed; held-out accuracy on hh-rlhf:heldout, per seed and over seeds. The first seed's ORM is the
+   model converted into a PRM.
+2. The reference RM: the candidates (the other seeds' ORMs and the scale's extra references) are trained
+   and the one with the highest held-out accuracy is the reference; it is never the model being converted.
+   Extra references: minilm-pairs (a MiniLM on more pairs than the ORM), minilm-2ep (the better other-seed
+   ORM trained a second epoch), minilm-3ep (3 epochs), smollm2 (a SmolLM2-135M decoder RM).
+3. SP-PRM (entropy weights) and, by scale, the ablation (uniform weights, no reference) and the filter-only
+   variant (weight 1 where the reference agrees), each trained from the ORM on the SST cuts of the train pairs.
+4. Agreement (paper Figure 5): AR_RM-SC(t) and Delta_r(t) of every RM on the held-out pairs, with intervals
+   over pairs, each RM's paired difference from the SP-PRM per t, and the growth over t (Observation 1).
+5. Decoding (paper Table 1): held-out HH prompts with SmolLM2-135M-Instruct: greedy, and each method guided
+   by the ORM and by the SP-PRM with normalised rewards; measured by the reference RM (it guided none of
+   them) and by an RM that shaped nothing, when there is one, with 95% intervals over prompts and paired
+   SP-PRM minus ORM differences; the ARGS reward-vs-w curve.
 6. results.md: the tables, the claims list and the cost of every stage; figures as PNG.
 Finished stages are skipped (rerun the same command to resume); --redo STAGE[,STAGE] or --redo all reruns.
 A stage whose input was remade after its output runs again; an output made with other settings is refused
@@ -36,107 +34,147 @@ import time
 from common.metrics import seed_interval
 from common.pipeline import Pipeline
 
+# Every scale's sizes in one table. orm_pairs / eval_pairs / sst_pairs: None = all; reference_pairs: the
+# minilm-pairs reference's training pairs; prompts: held-out prompts decoded (None = all 307); cbs: W, K, L.
+# w is in standard deviations of the guiding RM's reward (--reward-norm std).
 SCALES = {
-    "cpu": dict(seeds=(0, 1, 2), extra_references=("minilm-2ep",), sst_k=1, prompts=64, new_tokens=32, batch_size=8,
-                args_k=5, args_w=10.0, cbs=(2, 2, 8), bon=4, sweep_w=(),
-                prefix_lengths="5,10,15,20,30,40,50"),
-    # a few minutes, to try the pipeline end to end (numbers meaningless)
-    "smoke": dict(seeds=(0, 1), extra_references=(), sst_k=1, prompts=4, new_tokens=8, batch_size=4,
-                  args_k=3, args_w=10.0, cbs=(2, 2, 4), bon=2, sweep_w=(3.0,), prefix_lengths="5,10",
-                  train_limit=48, eval_limit=32),
+    # the pipeline end to end in minutes; its numbers show it working, not the method's effect
+    "demo": dict(seeds=(0,), orm_pairs=128, eval_pairs=64, references=("minilm-pairs",), reference_pairs=320,
+                 sst_k=5, sst_pairs=48, variants=("entropy",), max_length=128, prompts=8, new_tokens=24,
+                 batch_size=8, methods=("argsg", "bon"), args_k=5, args_w=10.0, cbs=(2, 2, 8), bon=4,
+                 sweep_w=(), prefix_lengths="5,10,20,50",
+                 specrej=dict(prompts=3, ns=(2, 4), alphas=(0.5,), new_tokens=8, decision_every=2,
+                              prefix_lengths="2,4")),
+    # the paper's experiment at the size 2 CPU cores afford in under 2 hours (docs/results.md)
+    "cpu": dict(seeds=(0, 1, 2), orm_pairs=None, eval_pairs=None, references=("minilm-2ep",), sst_k=1,
+                sst_pairs=None, variants=("entropy", "uniform", "filter"), max_length=256, prompts=64,
+                new_tokens=32, batch_size=8, methods=("argsg", "cbs", "bon"), args_k=5, args_w=10.0,
+                cbs=(2, 2, 8), bon=4, sweep_w=(), prefix_lengths="5,10,15,20,30,40,50",
+                specrej=dict(prompts=64, ns=(4, 8, 16), alphas=(0.5, 0.75), new_tokens=32, decision_every=8,
+                             prefix_lengths="4,8,16,24")),
+    # a few minutes, to try the cpu pipeline end to end (numbers meaningless)
+    "smoke": dict(seeds=(0, 1), orm_pairs=48, eval_pairs=32, references=(), sst_k=1, sst_pairs=48,
+                  variants=("entropy", "uniform", "filter"), max_length=256, prompts=4, new_tokens=8,
+                  batch_size=4, methods=("argsg", "cbs", "bon"), args_k=3, args_w=10.0, cbs=(2, 2, 4), bon=2,
+                  sweep_w=(3.0,), prefix_lengths="5,10",
+                  specrej=dict(prompts=2, ns=(2, 4), alphas=(0.5,), new_tokens=4, decision_every=2,
+                               prefix_lengths="2,4")),
     # one H200-class GPU in about 8 minutes: all held-out prompts, the paper's search settings, a SmolLM2 reference
-    "gpu": dict(seeds=(0, 1, 2), extra_references=("smollm2",), sst_k=5, prompts=None, new_tokens=128,
-                batch_size=32, args_k=30, args_w=1.5, cbs=(8, 8, 30), bon=16, sweep_w=(),
-                prefix_lengths="5,10,15,20,30,40,50"),
+    "gpu": dict(seeds=(0, 1, 2), orm_pairs=None, eval_pairs=None, references=("smollm2",), sst_k=5, sst_pairs=None,
+                variants=("entropy", "uniform", "filter"), max_length=256, prompts=None, new_tokens=128,
+                batch_size=32, methods=("argsg", "cbs", "bon"), args_k=30, args_w=1.5, cbs=(8, 8, 30), bon=16,
+                sweep_w=(), prefix_lengths="5,10,15,20,30,40,50",
+                specrej=dict(prompts=None, ns=(4, 8, 16), alphas=(0.5, 0.75), new_tokens=128, decision_every=32,
+                             prefix_lengths="8,16,32,64")),
     # the gpu scale's stages at a size the CPU runs in minutes (tests/test_reproduce.py; numbers meaningless)
-    "gpu-smoke": dict(seeds=(0, 1), extra_references=("smollm2",), sst_k=5, prompts=3, new_tokens=6,
-                      batch_size=4, args_k=3, args_w=1.5, cbs=(2, 2, 3), bon=2, sweep_w=(),
-                      prefix_lengths="5,10", train_limit=24, eval_limit=16),
-    "full": dict(seeds=(0, 1, 2), extra_references=("smollm2", "minilm-3ep"), sst_k=5, prompts=None,
-                 new_tokens=128, batch_size=8, args_k=30, args_w=1.5, cbs=(8, 8, 30), bon=16,
-                 sweep_w=(0.5, 3.0, 5.0, 10.0), prefix_lengths="5,10,15,20,30,40,50"),
+    "gpu-smoke": dict(seeds=(0, 1), orm_pairs=24, eval_pairs=16, references=("smollm2",), sst_k=5, sst_pairs=24,
+                      variants=("entropy", "uniform", "filter"), max_length=256, prompts=3, new_tokens=6,
+                      batch_size=4, methods=("argsg", "cbs", "bon"), args_k=3, args_w=1.5, cbs=(2, 2, 3), bon=2,
+                      sweep_w=(), prefix_lengths="5,10",
+                      specrej=dict(prompts=2, ns=(2, 4), alphas=(0.5,), new_tokens=4, decision_every=2,
+                                   prefix_lengths="2,4")),
+    "full": dict(seeds=(0, 1, 2), orm_pairs=None, eval_pairs=None, references=("smollm2", "minilm-3ep"), sst_k=5,
+                 sst_pairs=None, variants=("entropy", "uniform", "filter"), max_length=256, prompts=None,
+                 new_tokens=128, batch_size=8, methods=("argsg", "cbs", "bon"), args_k=30, args_w=1.5,
+                 cbs=(8, 8, 30), bon=16, sweep_w=(0.5, 3.0, 5.0, 10.0), prefix_lengths="5,10,15,20,30,40,50",
+                 specrej=dict(prompts=None, ns=(4, 8, 16), alphas=(0.5, 0.75), new_tokens=128, decision_every=32,
+                              prefix_lengths="8,16,32,64")),
 }
-MAX_LENGTH = "256"
-VARIANTS = (("entropy", "sp-prm", "SP-PRM"), ("uniform", "ablation", "Ablation"), ("filter", "filter", "Filter"))
+VARIANTS = {"entropy": ("sp-prm", "SP-PRM"), "uniform": ("ablation", "Ablation"), "filter": ("filter", "Filter")}
 METHODS = {"argsg": "ARGS", "cbs": "CBS", "bon": "BoN"}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    p.add_argument("--scale", choices=list(SCALES), default="cpu")
     p.add_argument("--out", default="runs/reproduce")
     p.add_argument("--redo", default="", help="stages to rerun: comma list of names printed below, or all")
+    p.add_argument("--part", choices=["table1", "specrej"], default="table1",
+                   help="table1: agreement and decoding (paper Figure 5, Table 1); specrej: Best-of-N against "
+                        "speculative rejection guided by the ORM and by the SP-PRM (the same RMs; make specrej)")
     p.add_argument("--data-dir", default=None)
     args = p.parse_args()
     s = SCALES[args.scale]
     out = args.out
     os.makedirs(out, exist_ok=True)
     data = ["--data-dir", args.data_dir] if args.data_dir else []
+    limit = lambda n: ["--limit", n] if n else []  # noqa: E731
     pipeline = Pipeline("reproduce", args.redo, cost_path=f"{out}/stage_seconds.json",
                         commands_path=f"{out}/stage_commands.json")
     stage = pipeline.stage
-    train = ["--max-length", MAX_LENGTH, "--eval", "hh-rlhf:heldout", *data]
-    if s.get("train_limit"):
-        train += ["--limit", s["train_limit"], "--eval-limit", s["eval_limit"]]
+    L = s["max_length"]
+    train = ["--max-length", L, "--eval", "hh-rlhf:heldout", *(["--eval-limit", s["eval_pairs"]] if s["eval_pairs"]
+                                                               else []), *data]
 
-    # 1. ORMs over seeds, with 03's defaults
+    # 1. ORMs over seeds
     for seed in s["seeds"]:
         stage(f"orm-s{seed}", f"{out}/orm_s{seed}", "03_train.py", "--input", "hh-rlhf:train", "--init", "minilm-l6",
-              "--output", f"{out}/orm_s{seed}", "--seed", seed, "--save-steps", 50, "--resume", *train)
+              "--output", f"{out}/orm_s{seed}", "--seed", seed, *limit(s["orm_pairs"]), "--save-steps", 50,
+              "--resume", *train)
     orm = f"{out}/orm_s{s['seeds'][0]}"
 
     # 2. the reference: the strongest candidate that is not the converted ORM
     candidates = {f"ORM seed {seed}": f"{out}/orm_s{seed}" for seed in s["seeds"][1:]}
     parents = {}  # candidate path -> the candidate it was trained from
-    if "smollm2" in s["extra_references"]:
+    if "minilm-pairs" in s["references"]:
+        stage("ref-minilm-pairs", f"{out}/ref_minilm_pairs", "03_train.py", "--input", "hh-rlhf:train", "--init",
+              "minilm-l6", "--output", f"{out}/ref_minilm_pairs", "--seed", 1, *limit(s["reference_pairs"]),
+              "--resume", *train)
+        candidates[f"MiniLM-L6 on {s['reference_pairs']} pairs"] = f"{out}/ref_minilm_pairs"
+    if "smollm2" in s["references"]:
         stage("ref-smollm2", f"{out}/ref_smollm2", "03_train.py", "--input", "hh-rlhf:train", "--init",
-              "smollm2-135m-instruct", "--output", f"{out}/ref_smollm2", "--resume", *train)
+              "smollm2-135m-instruct", "--output", f"{out}/ref_smollm2", *limit(s["orm_pairs"]), "--resume", *train)
         candidates["SmolLM2-135M RM"] = f"{out}/ref_smollm2"
-    if "minilm-2ep" in s["extra_references"]:
+    if "minilm-2ep" in s["references"]:
         # a second epoch for the better other-seed ORM (a fresh schedule, another data order)
         start = max(candidates.values(), key=lambda path: read_json(f"{path}/eval.json")["accuracy"])
         stage("ref-minilm-2ep", f"{out}/ref_minilm_2ep", "03_train.py", "--input", "hh-rlhf:train", "--init", start,
-              "--output", f"{out}/ref_minilm_2ep", "--seed", 3, "--save-steps", 50, "--resume", *train)
+              "--output", f"{out}/ref_minilm_2ep", "--seed", 3, *limit(s["orm_pairs"]), "--save-steps", 50,
+              "--resume", *train)
         candidates[f"MiniLM-L6, 2 epochs ({os.path.basename(start)} + 1)"] = f"{out}/ref_minilm_2ep"
         parents[f"{out}/ref_minilm_2ep"] = start
-    if "minilm-3ep" in s["extra_references"]:
+    if "minilm-3ep" in s["references"]:
         stage("ref-minilm-3ep", f"{out}/ref_minilm_3ep", "03_train.py", "--input", "hh-rlhf:train", "--init",
-              "minilm-l6", "--output", f"{out}/ref_minilm_3ep", "--epochs", 3, "--seed", 3, "--resume", *train)
+              "minilm-l6", "--output", f"{out}/ref_minilm_3ep", "--epochs", 3, "--seed", 3, *limit(s["orm_pairs"]),
+              "--resume", *train)
         candidates["MiniLM-L6, 3 epochs"] = f"{out}/ref_minilm_3ep"
     accuracy = {name: read_json(f"{path}/eval.json") for name, path in candidates.items()}
     ref_name = max(accuracy, key=lambda n: accuracy[n]["accuracy"])
     reference = candidates[ref_name]
     print(f"reference RM: {ref_name} ({reference}), held-out accuracy {accuracy[ref_name]['accuracy']:.3f}")
 
-    # 3. SST cuts of all train pairs, reference weights, the three variants trained from the ORM
+    # 3. SST cuts of the train pairs, reference weights, the variants trained from the ORM
     stage("sst", f"{out}/sst.jsonl", "01_build_partial.py", "--input", "hh-rlhf:train", "--output",
           f"{out}/sst.jsonl", "--tokenizer", "minilm-l6", "--truncation", "sst", "--K", s["sst_k"],
-          *(["--limit", s["train_limit"]] if s.get("train_limit") else []), *data)
-    for scheme, name, _ in VARIANTS:
+          *limit(s["sst_pairs"]), *data)
+    for scheme in s["variants"]:
+        name = VARIANTS[scheme][0]
         weighted = f"{out}/weighted_{scheme}.jsonl"
         seed_cache(f"{out}/weighted_entropy.jsonl.scores.jsonl", weighted + ".scores.jsonl")
         stage(f"weight-{scheme}", weighted, "02_weight.py", "--input", f"{out}/sst.jsonl", "--output", weighted,
-              "--ref-rm", reference, "--scheme", scheme, "--max-length", MAX_LENGTH, "--resume")
+              "--ref-rm", reference, "--scheme", scheme, "--max-length", L, "--resume")
         stage(name, f"{out}/{name}", "03_train.py", "--input", weighted, "--init", orm, "--output", f"{out}/{name}",
               "--save-steps", 50, "--resume", *train)
 
-    # 4. agreement on all held-out pairs; the SP-PRM first, so every other RM gets its paired difference
-    rms = [f"SP-PRM={out}/sp-prm", f"ORM={orm}", f"Ablation={out}/ablation", f"Filter={out}/filter",
-           f"Reference={reference}"]
+    independent = independent_of(candidates, reference, parents)
+    if args.part == "specrej":
+        return specrej_experiment(args, s, pipeline, out, data, orm, reference, independent)
+
+    # 4. agreement on the held-out pairs; the SP-PRM first, so every other RM gets its paired difference
+    rms = [f"SP-PRM={out}/sp-prm", f"ORM={orm}"] + [f"{VARIANTS[v][1]}={out}/{VARIANTS[v][0]}"
+                                                    for v in s["variants"][1:]] + [f"Reference={reference}"]
     stage("agreement", f"{out}/agreement.json", "05_evaluate.py", "agreement", "--pairs", "hh-rlhf:heldout",
-          *sum((["--rm", r] for r in rms), []), "--prefix-lengths", s["prefix_lengths"], "--max-length", MAX_LENGTH,
-          *(["--limit", s["eval_limit"]] if s.get("eval_limit") else []),
-          "--output", f"{out}/agreement.json", *data)
+          *sum((["--rm", r] for r in rms), []), "--prefix-lengths", s["prefix_lengths"], "--max-length", L,
+          *limit(s["eval_pairs"]), "--output", f"{out}/agreement.json", *data)
 
     # 5. decoding and its evaluation
-    decode = ["04_decode.py", "--prompts", "hh-rlhf:heldout", *(["--limit", s["prompts"]] if s["prompts"] else []),
+    decode = ["04_decode.py", "--prompts", "hh-rlhf:heldout", *limit(s["prompts"]),
               "--policy", "smollm2-135m-instruct", "--max-new-tokens", s["new_tokens"], "--batch-size",
               s["batch_size"], "--resume", *data]
     # The reference guided no run but weighted the SP-PRM's training pairs; a candidate it beat shaped
-    # nothing at all, and is a second yardstick.
-    independent = independent_of(candidates, reference, parents)
+    # nothing at all (`independent`), and is a second yardstick.
     metrics = ["05_evaluate.py", "metrics", "--rm", reference, "--extra-rm", f"ORM={orm}",
-               "--extra-rm", f"SP-PRM={out}/sp-prm", "--max-length", MAX_LENGTH,
+               "--extra-rm", f"SP-PRM={out}/sp-prm", "--max-length", L,
                *(["--extra-rm", f"Independent={independent}"] if independent else [])]
     stage("decode-greedy", f"{out}/gen_greedy.jsonl", *decode, "--method", "greedy", "--output",
           f"{out}/gen_greedy.jsonl")
@@ -146,17 +184,19 @@ def main():
     flags = {"argsg": ["--k", s["args_k"], "--w", s["args_w"]], "cbs": ["--beam", W, "--successors", K, "--chunk", C],
              "bon": ["--n", s["bon"]]}
     metric_files = [f"{out}/metrics_greedy.json"]
-    for method, label in METHODS.items():
+    for method in s["methods"]:
         for rm, rm_label in (("orm", "ORM"), ("sp-prm", "SP-PRM")):
             gen, m = f"{out}/gen_{method}_{rm}.jsonl", f"{out}/metrics_{method}_{rm}.json"
             stage(f"decode-{method}-{rm}", gen, *decode, "--method", method, *flags[method], "--rm",
                   orm if rm == "orm" else f"{out}/sp-prm", "--reward-norm", "std", "--output", gen)
             stage(f"eval-{method}-{rm}", m, *metrics, "--metrics", "reward,diversity,coherence,length,winrate",
-                  "--generations", gen, "--output", m, "--label", f"{label} ({rm_label})",
+                  "--generations", gen, "--output", m, "--label", f"{METHODS[method]} ({rm_label})",
                   "--baseline", f"{out}/gen_greedy.jsonl", "--judge-rm", reference)
             metric_files.append(m)
     sweep = [(name, 0.0, metric_files[0]) for name in ("ORM", "SP-PRM")]
-    sweep += [(name, s["args_w"], f"{out}/metrics_argsg_{rm}.json") for rm, name in (("orm", "ORM"), ("sp-prm", "SP-PRM"))]
+    if "argsg" in s["methods"]:
+        sweep += [(name, s["args_w"], f"{out}/metrics_argsg_{rm}.json")
+                  for rm, name in (("orm", "ORM"), ("sp-prm", "SP-PRM"))]
     for w in s["sweep_w"]:
         for rm, name in (("orm", "ORM"), ("sp-prm", "SP-PRM")):
             gen, m = f"{out}/gen_argsg_{rm}_w{w:g}.jsonl", f"{out}/sweep_argsg_{rm}_w{w:g}.json"
@@ -168,13 +208,15 @@ def main():
 
     # 6. tables, comparisons, claims, figures
     pipeline.run("05_evaluate.py", "table", *metric_files, "--output", f"{out}/table.md")
-    for method in METHODS:
-        pipeline.run("05_evaluate.py", "compare", f"{out}/metrics_{method}_sp-prm.json", f"{out}/metrics_{method}_orm.json",
-                     "--output", f"{out}/compare_{method}.json")
+    for method in s["methods"]:
+        pipeline.run("05_evaluate.py", "compare", f"{out}/metrics_{method}_sp-prm.json",
+                     f"{out}/metrics_{method}_orm.json", "--output", f"{out}/compare_{method}.json")
     from common.figures import load_agreement, plot_agreement, plot_reward_vs_w, reward_vs_w
+    from common.io import write_json
 
     agreement = load_agreement(f"{out}/agreement.json")
     curve = reward_vs_w(sweep)
+    write_json(f"{out}/args_sweep.json", curve)
     figures = plot_agreement(agreement, out) + [plot_reward_vs_w(curve, out)]
     costs = pipeline.costs()
     text = results_markdown(args, s, out, ref_name, reference, candidates, independent, agreement, curve, costs,
@@ -182,7 +224,127 @@ def main():
     with open(f"{out}/results.md", "w", encoding="utf-8") as f:
         f.write(text)
     print("\n" + text)
-    print(f"reproduce finished in {(time.time() - pipeline.started) / 60:.1f} min; stages run now: {pipeline.summary()}")
+    print(f"reproduce ({args.scale}) finished in {(time.time() - pipeline.started) / 60:.1f} min; stages run now: "
+          f"{pipeline.summary()}")
+
+
+def specrej_experiment(args, s, pipeline, out, data, orm, reference, independent):
+    """Best-of-N at each N and speculative rejection at the same N and each alpha, each guided by the ORM and by
+    the SP-PRM (rewards normalised), on held-out prompts; reward by the reference and the independent RM
+    against compute; the prefix consistency of both RMs on Best-of-N's largest sample set; the compute each
+    method needs to reach the largest Best-of-N's reward. Writes results_specrej.md and two figures."""
+    x = s["specrej"]
+    stage = pipeline.stage
+    os.makedirs(f"{out}/specrej", exist_ok=True)
+    n_max = max(x["ns"])
+    decode = ["04_decode.py", "--prompts", "hh-rlhf:heldout", *(["--limit", x["prompts"]] if x["prompts"] else []),
+              "--policy", "smollm2-135m-instruct", "--max-new-tokens", x["new_tokens"], "--batch-size",
+              s["batch_size"], "--reward-norm", "std", "--resume", *data]
+    metrics = ["05_evaluate.py", "metrics", "--rm", reference, "--max-length", s["max_length"], "--metrics",
+               "reward,length", *(["--extra-rm", f"Independent={independent}"] if independent else [])]
+    runs = []  # (family, N, alpha, rm label, metrics file)
+    for rm, rm_label in (("orm", "ORM"), ("sp-prm", "SP-PRM")):
+        path = orm if rm == "orm" else f"{out}/sp-prm"
+        settings = [("Best-of-N", n, None) for n in x["ns"]] + \
+            [(f"specrej alpha={a:g}", n, a) for a in x["alphas"] for n in x["ns"]]
+        for family, n, alpha in settings:
+            tag = f"bon{n}" if alpha is None else f"specrej{n}_a{alpha:g}"
+            gen, m = f"{out}/specrej/gen_{tag}_{rm}.jsonl", f"{out}/specrej/metrics_{tag}_{rm}.json"
+            flags = ["--method", "bon", "--n", n] if alpha is None else \
+                ["--method", "specrej", "--n", n, "--alpha", alpha, "--decision-every", x["decision_every"]]
+            if alpha is None and n == n_max:
+                flags.append("--save-candidates")
+            stage(f"specrej-decode-{tag}-{rm}", gen, *decode, *flags, "--rm", path, "--output", gen)
+            stage(f"specrej-eval-{tag}-{rm}", m, *metrics, "--generations", gen, "--output", m,
+                  "--label", f"{family}, N={n} ({rm_label})")
+            runs.append((family, n, alpha, rm_label, m))
+    consistency = f"{out}/specrej/consistency.json"
+    stage("specrej-consistency", consistency, "05_evaluate.py", "consistency", "--generations",
+          f"{out}/specrej/gen_bon{n_max}_orm.jsonl", "--rm", f"SP-PRM={out}/sp-prm", "--rm", f"ORM={orm}",
+          "--reference", reference, "--prefix-lengths", x["prefix_lengths"], "--alpha", x["alphas"][0],
+          "--max-length", s["max_length"], "--output", consistency)
+    for family, n, alpha, _, _ in runs:  # the ORM-rejector minus the SP-PRM-rejector, paired over prompts
+        tag = f"bon{n}" if alpha is None else f"specrej{n}_a{alpha:g}"
+        pipeline.run("05_evaluate.py", "compare", f"{out}/specrej/metrics_{tag}_orm.json",
+                     f"{out}/specrej/metrics_{tag}_sp-prm.json", "--output", f"{out}/specrej/compare_{tag}.json")
+    for rm in ("orm", "sp-prm"):  # every run against the largest Best-of-N guided by the same RM
+        for family, n, alpha, _, m in runs:
+            if m.endswith(f"_{rm}.json") and m != f"{out}/specrej/metrics_bon{n_max}_{rm}.json":
+                pipeline.run("05_evaluate.py", "compare", m, f"{out}/specrej/metrics_bon{n_max}_{rm}.json", "--output",
+                             m.replace("metrics_", "vs_bon_"))
+    from common.figures import plot_consistency, plot_reward_vs_compute
+
+    points = []
+    for family, n, alpha, rm_label, m in runs:
+        metric = read_json(m)
+        c = metric["compute_per_response"]
+        points.append({"family": family, "n": n, "alpha": alpha, "rm": rm_label, "file": m,
+                       "compute": c["policy_tokens"] + c["rm_tokens"], "policy_tokens": c["policy_tokens"],
+                       "rm_tokens": c["rm_tokens"], "seconds": c["seconds"], "reward_mean": metric["reward_mean"],
+                       "reward_mean_ci95": metric["reward_mean_ci95"],
+                       "independent": metric.get("reward_Independent_mean"),
+                       "independent_ci95": metric.get("reward_Independent_mean_ci95")})
+    figures = [plot_reward_vs_compute(points, f"{out}/specrej"), plot_consistency(read_json(consistency),
+                                                                                    f"{out}/specrej")]
+    text = specrej_markdown(args, x, out, points, read_json(consistency), n_max, figures, pipeline.costs())
+    with open(f"{out}/specrej/results_specrej.md", "w", encoding="utf-8") as f:
+        f.write(text)
+    print("\n" + text)
+
+
+def specrej_markdown(args, x, out, points, consistency, n_max, figures, costs):
+    lines = [f"Made by `python reproduce.py --scale {args.scale} --part specrej --out {out}`: "
+             f"{consistency['n_prompts']} held-out prompts, {x['new_tokens']} new tokens, a decision every "
+             f"{x['decision_every']} tokens, rewards normalised. Reward = the reference RM's score; Independent = "
+             "an RM that shaped nothing. Compute = policy + RM tokens computed per reply. Every interval is a 95% "
+             "bootstrap interval over prompts.", "",
+             "| run | guided by | compute | reward (reference) | reward (independent) | reward - Best-of-"
+             f"{n_max} (same RM, paired) |", "|---|---|---|---|---|---|"]
+    for p in sorted(points, key=lambda p: (p["rm"], p["family"], p["n"])):
+        vs = p["file"].replace("metrics_", "vs_bon_")
+        d = read_json(vs)["metrics"].get("reward") if os.path.exists(vs) else None
+        lines.append(f"| {p['family']}, N={p['n']} | {p['rm']} | {p['compute']:.0f} | "
+                     f"{fmt_ci(p['reward_mean'], p['reward_mean_ci95'], digits=4)} | "
+                     + (fmt_ci(p["independent"], p["independent_ci95"], digits=4) if p["independent"] is not None
+                        else "-") + " | "
+                     + (fmt_ci(d["diff"], d["diff_ci95"], digits=4) + f": {reach(d['diff_ci95'])}" if d else "-")
+                     + " |")
+    lines += ["", f"Compute needed to reach Best-of-{n_max}'s reward (the cheapest run whose paired difference "
+                  f"from Best-of-{n_max} guided by the same RM is not below zero):", ""]
+    for rm in ("ORM", "SP-PRM"):
+        ok = [p for p in points if p["rm"] == rm and (p["n"] == n_max and p["alpha"] is None or (
+            os.path.exists(p["file"].replace("metrics_", "vs_bon_")) and reach(read_json(
+                p["file"].replace("metrics_", "vs_bon_"))["metrics"]["reward"]["diff_ci95"]) != "below"))]
+        best = min(ok, key=lambda p: p["compute"])
+        full = next(p for p in points if p["rm"] == rm and p["n"] == n_max and p["alpha"] is None)
+        lines.append(f"- rejector {rm}: {best['family']}, N={best['n']}: {best['compute']:.0f} tokens per reply, "
+                     f"{best['compute'] / full['compute']:.2f}x Best-of-{n_max}'s {full['compute']:.0f}.")
+    lines += ["", "ORM-rejector minus SP-PRM-rejector reward (reference RM), paired over prompts:", ""]
+    for p in sorted((p for p in points if p["rm"] == "ORM"), key=lambda p: (p["family"], p["n"])):
+        tag = f"bon{p['n']}" if p["alpha"] is None else f"specrej{p['n']}_a{p['alpha']:g}"
+        d = read_json(f"{out}/specrej/compare_{tag}.json")["metrics"]["reward"]
+        lines.append(f"- {p['family']}, N={p['n']}: {fmt_ci(d['diff'], d['diff_ci95'], digits=4)}: "
+                     f"{verdict(d['diff_ci95'])} (a positive difference favours the ORM)")
+    lines += ["", f"Prefix consistency on Best-of-{n_max}'s samples (Kendall's tau with the reference's scores of "
+                  "the complete samples; the share of prompts whose best sample survives one rejection of "
+                  f"alpha = {consistency['alpha']:g}):", "",
+              "| RM | t | Kendall's tau | best survives | difference from the first RM (tau; survives) |",
+              "|---|---|---|---|---|"]
+    for rm, entry in consistency["rms"].items():
+        for c in entry["curve"]:
+            diff = (f"{fmt_ci(c['kendall_tau_diff'], c['kendall_tau_diff_ci95'])}; "
+                    f"{fmt_ci(c['best_survives_diff'], c['best_survives_diff_ci95'])}") if "diff_vs" in c else "-"
+            lines.append(f"| {rm} | {c['t']} | {fmt_ci(c['kendall_tau'], c['kendall_tau_ci95'])} | "
+                         f"{fmt_ci(c['best_survives'], c['best_survives_ci95'])} | {diff} |")
+    stage_costs = {k: v for k, v in costs.items() if k.startswith("specrej")}
+    lines += ["", f"Cost of the part's stages: {sum(stage_costs.values()) / 60:.1f} min.", "",
+              "Figures: " + ", ".join(os.path.relpath(f, out) for f in figures)]
+    return "\n".join(lines) + "\n"
+
+
+def reach(ci):
+    """Whether a paired difference from the reference run is below it, above it, or cannot be told apart."""
+    return "below" if ci[1] < 0 else "above" if ci[0] > 0 else "cannot be told apart"
 
 
 def read_json(path):
@@ -219,9 +381,10 @@ def fmt_ci(value, ci, scale=1.0, digits=3):
 
 
 def results_markdown(args, s, out, ref_name, reference, candidates, independent, agreement, curve, costs, figures):
-    make = "make reproduce" + (f" SCALE={args.scale}" if args.scale in ("full", "gpu") else "")
-    lines = [f"Made by `python reproduce.py --scale {args.scale} --out {out}` (`{make}`). Every interval is a 95% interval: "
-             "percentile bootstrap over pairs or prompts (10,000 resamples), or a t-interval over training seeds.", ""]
+    make = {"demo": "make demo", "cpu": "make reproduce"}.get(args.scale, f"make reproduce SCALE={args.scale}")
+    lines = [f"Made by `python reproduce.py --scale {args.scale} --out {out}` (`{make}`). Every interval is a 95% "
+             "interval: percentile bootstrap over pairs or prompts (10,000 resamples), or a t-interval over "
+             "training seeds.", ""]
     # RMs
     lines += ["### Reward models: held-out accuracy on hh-rlhf:heldout", "",
               "| RM | held-out accuracy | role |", "|---|---|---|"]
@@ -231,15 +394,18 @@ def results_markdown(args, s, out, ref_name, reference, candidates, independent,
         accs.append(e["accuracy"])
         role = "converted into the PRM" if seed == s["seeds"][0] else (
             "reference" if candidates.get(ref_name) == f"{out}/orm_s{seed}" else "reference candidate")
-        lines.append(f"| ORM, MiniLM-L6, seed {seed} | {fmt_ci(e['accuracy'], e['accuracy_ci95'])} (n={e['n']}) | {role} |")
+        lines.append(f"| ORM, MiniLM-L6, seed {seed} | {fmt_ci(e['accuracy'], e['accuracy_ci95'])} (n={e['n']}) "
+                     f"| {role} |")
     for name, path in candidates.items():
         if not path.startswith(f"{out}/orm_s"):
             e = read_json(f"{path}/eval.json")
             lines.append(f"| {name} | {fmt_ci(e['accuracy'], e['accuracy_ci95'])} | "
                          + ("reference" if name == ref_name else "reference candidate") + " |")
-    mean, ci = seed_interval(accs)
-    lines.append(f"| ORM, mean over seeds {', '.join(map(str, s['seeds']))} | {fmt_ci(mean, ci)} (t over seeds) | |")
-    for _, name, label in VARIANTS:
+    if len(accs) > 1:
+        mean, ci = seed_interval(accs)
+        lines.append(f"| ORM, mean over seeds {', '.join(map(str, s['seeds']))} | {fmt_ci(mean, ci)} (t over seeds) "
+                     "| |")
+    for name, label in (VARIANTS[v] for v in s["variants"]):
         e = read_json(f"{out}/{name}/eval.json")
         lines.append(f"| {label} (from the seed-{s['seeds'][0]} ORM) | {fmt_ci(e['accuracy'], e['accuracy_ci95'])} | |")
     lines += ["", f"The reference is {ref_name} (`{reference}`), the candidate with the highest held-out accuracy; "
@@ -267,17 +433,19 @@ def results_markdown(args, s, out, ref_name, reference, candidates, independent,
     n_prompts = read_json(f"{out}/metrics_greedy.json")["n"]
     lines += ["", f"### Decoding (paper Table 1): {n_prompts} held-out prompts, SmolLM2-135M-Instruct, "
               f"{s['new_tokens']} new tokens, rewards normalised (`--reward-norm std`)", "",
-              f"Reward = the reference RM's score (it guided none of these runs, but its scores weighted the "
-              f"SP-PRM's training pairs); Reward (Independent) = an RM that shaped nothing here"
+              "Reward = the reference RM's score (it guided none of these runs, but its scores weighted the "
+              "SP-PRM's training pairs); Reward (Independent) = an RM that shaped nothing here"
               + (f" (`{independent}`)" if independent else "")
               + "; Win-Tie = win_rate against greedy "
               f"judged by the reference RM (a proxy †). ARGS k={s['args_k']}, w={s['args_w']:g}; CBS W, K, L = "
-              f"{', '.join(map(str, s['cbs']))}; BoN N={s['bon']}.", "", table, "",
+              f"{', '.join(map(str, s['cbs']))}; BoN N={s['bon']} (the methods run: "
+              f"{', '.join(METHODS[m] for m in s['methods'])}).", "", table, "",
               "Paired SP-PRM-guided minus ORM-guided, over the same prompts:", "",
               "| method | reward (reference RM) | reward (independent RM) | reward (ORM's own view) "
               "| reward (SP-PRM's own view) |", "|---|---|---|---|---|"]
-    compares = {m: read_json(f"{out}/compare_{m}.json") for m in METHODS}
-    for method, label in METHODS.items():
+    compares = {m: read_json(f"{out}/compare_{m}.json") for m in s["methods"]}
+    for method in s["methods"]:
+        label = METHODS[method]
         d = compares[method]["metrics"]
         cells = []
         for key in ("reward", "reward_Independent", "reward_ORM", "reward_SP-PRM"):
@@ -287,12 +455,12 @@ def results_markdown(args, s, out, ref_name, reference, candidates, independent,
     lines += ["", "ARGS reward (reference RM) against w:", ""]
     for name, points in curve["rms"].items():
         lines.append(f"- guided by {name}: " + ", ".join(
-            f"w={pt['w']:g}: {fmt_ci(pt['reward_mean'], pt['reward_mean_ci95'], digits=4)}" if pt.get("reward_mean_ci95")
-            else f"w={pt['w']:g}: {pt['reward_mean']:.4f}" for pt in points))
+            f"w={pt['w']:g}: {fmt_ci(pt['reward_mean'], pt['reward_mean_ci95'], digits=4)}"
+            if pt.get("reward_mean_ci95") else f"w={pt['w']:g}: {pt['reward_mean']:.4f}" for pt in points))
     # claims
     orm_growth = rms["ORM"]["growth"]
     short = [c for c in rms["ORM"]["curve"] if c["t"] <= 10]
-    ablation_short = [c for c in rms["Ablation"]["curve"] if c["t"] <= 10]
+    ablation_short = [c for c in rms["Ablation"]["curve"] if c["t"] <= 10] if "Ablation" in rms else []
     lines += ["", "### The paper's claims at this size", "",
               f"- Observation 1, ORM agreement grows with t: AR_RM-SC(t={orm_growth['to_t']}) - AR_RM-SC(t="
               f"{orm_growth['from_t']}) = {fmt_ci(orm_growth['diff'], orm_growth['diff_ci95'])}: "
@@ -301,7 +469,7 @@ def results_markdown(args, s, out, ref_name, reference, candidates, independent,
         lines.append(f"- Figure 5, SP-PRM above the ORM at t={c['t']}: SP-PRM - ORM = "
                      f"{fmt_ci(-c['ar_rm_sc_diff'], [-c['ar_rm_sc_diff_ci95'][1], -c['ar_rm_sc_diff_ci95'][0]])}: "
                      f"{verdict(c['ar_rm_sc_diff_ci95'], -1)}.")
-    for method, label in METHODS.items():
+    for method, label in ((m, METHODS[m]) for m in s["methods"]):
         for key, who in (("reward", "reference RM"), ("reward_Independent", "independent RM")):
             x = compares[method]["metrics"].get(key)
             if x:

@@ -46,7 +46,7 @@ def batches_of_rows(fmt, rows, batch_size):
         by_pair.setdefault(row["pair_id"], []).append(row)
     pair_ids = list(by_pair)
     return [[row for i in batch for row in by_pair[pair_ids[i]]]
-            for batch in training_batches(units, batch_size, seed=0, epoch=0, by_length=True)]
+            for batch in training_batches(units, batch_size, seed=0, epoch=0, window=50)]
 
 
 def epoch(model, batches, pad_id):

@@ -21,13 +21,12 @@ import hashlib
 import json
 import logging
 import os
-import re
 
+from common.dialogue import ASSISTANT, HUMAN, prompt_to_messages
 from common.io import DataError, read_jsonl
 from common.sources import HUB_MIRROR_ENV, data_file, resolve_data_dir  # noqa: F401 (resolve_data_dir: API)
 
 log = logging.getLogger("data")
-HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 HH_TRAIN_SIZE = 2000
 GSM8K_TRAIN_SHARE = 0.8
 ADVBENCH_PREFILL = "Sure here's"
@@ -191,37 +190,6 @@ def _take_split(items, split, train_size, name):
     if split == "all":
         return items
     raise DataError(f"{name}: unknown split '{split}' (use train, heldout or all)")
-
-
-def prompt_to_messages(prompt):
-    """Turn a prompt into chat messages.
-
-    HH dialogues ("\\n\\nHuman: ... \\n\\nAssistant: ...") become alternating user/assistant messages; the
-    final, empty assistant turn is the one to be generated and is dropped. Any other text is one user turn.
-    """
-    if HUMAN not in prompt:
-        return [{"role": "user", "content": prompt.strip()}]
-    parts = re.split(r"(\n\nHuman:|\n\nAssistant:)", prompt)
-    messages = []
-    for marker, text in zip(parts[1::2], parts[2::2]):
-        role = "user" if marker == HUMAN else "assistant"
-        text = text.strip()
-        if messages and messages[-1]["role"] == role:
-            messages[-1]["content"] += "\n\n" + text
-        else:
-            messages.append({"role": role, "content": text})
-    preamble = parts[0].strip()
-    if preamble and messages:
-        messages[0]["content"] = preamble + "\n\n" + messages[0]["content"]
-    while messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
-        messages.pop()
-    return messages
-
-
-def render_plain(messages):
-    """The plain rendering for tokenizers without a chat template: "Human: ...\\n\\nAssistant:"."""
-    lines = [("Human: " if m["role"] == "user" else "Assistant: ") + m["content"] for m in messages]
-    return "\n\n".join(lines) + "\n\nAssistant:"
 
 
 # ---------------------------------------------------------------------------------------------- GSM8K

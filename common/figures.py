@@ -88,3 +88,66 @@ def plot_reward_vs_w(sweep, out_dir, name="args_reward_vs_w.png"):
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_reward_vs_compute(runs, out_dir, name="specrej_reward_vs_compute.png"):
+    """Reward (by the yardstick RM) against compute (policy + RM tokens per reply), one line per method family
+    and guiding RM; error bars: 95% bootstrap intervals over prompts. runs: [{"family", "rm", "compute",
+    "reward_mean", "reward_mean_ci95", "label"}]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    lines = {}
+    for r in runs:
+        lines.setdefault((r["family"], r["rm"]), []).append(r)
+    for (family, rm), points in sorted(lines.items()):
+        points.sort(key=lambda p: p["compute"])
+        x, y = [p["compute"] for p in points], [p["reward_mean"] for p in points]
+        lo = [p["reward_mean"] - p["reward_mean_ci95"][0] for p in points]
+        hi = [p["reward_mean_ci95"][1] - p["reward_mean"] for p in points]
+        ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=3, label=f"{family}, guided by {rm}",
+                    linestyle="--" if rm == "ORM" else "-")
+    ax.set_xscale("log")
+    ax.set_xlabel("policy + RM tokens per reply (log scale)")
+    ax.set_ylabel("reward by the yardstick RM")
+    ax.set_title("Best-of-N and speculative rejection: reward against compute")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, framealpha=0.7)
+    fig.tight_layout()
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_consistency(consistency, out_dir, name="specrej_prefix_consistency.png"):
+    """Kendall's tau between each RM's prefix scores and the reference's scores of the complete samples, and
+    the share of prompts whose best sample survives one rejection, against t; bands: 95% intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for rm, entry in consistency["rms"].items():
+        curve = entry["curve"]
+        ts = [c["t"] for c in curve]
+        for ax, key in zip(axes, ("kendall_tau", "best_survives")):
+            line, = ax.plot(ts, [c[key] for c in curve], marker="o", label=rm)
+            ax.fill_between(ts, [c[f"{key}_ci95"][0] for c in curve], [c[f"{key}_ci95"][1] for c in curve],
+                            color=line.get_color(), alpha=0.15, linewidth=0)
+    axes[0].set_ylabel("Kendall's tau with the reference")
+    axes[1].set_ylabel(f"best sample survives (alpha = {consistency['alpha']:g})")
+    for ax in axes:
+        ax.set_xlabel("prefix length t (RM tokens)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, framealpha=0.7)
+    fig.suptitle("Prefix consistency: the premise of early rejection")
+    fig.tight_layout()
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -17,6 +17,19 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPE_NAMES = ("auto", "fp32", "bf16", "fp16")
 
 
+# The RM input budget in tokens: the one default of every stage's --max-length. Wherever a trained RM is
+# read (02, 04, 05) the length it was trained with (the manifest 03 writes beside it) comes first.
+DEFAULT_MAX_LENGTH = 1024
+
+
+def add_max_length_arg(parser, trained=True):
+    """--max-length, the same flag in every stage; trained: it defaults to the RM's own training value."""
+    parser.add_argument("--max-length", type=positive_int, default=None if trained else DEFAULT_MAX_LENGTH,
+                        help="RM input tokens (truncation rule: docs/scoring.md); default: "
+                             + (f"the RM's training --max-length, else {DEFAULT_MAX_LENGTH}" if trained
+                                else str(DEFAULT_MAX_LENGTH)))
+
+
 def add_device_args(parser):
     """--device and --dtype, the same in every stage (resolved by common.models.device_setup)."""
     parser.add_argument("--device", choices=DEVICES, default="auto",

@@ -233,3 +233,90 @@ class RMJudge:
         a = score(self.model, self.fmt, prompts, gens, self.batch_size)
         b = score(self.model, self.fmt, prompts, bases, self.batch_size)
         return ["1" if x > y + self.tie_eps else "2" if y > x + self.tie_eps else "tie" for x, y in zip(a, b)]
+
+
+# ------------------------------------------------------------------------------------------ stage plumbing
+
+def add_judge_args(parser):
+    """The judge flags of 05_evaluate.py (metrics, agreement)."""
+    from common.io import fraction, non_negative_int, positive_float
+
+    parser.add_argument("--judge-url", default=None, help="OpenAI-compatible base URL (.../v1)")
+    parser.add_argument("--judge-model", default=None)
+    parser.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
+    parser.add_argument("--judge-rm", default=None, help="reward model used as a proxy judge")
+    parser.add_argument("--judge-kind", choices=["hh", "gsm8k"], default="hh")
+    parser.add_argument("--judge-cache", default=None, help="verdict cache (default: beside the output)")
+    parser.add_argument("--judge-timeout", type=positive_float, default=120.0, help="seconds per judge request")
+    parser.add_argument("--judge-retries", type=non_negative_int, default=4, help="retries of a failed request")
+    parser.add_argument("--max-unparsable", type=fraction, default=0.1,
+                        help="fail when more than this share of the judged pairs has no parsable verdict")
+    parser.add_argument("--judge-template", choices=sorted(TEMPLATES), default="paper",
+                        help="paper: the paper's forced-choice prompts (Figures 6, 7); lenient: ties invited")
+
+
+def judge_from_args(args, output):
+    """The judge the flags name: the HTTP judge (verdicts cached beside `output`), or an RM as a proxy."""
+    if args.judge_url:
+        if not args.judge_model:
+            raise DataError("--judge-url needs --judge-model")
+        cache = args.judge_cache or os.path.splitext(output)[0] + ".judge_cache.jsonl"
+        return ChatJudge(args.judge_url, args.judge_model, args.judge_key_env, cache_path=cache,
+                         max_retries=args.judge_retries, timeout=args.judge_timeout, template=args.judge_template)
+    if args.judge_rm:
+        from common.rewards import load_rm
+
+        model, fmt = load_rm(args.judge_rm, args.max_length, args.rm_format, *args.device_dtype)
+        return RMJudge(model, fmt, args.judge_rm)
+    raise DataError("a judge is needed: --judge-url/--judge-model or --judge-rm")
+
+
+def judge_pairs(judge, prompts, gens, bases, kind):
+    """Per pair "win"/"tie"/"lose" of gen against base (None: unparsable), both orders for the HTTP judge."""
+    from common.metrics import verdict_from_both_orders
+
+    if isinstance(judge, RMJudge):
+        return [verdict_from_both_orders(v, {"1": "2", "2": "1"}.get(v, v))
+                for v in judge.verdicts(prompts, gens, bases)]
+    from tqdm import tqdm
+
+    return [verdict_from_both_orders(*judge.both_orders(p, g, b, kind))
+            for p, g, b in tqdm(list(zip(prompts, gens, bases)), desc="judge", unit="pair")]
+
+
+def check_parsable(verdicts, max_unparsable, what):
+    """The parsable verdicts; fails when none, or more than a max_unparsable share, could be parsed."""
+    judged = [v for v in verdicts if v is not None]
+    unparsable = len(verdicts) - len(judged)
+    if not judged or unparsable > max_unparsable * len(verdicts):
+        raise DataError(f"the judge's verdict could not be parsed for {unparsable} of {len(verdicts)} {what} "
+                        f"(more than --max-unparsable {max_unparsable:g}); check the judge model and its replies")
+    return judged
+
+
+def prefix_labels(args, pairs, lengths, fmt):
+    """{(pair_id, t): verdict} of prefix pairs (AR_RM-HP): from a labels file and/or the judge on a sample."""
+    import random
+
+    from common.io import read_jsonl
+
+    labels = {}
+    if args.labels:
+        for _, row in read_jsonl(args.labels, required=("pair_id", "t", "verdict")):
+            labels[(str(row["pair_id"]), int(row["t"]))] = str(row["verdict"])
+    if args.judge_sample:
+        judge = judge_from_args(args, args.output)
+        sample = random.Random(args.seed).sample(pairs, min(args.judge_sample, len(pairs)))
+        prompts, a, b, keys = [], [], [], []
+        for p in sample:
+            for t in lengths:
+                prompts.append(p["prompt"])
+                a.append(fmt.cut(p["chosen"], t))
+                b.append(fmt.cut(p["rejected"], t))
+                keys.append((p["id"], t))
+        verdicts = judge_pairs(judge, prompts, a, b, args.judge_kind)
+        check_parsable(verdicts, args.max_unparsable, "prefix pairs")
+        for key, v in zip(keys, verdicts):
+            if v is not None:  # an unparsable pair is left out, never a tie
+                labels[key] = {"win": "1", "lose": "2", "tie": "tie"}[v]
+    return labels

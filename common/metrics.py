@@ -75,6 +75,26 @@ def prefix_pair_scores(model, fmt, pairs, prefix_lengths, batch_size=16):
 
 # ------------------------------------------------------------------------------------------ text metrics
 
+def heldout_evaluation(model, fmt, pairs, prefix_lengths, batch_size):
+    """Held-out accuracy (with its interval) and AR_RM-SC / Delta_r per t of an RM being trained (03's
+    eval.json); also returns the complete and the prefix scores (for reward_stats.json)."""
+    import torch
+
+    from common.rewards import score
+
+    model.eval()
+    prompts = [p["prompt"] for p in pairs]
+    with torch.no_grad():
+        r_w = score(model, fmt, prompts, [p["chosen"] for p in pairs], batch_size)
+        r_l = score(model, fmt, prompts, [p["rejected"] for p in pairs], batch_size)
+        sw, sl = prefix_pair_scores(model, fmt, pairs, prefix_lengths, batch_size)
+    ar = {str(t): agreement_rate([s[k] for s in sw], [s[k] for s in sl]) for k, t in enumerate(prefix_lengths)}
+    gap = {str(t): reward_gap([s[k] for s in sw], [s[k] for s in sl]) for k, t in enumerate(prefix_lengths)}
+    result = {"accuracy": agreement_rate(r_w, r_l), "accuracy_ci95": bootstrap_ci(np.greater(r_w, r_l)),
+              "n": len(pairs), "ar_sc": ar, "reward_gap": gap}
+    return result, r_w + r_l, [v for s in sw + sl for v in s]
+
+
 def reward_statistics(complete_scores, prefix_scores, source):
     """Mean and std of an RM's scores of complete responses (and of prefixes, when at hand): the
     reward_stats.json that `04_decode.py --reward-norm std` reads."""
@@ -224,6 +244,14 @@ def _win_cell(m):
     return cell and cell + (" †" if m.get("judge_is_proxy") else "")
 
 
+def _cost_cell(m):
+    """Policy + RM tokens computed per reply (05's compute_per_response): compute at matched cost."""
+    c = m.get("compute_per_response")
+    if not c or "policy_tokens" not in c:
+        return None
+    return f"{c['policy_tokens']:.0f} + {c.get('rm_tokens', 0):.0f}"
+
+
 TABLE_COLUMNS = (
     ("Reward", lambda m: with_ci(m, "reward_mean")),
     ("Win-Tie (%)", lambda m: _win_cell(m)),
@@ -233,6 +261,7 @@ TABLE_COLUMNS = (
     ("ASR (%)", lambda m: with_ci(m, "asr", 100, 1)),
     ("Accuracy (%)", lambda m: with_ci(m, "accuracy", 100, 1)),
     ("Length", lambda m: with_ci(m, "length", 1, 1)),
+    ("Tokens / reply (policy + RM)", _cost_cell),
 )
 
 

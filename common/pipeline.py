@@ -1,4 +1,4 @@
-"""Running the numbered scripts as stages of a pipeline (demo.py, reproduce.py): a stage whose output and
+"""Running the numbered scripts as stages of a pipeline (reproduce.py): a stage whose output and
 manifest exist is skipped, so a killed or failed pipeline resumes where it stopped. A rerun refuses an output
 that another command made (other settings), and reruns a stage whose input was remade after its output."""
 import json

@@ -22,14 +22,15 @@ also closes every ChatML turn.
 """
 import torch
 
-from common.data import prompt_to_messages, render_plain
+from common.dialogue import prompt_to_messages, render_plain
+from common.io import DEFAULT_MAX_LENGTH
 from common.models import is_decoder_rm
 
 
 class RMFormat:
     """Turns (prompt, response[:t]) into RM input ids by the rule above, with per-prompt caching."""
 
-    def __init__(self, tokenizer, model_or_config, max_length=1024, closed=False):
+    def __init__(self, tokenizer, model_or_config, max_length=DEFAULT_MAX_LENGTH, closed=False):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.decoder = is_decoder_rm(model_or_config)
@@ -143,6 +144,30 @@ def _find(seq, sub, start):
         if seq[k:k + len(sub)] == sub:
             return k
     return -1
+
+
+# ------------------------------------------------------------------------------------------ loading an RM
+
+_LOADED_RMS = {}
+
+
+def load_rm(path, max_length=None, rm_format="open", device="cpu", dtype=None):
+    """(model, RMFormat) of a trained RM, for scoring. max_length None: the length the RM was trained with
+    (its manifest), else DEFAULT_MAX_LENGTH. A model is loaded once per process (a yardstick that is also
+    the judge, or an RM scored under two formats, shares one copy)."""
+    from common.io import DataError
+    from common.models import load_reward_model, load_tokenizer, trained_max_length
+
+    key = (path, str(device), dtype)
+    if key not in _LOADED_RMS:
+        tok = load_tokenizer(path)
+        _LOADED_RMS[key] = (load_reward_model(path, tokenizer=tok, device=device, dtype=dtype).eval(), tok)
+    model, tok = _LOADED_RMS[key]
+    try:
+        return model, RMFormat(tok, model, max_length=max_length or trained_max_length(path, DEFAULT_MAX_LENGTH),
+                               closed=rm_format == "closed")
+    except ValueError as e:
+        raise DataError(f"{path}: --rm-format {rm_format}: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------ batched forwards
@@ -331,7 +356,7 @@ def training_units(fmt, rows, grouped=False, weight_field="weight"):
     Each side is packed by `prefix_sequences` (one forward for every cut point of the side, two when
     some are over-long) and each row's score is read at its own last token: the same scores, fewer forwards.
     A unit: {"sequences": [encoded input], "chosen": [(sequence, position)], "rejected": [...],
-    "weights": [w], "n_rows", "n_tokens"}.
+    "weights": [w], "complete": [the row is a whole pair, not a cut], "n_rows", "n_tokens"}.
     """
     units = []
     if not grouped:
@@ -343,7 +368,8 @@ def training_units(fmt, rows, grouped=False, weight_field="weight"):
             rejected = fmt.encode(row["prompt"], row["rejected"])
             n_c, n_r = len(chosen["input_ids"]), len(rejected["input_ids"])
             units.append({"sequences": [chosen, rejected], "chosen": [(0, n_c - 1)], "rejected": [(1, n_r - 1)],
-                          "weights": [w], "n_rows": 1, "n_tokens": n_c + n_r})
+                          "weights": [w], "complete": [bool(row.get("complete", True))], "n_rows": 1,
+                          "n_tokens": n_c + n_r})
         return units
     pairs = {}
     for row in rows:
@@ -352,7 +378,8 @@ def training_units(fmt, rows, grouped=False, weight_field="weight"):
     for (_, prompt), members in pairs.items():
         prompt_ids = fmt.prompt_ids(prompt)
         unit = {"sequences": [], "chosen": [None] * len(members), "rejected": [None] * len(members),
-                "weights": [float(r.get(weight_field, 1.0)) for r in members], "n_rows": len(members)}
+                "weights": [float(r.get(weight_field, 1.0)) for r in members],
+                "complete": [bool(r.get("complete", True)) for r in members], "n_rows": len(members)}
         for side in ("chosen", "rejected"):
             prefixes = [fmt.response_ids(r[side]) for r in members]
             for seq, positions, ks in prefix_sequences(fmt, prompt_ids, prefixes):
@@ -364,23 +391,27 @@ def training_units(fmt, rows, grouped=False, weight_field="weight"):
     return units
 
 
-def training_batches(units, batch_size, seed, epoch, by_length=False):
+BATCHING_WINDOWS = {"random": 1, "window": 4, "length": 50}
+
+
+def training_batches(units, batch_size, seed, epoch, window=1):
     """Batches of about batch_size rows in an order fixed by (seed, epoch); a unit (a pair, or all the cuts
     of a pair when grouped) is never split.
 
-    by_length=False (the default, as the standard reward trainer): each batch is a random draw of units.
-    by_length=True: units of similar length share a batch (less padding, faster), sorted within random
-    mega-chunks of 50 batches; each step then sees one length range, which costs held-out accuracy
-    (MiniLM ORM parity, seed 0: 0.586 bucketed, 0.612 random).
+    window=1 ("random", the default, as the standard reward trainer): each batch is a random draw of units.
+    window=W > 1: units are drawn at random into windows of W batches and sorted by length within a window,
+    so that a batch holds units of similar length (less padding, faster); the batches are then shuffled.
+    W = 4 ("window") keeps every step's lengths close to a random draw's; W = 50 ("length") puts a length range
+    in each step, which costs held-out accuracy (MiniLM ORM parity, seed 0: 0.586 with 50, 0.612 random).
     """
     g = torch.Generator().manual_seed(seed * 1000003 + epoch)
     jitter = torch.rand(len(units), generator=g).tolist()
     order = torch.randperm(len(units), generator=g).tolist()
-    mega = batch_size * 50 if by_length else batch_size
+    mega = batch_size * window
     batches = []
     for s in range(0, len(order), mega):
         chunk = order[s:s + mega]
-        if by_length:
+        if window > 1:
             chunk = sorted(chunk, key=lambda i: (units[i]["n_tokens"], jitter[i]))
         current, rows = [], 0
         for i in chunk:
@@ -399,12 +430,13 @@ def batch_loss(model, units, pad_id, decoder, device):
     """The weighted Bradley-Terry loss of a batch: -mean over its rows of w * log sigmoid(r_w - r_l).
 
     All sequences of the batch go through one padded forward. Returns (loss, stats) with stats
-    {"rows", "forwards" (sequences), "tokens" (real tokens)}.
+    {"rows", "forwards" (sequences), "tokens" (real tokens), "complete_scores" (the scores of the chosen and
+    rejected replies of the batch's complete rows, as computed for the loss: reward statistics for free)}.
     """
     from common.losses import bradley_terry_loss
 
     sequences, reads, picks = [], [], {"chosen": [], "rejected": []}
-    weights = []
+    weights, complete = [], []
     for u in units:
         base = len(sequences)
         sequences += u["sequences"]
@@ -414,6 +446,7 @@ def batch_loss(model, units, pad_id, decoder, device):
                 picks[side].append((base + s, len(reads[base + s])))
                 reads[base + s].append(pos)
         weights += u["weights"]
+        complete += u.get("complete", [True] * len(u["weights"]))
     batch, offsets = collate(sequences, pad_id, "right")
     batch = {k: v.to(device) for k, v in batch.items()}
     if decoder:
@@ -427,5 +460,9 @@ def batch_loss(model, units, pad_id, decoder, device):
         start.append(start[-1] + len(r))
     index = {side: torch.tensor([start[s] + j for s, j in picks[side]], device=flat.device) for side in picks}
     w = torch.tensor(weights, device=flat.device, dtype=flat.dtype)
-    loss = bradley_terry_loss(flat[index["chosen"]], flat[index["rejected"]], w)
-    return loss, {"rows": len(weights), "forwards": len(sequences), "tokens": int(batch["attention_mask"].sum())}
+    r_chosen, r_rejected = flat[index["chosen"]], flat[index["rejected"]]
+    loss = bradley_terry_loss(r_chosen, r_rejected, w)
+    keep = torch.tensor(complete, device=flat.device)
+    scores = torch.cat([r_chosen[keep], r_rejected[keep]]).detach().float().cpu().tolist()
+    return loss, {"rows": len(weights), "forwards": len(sequences), "tokens": int(batch["attention_mask"].sum()),
+                  "complete_scores": scores}

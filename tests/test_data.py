@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from common.data import (hh_rows_to_pairs, load_gsm8k_pairs, load_pairs, load_prompts, prompt_to_messages,
-                         render_plain, resolve_data_dir, split_hh_dialogue)
+from common.data import hh_rows_to_pairs, load_gsm8k_pairs, load_pairs, load_prompts, resolve_data_dir, split_hh_dialogue
+from common.dialogue import prompt_to_messages, render_plain
 from common.io import DataError, ResumableJsonlWriter, read_jsonl
 
 

@@ -223,7 +223,7 @@ def test_reward_and_rm_judge_and_agreement(gens, tmp_path, smol_tokenizer):
 def test_closed_rm_format_scores_the_finished_turn(gens, tmp_path, smol_tokenizer, minilm_tokenizer):
     import numpy as np
 
-    from common.data import prompt_to_messages
+    from common.dialogue import prompt_to_messages
     from common.models import load_reward_model, load_tokenizer
     from common.rewards import score_encoded
 
@@ -329,3 +329,48 @@ def test_reward_stats_of_any_rm_equal_its_scores(tmp_path, smol_tokenizer):
                "--output", tmp_path / "gen.jsonl")
     row = json.loads((tmp_path / "gen.jsonl").read_text())
     assert row["params"]["reward_stats"] == {"mean": stats["mean"], "std": stats["std"]}
+
+
+def test_prefix_consistency_against_a_literal_computation(tmp_path, smol_tokenizer):
+    """05 consistency: per t, Kendall's tau between an RM's scores of each sample's first t tokens and the
+    reference's scores of the complete samples (scipy, per prompt, then averaged), and whether the reference's
+    best sample survives dropping the lowest alpha share; both recomputed here from plain per-text scores."""
+    import math
+
+    import numpy as np
+    from scipy.stats import kendalltau
+
+    from common.models import load_reward_model, load_tokenizer
+    from common.rewards import RMFormat, score
+
+    orm = save_tiny_rm(tmp_path / "orm", "llama", smol_tokenizer, seed=3)
+    prm = save_tiny_rm(tmp_path / "prm", "llama", smol_tokenizer, seed=4)
+    ref = save_tiny_rm(tmp_path / "ref", "llama", smol_tokenizer, seed=5)
+    words = ["good", "bad", "kind", "rude", "fine", "sure", "no", "yes", "maybe", "never"]
+    rows = [{"id": f"q{i}", "prompt": f"\n\nHuman: question {i}?\n\nAssistant:", "response": "x",
+             "candidates": [" ".join(words[(i + j + k) % 10] for k in range(3 + j)) for j in range(5)]}
+            for i in range(6)]
+    gen = write_jsonl(tmp_path / "gen.jsonl", rows)
+    run_script("05_evaluate.py", "consistency", "--generations", gen, "--rm", f"ORM={orm}", "--rm", f"SP-PRM={prm}",
+               "--reference", ref, "--prefix-lengths", "1,3", "--alpha", "0.5", "--output", tmp_path / "c.json")
+    got = json.loads((tmp_path / "c.json").read_text())
+
+    ref_tok = load_tokenizer(ref)
+    ref_model = load_reward_model(ref, tokenizer=ref_tok).eval()
+    truths = [score(ref_model, RMFormat(ref_tok, ref_model), [r["prompt"]] * 5, r["candidates"]) for r in rows]
+    for name, path in (("ORM", orm), ("SP-PRM", prm)):
+        tok = load_tokenizer(path)
+        model = load_reward_model(path, tokenizer=tok).eval()
+        fmt = RMFormat(tok, model)
+        for point, t in zip(got["rms"][name]["curve"], (1, 3)):
+            taus, alive = [], []
+            for r, truth in zip(rows, truths):
+                prefix = score(model, fmt, [r["prompt"]] * 5, [fmt.cut(c, t) for c in r["candidates"]])
+                tau = kendalltau(prefix, truth).statistic
+                taus.append(0.0 if math.isnan(tau) else tau)
+                kept = np.argsort(-np.array(prefix), kind="stable")[:3]  # ceil(0.5 * 5) = 3 go on
+                alive.append(float(int(np.argmax(truth)) in kept))
+            assert point["kendall_tau"] == pytest.approx(np.mean(taus), abs=1e-6)
+            assert point["best_survives"] == pytest.approx(np.mean(alive))
+            assert point["kendall_tau_ci95"][0] <= point["kendall_tau"] <= point["kendall_tau_ci95"][1]
+    assert "kendall_tau_diff" in got["rms"]["SP-PRM"]["curve"][0]

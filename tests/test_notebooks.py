@@ -43,3 +43,13 @@ def test_notebook_runs(name, fixture_run, monkeypatch):
         assert "SP-PRM" in text and (fixture_run / "args_reward_vs_w.png").exists() and "w=1.5: 0.300" in text
     else:
         assert "ARGS +Ours (SP-PRM)" in text and "| orm | 0.600 |" in text
+
+
+@pytest.mark.parametrize("name", ["figures.ipynb", "tables.ipynb"])
+def test_committed_notebooks_are_source_only(name):
+    """The .ipynb files are the source: kept without outputs, so a diff shows the code a researcher changed."""
+    nb = nbformat.read(os.path.join(ROOT, "notebooks", name), as_version=4)
+    nbformat.validate(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, f"{name}: strip outputs before committing"

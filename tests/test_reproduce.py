@@ -25,3 +25,26 @@ def test_independent_yardstick_skips_the_reference_and_its_parent():
     assert reproduce.independent_of(candidates, "r/ref_2ep", {"r/ref_2ep": "r/orm_s2"}) == "r/orm_s1"
     assert reproduce.independent_of(candidates, "r/orm_s1", {"r/ref_2ep": "r/orm_s1"}) == "r/orm_s2"
     assert reproduce.independent_of({"ORM seed 1": "r/orm_s1"}, "r/orm_s1", {}) is None
+
+
+def test_gpu_scale_runs_end_to_end_at_its_smoke_size(tmp_path):
+    """The gpu scale's stages (a SmolLM2 reference candidate, SST K = 5, every method of Table 1) at a size the
+    CPU finishes in minutes, then the speculative-rejection part on the same RMs; each writes its results."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "gpu-smoke"
+    for part in ("table1", "specrej"):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "reproduce.py"), "--scale", "gpu-smoke", "--part",
+                               part, "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = (out / "results.md").read_text()
+    assert "SmolLM2-135M RM" in results and "| SP-PRM |" in results
+    assert (out / "agreement_ar_rm_sc.png").exists() and (out / "args_sweep.json").exists()
+    specrej = (out / "specrej" / "results_specrej.md").read_text()
+    assert "Compute needed to reach Best-of-4's reward" in specrej and "Kendall's tau" in specrej
+    kept = [json.loads(line)["stats"]["kept"] for line in open(out / "specrej" / "gen_specrej4_a0.5_orm.jsonl")]
+    assert any(kept) and all(k[0] == 2 for k in kept if k)  # ceil(0.5 * 4) go on after the first decision
+    for figure in ("specrej_reward_vs_compute.png", "specrej_prefix_consistency.png"):
+        assert (out / "specrej" / figure).exists()

@@ -169,13 +169,13 @@ def test_training_batches_cover_every_unit_once():
     from common.rewards import training_batches
 
     units = [{"n_rows": 1 + i % 3, "n_tokens": (7 * i) % 11} for i in range(40)]
-    for by_length in (False, True):
-        batches = training_batches(units, 4, seed=0, epoch=0, by_length=by_length)
+    for window in (1, 4, 50):
+        batches = training_batches(units, 4, seed=0, epoch=0, window=window)
         flat = [i for b in batches for i in b]
         assert sorted(flat) == list(range(40))  # every unit once, none split
-        assert batches == training_batches(units, 4, seed=0, epoch=0, by_length=by_length)
-        assert batches != training_batches(units, 4, seed=0, epoch=1, by_length=by_length)
+        assert batches == training_batches(units, 4, seed=0, epoch=0, window=window)
+        assert batches != training_batches(units, 4, seed=0, epoch=1, window=window)
     # by length: within a mega-chunk the units of a batch are sorted by length; random: not ordered
-    lengths = [[units[i]["n_tokens"] for i in b] for b in training_batches(units, 4, 0, 0, by_length=True)]
+    lengths = [[units[i]["n_tokens"] for i in b] for b in training_batches(units, 4, 0, 0, window=50)]
     spread = lambda bs: sum(max(b) - min(b) for b in bs)  # noqa: E731
     assert spread(lengths) < spread([[units[i]["n_tokens"] for i in b] for b in training_batches(units, 4, 0, 0)])

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from common.rewards import RMFormat, score_encoded
-from common.search.methods import Choice, Row, make_method
+from common.search.methods import Row, make_method
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -320,10 +320,11 @@ class Search:
     method: a Method instance (methods.py) or its name (then knobs are its keyword arguments)."""
 
     def __init__(self, policy, method, rm=None, rm_path="auto", max_new_tokens=128, seed=0, stop_strings=(),
-                 **knobs):
+                 keep_candidates=False, **knobs):
         self.method = make_method(method, **knobs) if isinstance(method, str) else method
         self.policy, self.rm = policy, rm
         self.max_new_tokens, self.seed = max_new_tokens, seed
+        self.keep_candidates = keep_candidates  # also return the last round's candidates (Best-of-N: the N samples)
         if self.method.uses_rm and rm is None:
             raise ValueError(f"method {self.method.name} needs a reward model (--rm)")
         if rm is not None:
@@ -424,6 +425,8 @@ class Search:
                         cand.scores[i] = r.score
             # 4. choose; the caches follow the chosen rows
             choice = method.choose(rows, cand, batch)
+            if self.keep_candidates:
+                last_round = [(r.prompt, r.tokens + c) for r, cs in zip(rows, cand.chains) for c in cs]
             policy_cache.drop_chains()
             if rm_cache is not None:
                 rm_cache.drop_chains()
@@ -445,7 +448,10 @@ class Search:
         for b, p in enumerate(prompts):
             best = method.answer([r for r in rows if r.prompt == b], batch, b)
             rm_tokens = rm_tokens_text[b] if rm_cache is None else int(rm_cache.tokens[b])
+            extra = {"candidates": [self.response_text(t) for q, t in last_round if q == b]} \
+                if self.keep_candidates else {}
             results.append({
+                **extra,
                 "response": self.response_text(best.tokens),
                 "tokens": best.tokens,
                 "reward": self.rm.raw(best.score) if self.rm else None,
