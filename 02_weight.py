@@ -168,7 +168,10 @@ def main():
     agree = sum(a > b for a, b in zip(ref_c, ref_r)) / max(len(rows), 1)
     summary = {"rows": len(rows), "reference_agreement": agree, "weight_mean": float(weights.mean()),
                "weight_max": float(weights.max()) if len(weights) else 0.0,
-               "zero_weight_rows": int((weights == 0).sum()), "truncated_inputs": fmt.truncated,
+               "zero_weight_rows": int((weights == 0).sum()),
+               # over every row, those scored now and those a resumed run took from the cache
+               "truncated_inputs": sum(fmt.truncates(r["prompt"], r[side]) for r in rows
+                                       for side in ("chosen", "rejected")),
                "scheme": args.scheme}
     write_manifest(args.output, args, inputs={**checksums, args.ref_rm: reference["weights_sha256"]},
                    extra={"summary": summary, "reference": reference})

@@ -122,6 +122,24 @@ def check_reference(args, init_identity):
     return reference
 
 
+def check_finished(output, fingerprint):
+    """--resume into a folder that holds a finished model (no checkpoint left): refused, changing nothing, unless
+    that model was made from the same input, starting model and settings."""
+    manifest = os.path.join(output, "manifest.json")
+    if not os.path.isfile(os.path.join(output, "config.json")) or not os.path.isfile(manifest):
+        return
+    with open(manifest, encoding="utf-8") as f:
+        made = json.load(f).get("fingerprint")
+    if made is None:
+        raise DataError(f"{output}: holds a finished model whose manifest does not say what it was trained from; "
+                        "rerun without --resume to replace it, or give another --output")
+    differs = [k for k in sorted(set(made) | set(fingerprint)) if made.get(k) != fingerprint.get(k)]
+    if differs:
+        raise DataError(f"{output}: holds a finished model made with other inputs or settings ("
+                        + ", ".join(f"{k}: {made.get(k)!r} then, {fingerprint.get(k)!r} now" for k in differs)
+                        + "); rerun without --resume to replace it, or give another --output")
+
+
 def load_rows(args):
     stats = {}
     rows = load_pairs(args.input, args.data_dir, stats=stats, subset=args.subset, fraction=args.fraction,
@@ -169,13 +187,19 @@ def main():
     torch.manual_seed(args.seed)
     device, dtype = device_setup(args)
 
-    check_output_differs(args.output, args.input)
+    check_output_differs(args.output, args.input, folder=True)
     checksums = input_checksums([args.input, args.eval])
     init_identity = model_identity(args.init)
     reference = check_reference(args, init_identity)
     rows = load_rows(args)
     fingerprint = {"input": checksums.get(args.input) or args.input, "init": init_identity["weights_sha256"]
                    or init_identity["name"], **{k: getattr(args, k) for k in FINGERPRINT_ARGS}}
+    ckpt = os.path.join(args.output, "checkpoint")
+    if args.resume and not os.path.exists(os.path.join(ckpt, "trainer_state.json")):
+        check_finished(args.output, fingerprint)  # a finished model: nothing to resume, or another run's
+        if os.path.isfile(os.path.join(args.output, "config.json")):
+            log.info("%s: already trained with these inputs and settings; nothing to do", args.output)
+            return
     tokenizer = load_tokenizer(args.init)
     model = load_reward_model(args.init, tokenizer=tokenizer, allow_new_head=True)
     if not args.keep_dropout:
@@ -199,7 +223,6 @@ def main():
     rt = Runtime(args, model, total_steps, grad_accum, device, dtype)
     decoder = is_decoder_rm(rt.model)
     os.makedirs(args.output, exist_ok=True)
-    ckpt = os.path.join(args.output, "checkpoint")
     log_path = os.path.join(args.output, "train_log.jsonl")
 
     state = {"epoch": 0, "micro": 0, "step": 0, "fingerprint": fingerprint}
@@ -303,7 +326,7 @@ def main():
     manifest = make_manifest(args.output, args, inputs=checksums, extra={
         "reference": reference, "init": init_identity, "rows": n_rows, "grouped": grouped,
         "zero_weight_skipped": skipped_zero, "truncated": fmt.truncated, "grad_accum": grad_accum,
-        "world_size": rt.world, "total_steps": total_steps})
+        "world_size": rt.world, "total_steps": total_steps, "fingerprint": fingerprint})
     extra_files = {"reward_stats.json": stats, "manifest.json": manifest}
     if eval_history:
         extra_files["eval.json"] = eval_history[-1]

@@ -42,7 +42,7 @@ def parse_args():
                                 epilog=methods_help())
     p.add_argument("--prompts", required=True, help="prompt set name or JSONL file")
     p.add_argument("--policy", default="smollm2-135m-instruct", help="policy LM: alias, hub id or folder")
-    p.add_argument("--rm", default=None, help="reward model folder / hub id (needed by all but greedy, sample)")
+    p.add_argument("--rm", default=None, help="reward model folder / hub id (needed by every method that uses one)")
     p.add_argument("--method", choices=list(REGISTRY), required=True, help="search method (see above)")
     p.add_argument("--output", required=True)
     p.add_argument("--limit", type=positive_int, default=None, help="first N prompts")
@@ -95,7 +95,7 @@ def methods_help():
 def load_reward_stats(args):
     """{"mean", "std"} of the RM's rewards: --reward-stats, else reward_stats.json in the RM folder (03 writes
     it; 05 reward-stats makes one for any RM). Needed by --reward-norm std; read when present otherwise
-    (CARDS' default target reward), and None when absent."""
+    (a method may take defaults from them), and None when absent."""
     if not args.rm:
         if args.reward_norm == "std":
             raise DataError("--reward-norm std needs --rm")
@@ -157,15 +157,15 @@ def main():
     method = args.search_method
     device, dtype = device_setup(args)
     rank, world = distributed(device)
-    check_output_differs(args.output, args.prompts)
+    # Rows go to a partial file, renamed to --output only when every prompt is done: a failed or killed
+    # run never touches an earlier complete output. Rank 0 holds the output, every other rank its shard.
+    out_path = f"{args.output}.partial" if world == 1 else f"{args.output}.shard{rank}-of-{world}.jsonl"
+    check_output_differs(args.output if rank == 0 else out_path, args.prompts)
     checksums = input_checksums([args.prompts])
     prompts = load_prompts(args.prompts, args.data_dir, args.limit, advbench_prefill=args.advbench_prefill)
     if not prompts:
         raise DataError(f"{args.prompts}: no prompts")
     mine = prompts[rank::world]
-    # Rows go to a partial file, renamed to --output only when every prompt is done: a failed or killed
-    # run never touches an earlier complete output.
-    out_path = f"{args.output}.partial" if world == 1 else f"{args.output}.shard{rank}-of-{world}.jsonl"
     if method.uses_rm and not args.rm:
         raise DataError(f"--method {method.name} needs --rm")
     if args.rm:

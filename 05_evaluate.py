@@ -237,6 +237,11 @@ def metric_winrate(run):
     missing = [r["id"] for r in run.rows if r["id"] not in base]
     if missing:
         raise DataError(f"{args.baseline}: no baseline response for ids {missing[:5]}")
+    same = lambda a, b: " ".join(a.split()) == " ".join(b.split())  # noqa: E731
+    other = next((r["id"] for r in run.rows if not same(base[r["id"]]["prompt"], r["prompt"])), None)
+    if other is not None:  # the judge would see one prompt beside a reply to another
+        raise DataError(f"{args.baseline}: id {other!r} holds another prompt than in {args.generations}; a baseline "
+                        "must answer the same prompts")
     judge = judge_from_args(args, args.output)
     verdicts = judge_pairs(judge, run.prompts, run.responses, [base[r["id"]]["response"] for r in run.rows],
                            args.judge_kind)

@@ -1,4 +1,5 @@
-"""The paper's figures from run outputs: agreement AR_RM-SC(t) and reward gap Delta_r(t) per RM."""
+"""The figures of a run: agreement AR_RM-SC(t) and reward gap Delta_r(t) per RM (the paper's), ARGS reward
+against w, and Best-of-N against speculative rejection (reward against compute, prefix consistency)."""
 import json
 import os
 
@@ -39,13 +40,7 @@ def plot_agreement(agreement, out_dir, prefix="agreement"):
         ax.set_xlabel("prefix length t (tokens)")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, framealpha=0.7)
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"{prefix}_{key}.png")
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, [ax], out_dir, f"{prefix}_{key}.png"))
     return paths
 
 
@@ -61,6 +56,20 @@ def reward_vs_w(metric_files):
     for points in out["rms"].values():
         points.sort(key=lambda p: p["w"])
     return out
+
+
+def save_figure(fig, axes, out_dir, name, legend_size=8):
+    """Grid and legend on each axis, then the PNG written to out_dir/name; returns its path."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=legend_size, framealpha=0.7)
+    fig.tight_layout()
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def plot_reward_vs_w(sweep, out_dir, name="args_reward_vs_w.png"):
@@ -81,13 +90,7 @@ def plot_reward_vs_w(sweep, out_dir, name="args_reward_vs_w.png"):
     ax.set_xlabel("ARGS weight w (normalised reward)")
     ax.set_ylabel("reward by the yardstick RM")
     ax.set_title("ARGS: where guidance starts to act")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, framealpha=0.7)
-    fig.tight_layout()
-    path = os.path.join(out_dir, name)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, [ax], out_dir, name)
 
 
 def plot_reward_vs_compute(runs, out_dir, name="specrej_reward_vs_compute.png"):
@@ -114,13 +117,7 @@ def plot_reward_vs_compute(runs, out_dir, name="specrej_reward_vs_compute.png"):
     ax.set_xlabel("policy + RM tokens per reply (log scale)")
     ax.set_ylabel("reward by the yardstick RM")
     ax.set_title("Best-of-N and speculative rejection: reward against compute")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, framealpha=0.7)
-    fig.tight_layout()
-    path = os.path.join(out_dir, name)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, [ax], out_dir, name, legend_size=7)
 
 
 def plot_consistency(consistency, out_dir, name="specrej_prefix_consistency.png"):
@@ -143,11 +140,5 @@ def plot_consistency(consistency, out_dir, name="specrej_prefix_consistency.png"
     axes[1].set_ylabel(f"best sample survives (alpha = {consistency['alpha']:g})")
     for ax in axes:
         ax.set_xlabel("prefix length t (RM tokens)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, framealpha=0.7)
     fig.suptitle("Prefix consistency: the premise of early rejection")
-    fig.tight_layout()
-    path = os.path.join(out_dir, name)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, axes, out_dir, name)

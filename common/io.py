@@ -128,7 +128,7 @@ def atomic_open(path, mode="w"):
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; an output gets the usual mode
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; an output gets the usual mode
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
@@ -141,7 +141,7 @@ def atomic_open(path, mode="w"):
         raise
 
 
-def _umask():
+def current_umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -231,12 +231,57 @@ def input_checksums(paths):
     return {p: sha256_file(p) if os.path.isfile(p) else None for p in paths if p}
 
 
-def check_output_differs(output, *inputs):
-    """Refuse an output that is one of the inputs (it would be overwritten, and its checksum recorded wrong)."""
+def check_output_differs(output, *inputs, folder=False):
+    """Refuse an output that is one of the inputs (it would be overwritten, and its checksum recorded wrong), a
+    file output that is a folder, and an output another run is writing (see claim_output)."""
     target = os.path.realpath(output)
     for p in inputs:
         if p and os.path.exists(p) and os.path.realpath(p) == target:
             raise DataError(f"{output}: the output is the input {p}; choose another output path")
+    if not folder and os.path.isdir(output):
+        raise DataError(f"{output}: is a folder; give the path of a file to write")
+    claim_output(output)
+
+
+_CLAIMED = {}
+
+
+def claim_output(output):
+    """Hold an exclusive lock on OUTPUT.lock until this process exits (the system releases it when the process
+    ends, killed or not): a second run writing the same output is refused at once, naming the output and the
+    process that holds it."""
+    import atexit
+    import fcntl
+
+    path = os.path.abspath(output).rstrip("/") + ".lock"
+    if path in _CLAIMED:
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "another process"
+            os.close(fd)
+            raise DataError(f"{output}: another run is writing it (process {holder} holds {path}); wait for it to "
+                            "finish or give another output") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # not a lock file that its last holder removed while we waited for it
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _CLAIMED[path] = fd
+
+    def release():
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
+    atexit.register(release)
 
 
 def write_manifest(output_path, args, inputs=(), extra=None):

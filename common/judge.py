@@ -7,12 +7,17 @@ answer for correctness. The paper prints the prompts' instructions, not a reply 
 JSON verdict ("1", "2", "-1"; "correct" / "incorrect") so replies parse reliably, and the single-answer judge
 also sees GSM8K's reference solution when there is one (our choice: it makes the verdict checkable).
 "lenient" is this tool's earlier pairwise prompt, which invites ties. "-1" and "tie" both count as a tie.
-Each verdict is cached on disk (JSONL keyed by a hash of model, prompt and both responses), so a
-rerun sends nothing and a killed run resumes. Malformed replies are retried, then counted as unparsable;
-HTTP 429 and 5xx are retried with exponential back-off. The API key is read from an environment variable
-and never written anywhere.
+Each parsable verdict is cached on disk (JSONL keyed by a hash of model, prompt and both responses), so a
+rerun sends nothing for it and a killed run resumes; an unparsable one is not cached, so a rerun asks again.
+Malformed replies (no verdict, content that is not text, a body that is not UTF-8 or not chat-completions
+JSON) are retried, then counted as unparsable; HTTP 429 and 5xx, a garbage status line and a body cut short
+are retried with exponential back-off, then end in one `error: judge endpoint ...` line. The client is
+urllib, not the `openai` package: the whole surface is one POST, every failure above is mapped and tested
+against a local server, and the tool needs no client library for it. The API key is read from an
+environment variable and never written anywhere.
 """
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -149,7 +154,8 @@ class ChatJudge:
                 for line in f:
                     try:
                         row = json.loads(line)
-                        self.cache[row["key"]] = row["verdict"]
+                        if row["verdict"] is not None:  # an earlier version cached unparsable replies
+                            self.cache[row["key"]] = row["verdict"]
                     except (json.JSONDecodeError, KeyError):
                         continue  # a torn last line from a killed run
         self.label = f"http:{model}"
@@ -166,19 +172,22 @@ class ChatJudge:
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
                     payload = json.loads(response.read().decode("utf-8"))
-                return payload["choices"][0]["message"]["content"]
+                content = payload["choices"][0]["message"]["content"]
+                return content if isinstance(content, str) else ""  # content that is not text: unparsable
             except urllib.error.HTTPError as e:
                 if e.code != 429 and e.code < 500:
                     raise JudgeError(f"judge endpoint answered HTTP {e.code}") from None
                 retry_after = e.headers.get("Retry-After") if e.headers else None
                 wait = float(retry_after) if retry_after and retry_after.replace(".", "").isdigit() \
                     else self.backoff * 2 ** attempt
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:
+                # unreachable, or a broken reply (a garbage status line, a body shorter than its length): retried
                 wait = self.backoff * 2 ** attempt
                 if attempt == self.max_retries:
-                    raise JudgeError(f"judge endpoint unreachable: {e}") from None
-            except (json.JSONDecodeError, KeyError, IndexError, TypeError):
-                return ""  # a body that is not chat-completions JSON: treated as an unparsable reply
+                    what = "unreachable" if isinstance(e, (urllib.error.URLError, TimeoutError)) else "broke off"
+                    raise JudgeError(f"judge endpoint {what} ({type(e).__name__}: {e})") from None
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError, AttributeError):
+                return ""  # a body that is not chat-completions JSON (or not UTF-8): an unparsable reply
             if attempt < self.max_retries:
                 time.sleep(min(wait, self.max_wait))  # a server's Retry-After is obeyed up to max_wait
         raise JudgeError(f"judge endpoint still failing after {self.max_retries} retries")
@@ -207,8 +216,9 @@ class ChatJudge:
             verdict = parse_verdict(self._post(messages), allowed)
             if verdict is not None:
                 break
-        if verdict is None:
+        if verdict is None:  # not cached: a rerun asks again (the judge may have been fixed)
             self.unparsable += 1
+            return None
         self.cache[key] = verdict
         if self.cache_path:
             with open(self.cache_path, "a", encoding="utf-8") as f:

@@ -94,6 +94,16 @@ class RMFormat:
         keep_prompt = min(n_prompt, budget // 2)
         return keep_prompt, min(n_response, budget - keep_prompt)
 
+    def truncates(self, prompt, response):
+        """Whether the RM input of (prompt, response) is cut by the truncation rule (counts nothing)."""
+        if self.closed:
+            before = self.truncated
+            self.encode(prompt, response)
+            cut, self.truncated = self.truncated > before, before
+            return cut
+        p, r = len(self.prompt_ids(prompt)), len(self.response_ids(response))
+        return self.budgets(p, r) != (p, r)
+
     def encode(self, prompt, response=None, response_ids=None, t=None):
         """{"input_ids", "token_type_ids"?} for (prompt, response[:t])."""
         r = response_ids if response_ids is not None else self.response_ids(response)

@@ -7,7 +7,7 @@ import shutil
 import torch
 from transformers import get_linear_schedule_with_warmup
 
-from common.io import DataError, read_jsonl, write_json, write_jsonl
+from common.io import DataError, current_umask, read_jsonl, write_json, write_jsonl
 from common.models import dist_backend
 
 
@@ -170,7 +170,9 @@ class Runtime:
             for name, obj in extra_files.items():
                 write_json(os.path.join(tmp, name), obj)
             names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")
+            mode = 0o666 & ~current_umask()  # the library writes its weights 0600; outputs follow the umask
             for name in names:
+                os.chmod(os.path.join(tmp, name), mode)
                 os.replace(os.path.join(tmp, name), os.path.join(output, name))
             os.rmdir(tmp)
         self.barrier()

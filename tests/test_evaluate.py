@@ -374,3 +374,75 @@ def test_prefix_consistency_against_a_literal_computation(tmp_path, smol_tokeniz
             assert point["best_survives"] == pytest.approx(np.mean(alive))
             assert point["kendall_tau_ci95"][0] <= point["kendall_tau"] <= point["kendall_tau_ci95"][1]
     assert "kendall_tau_diff" in got["rms"]["SP-PRM"]["curve"][0]
+
+
+class RawServer:
+    """Answers every connection with the same raw bytes (a broken HTTP reply), counting the requests."""
+
+    def __init__(self, raw):
+        import socketserver
+
+        outer = self
+        self.requests = 0
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                outer.requests += 1
+                self.request.recv(65536)
+                self.request.sendall(raw)
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def chat_reply(content):
+    return json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+
+
+@pytest.mark.parametrize("raw", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(chat_reply(5)) + chat_reply(5),          # content a number
+    b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(chat_reply(None)) + chat_reply(None),    # content null
+    b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n\xff\xfe\xfa\xfb\xfc\xfd",                         # not UTF-8
+], ids=["number", "null", "not-utf8"])
+def test_malformed_judge_replies_are_unparsable(raw):
+    from common.judge import ChatJudge
+
+    with RawServer(raw) as server:
+        judge = ChatJudge(server.url, "m", max_parse_retries=1, backoff=0.01, max_retries=1)
+        assert judge.compare("p", "a", "b") is None
+        assert judge.unparsable == 1 and server.requests == 2
+
+
+@pytest.mark.parametrize("raw", [b"garbage status line\r\n\r\n",
+                                 b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n{\"choices\": [",  # cut short
+                                 ], ids=["status-line", "short-body"])
+def test_broken_judge_replies_end_in_one_error_line(tmp_path, raw):
+    gen = write_jsonl(tmp_path / "gen.jsonl", [{"id": "a", "prompt": "hi", "response": "hello"}])
+    with RawServer(raw) as server:
+        proc = run_script("05_evaluate.py", "metrics", "--generations", gen, "--baseline", gen, "--metrics", "winrate",
+                          "--judge-url", server.url, "--judge-model", "m", "--judge-retries", "1",
+                          "--output", tmp_path / "m.json", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "error: judge endpoint" in errors[0], proc.stderr[-2000:]
+
+
+def test_unparsable_verdicts_are_not_cached(tmp_path):
+    """A judge that answered garbage is asked again on the rerun, and its fixed answer gives the win rate."""
+    from common.judge import ChatJudge
+
+    cache = str(tmp_path / "c.jsonl")
+    with ScriptedServer(default=lambda body: "I refuse") as server:
+        assert ChatJudge(server.url, "m", cache_path=cache, max_parse_retries=0).compare("p", "a", "b") is None
+    with ScriptedServer(default=lambda body: '{"verdict": "1"}') as server:
+        again = ChatJudge(server.url, "m", cache_path=cache, max_parse_retries=0)
+        assert again.compare("p", "a", "b") == "1" and len(server.requests) == 1

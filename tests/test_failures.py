@@ -45,7 +45,7 @@ def models(tmp_path_factory, smol_tokenizer):
             "prompts": prompts}
 
 
-# 1. unparsable judge verdicts leave the denominator, are counted (also from the cache), and fail past a share
+# 1. unparsable judge verdicts leave the denominator, are counted (and asked again on a rerun), and fail past a share
 def test_unparsable_verdicts_are_counted_not_ties(tmp_path):
     rows = [{"id": f"g{i}", "prompt": f"Tell me about {i}", "response": f"good answer {i}" if i < 3 else "x"}
             for i in range(6)]
@@ -63,7 +63,7 @@ def test_unparsable_verdicts_are_counted_not_ties(tmp_path):
         proc = run_script("05_evaluate.py", *common, "--output", tmp_path / "m.json", check=False)
         fails_cleanly(proc, "2 of 6", "--max-unparsable")
         assert not os.path.exists(tmp_path / "m.json")
-        for out in ("m.json", "again.json"):  # the second run reads every verdict from the cache
+        for out in ("m.json", "again.json"):  # the second run takes the parsable verdicts from the cache
             run_script("05_evaluate.py", *common, "--output", tmp_path / out, "--max-unparsable", 0.5)
             m = json.load(open(tmp_path / out))
             assert m["n_judged"] == 4 and m["unparsable"] == 2
@@ -381,3 +381,82 @@ def test_output_mode_and_resumed_log(tmp_path, models):
     os.umask(umask)
     assert os.stat(out).st_mode & 0o777 == 0o666 & ~umask
     assert "weights_only=True" in open(os.path.join(ROOT, "03_train.py")).read()
+
+
+# 15. the second round of fault probes
+def test_resume_into_a_finished_folder_of_another_run(tmp_path, models):
+    """03 --resume into a folder whose finished model came from other input is refused and changes nothing;
+    with the same input and settings there is nothing to do; every file follows the umask."""
+    import hashlib
+
+    first = write_jsonl(tmp_path / "a.jsonl", separable_pairs(16))
+    other = write_jsonl(tmp_path / "b.jsonl", separable_pairs(16, seed=5))
+    common = ["--init", models["rm"], "--output", tmp_path / "rm", "--lr", 1e-3, "--batch-size", 4, "--resume"]
+    run_script("03_train.py", "--input", first, *common)
+    weights = tmp_path / "rm" / "model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    listing = sorted(os.listdir(tmp_path / "rm"))
+    fails_cleanly(run_script("03_train.py", "--input", other, *common, check=False), "finished model",
+                  "other inputs or settings", "input")
+    fails_cleanly(run_script("03_train.py", "--input", first, *common[:-1], "--lr", 5e-4, "--resume", check=False),
+                  "lr")
+    proc = run_script("03_train.py", "--input", first, *common)
+    assert "nothing to do" in proc.stderr
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == digest and sorted(os.listdir(tmp_path / "rm")) == listing
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in listing:
+        if os.path.isfile(tmp_path / "rm" / name):
+            assert os.stat(tmp_path / "rm" / name).st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_a_second_writer_is_refused(tmp_path, models):
+    """While a run holds an output, a second run writing it is refused at once; a killed holder frees it."""
+    import subprocess
+    import time
+
+    out = tmp_path / "gen.jsonl"
+    script = ("import sys, time; sys.path.insert(0, sys.argv[1]); from common.io import claim_output; "
+              "claim_output(sys.argv[2]); print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", script, ROOT, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        decode = ["04_decode.py", "--prompts", models["prompts"], "--policy", models["policy"], "--method", "greedy",
+                  "--max-new-tokens", 3, "--output", out]
+        started = time.time()
+        fails_cleanly(run_script(*decode, check=False), str(out), "another run is writing it", str(holder.pid))
+        assert time.time() - started < 60 and not out.exists()  # refused before any model loads
+    finally:
+        holder.kill()
+        holder.wait()
+    run_script(*decode)  # the lock went with the killed process
+    assert len(read(out)) == 4 and not os.path.exists(str(out) + ".lock")
+
+
+def test_a_baseline_with_other_prompts_is_refused(tmp_path):
+    rows = [{"id": f"g{i}", "prompt": f"Tell me about {i}", "response": f"answer {i}"} for i in range(3)]
+    base = [{**r, "prompt": f"Tell me about something else {r['id']}"} if r["id"] == "g1" else r for r in rows]
+    gen, baseline = write_jsonl(tmp_path / "gen.jsonl", rows), write_jsonl(tmp_path / "base.jsonl", base)
+    proc = run_script("05_evaluate.py", "metrics", "--generations", gen, "--baseline", baseline, "--metrics",
+                      "winrate", "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "m",
+                      "--output", tmp_path / "m.json", check=False)
+    fails_cleanly(proc, "'g1'", "another prompt")
+
+
+def test_an_output_that_is_a_folder_is_named(tmp_path, models):
+    (tmp_path / "out").mkdir()
+    proc = run_script("04_decode.py", "--prompts", models["prompts"], "--policy", models["policy"], "--method",
+                      "greedy", "--output", tmp_path / "out", check=False)
+    fails_cleanly(proc, str(tmp_path / "out"), "is a folder")
+
+
+def test_weight_summary_counts_truncation_over_resumed_rows(tmp_path, models):
+    partial = tmp_path / "partial.jsonl"
+    run_script("01_build_partial.py", "--input", write_jsonl(tmp_path / "p.jsonl", separable_pairs(6)), "--output",
+               partial, "--tokenizer", models["rm"], "--truncation", "full")
+    out = tmp_path / "w.jsonl"
+    common = ["--input", partial, "--output", out, "--ref-rm", models["ref"], "--max-length", 12]
+    run_script("02_weight.py", *common)
+    first = json.load(open(str(out) + ".manifest.json"))["summary"]["truncated_inputs"]
+    run_script("02_weight.py", *common, "--resume")  # every score from the cache
+    assert first > 0 and json.load(open(str(out) + ".manifest.json"))["summary"]["truncated_inputs"] == first

@@ -1,9 +1,9 @@
 """The search engine: one batched, cached loop that runs any method of methods.py. It names no method.
 
-Every method is rounds of "grow candidates, score them, keep some" over rows (a row = one beam or sample of
-one prompt):
+Every method is rounds of "grow candidates, score them, keep some" over rows (a row = one beam of one
+prompt):
   1. feed each row's accepted tokens to the policy (and the RM's cache): the next-token logits of every row;
-  2. grow K candidate chains of up to L tokens per row (sampled, greedy, or the top-k next tokens);
+  2. grow K candidate chains of up to L tokens per row (drawn, argmax, or the top-k next tokens);
   3. score every candidate with the RM (cached path, or decoded text);
   4. the method chooses the rows of the next round; the caches follow them.
 
@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from common.io import DEFAULT_MAX_LENGTH
 from common.rewards import RMFormat, score_encoded
 from common.search.methods import Row, make_method
 
@@ -65,7 +66,7 @@ def filter_logits(logits, temperature=1.0, top_p=1.0, top_k=0):
 
 
 def pick_tokens(logits, us, method):
-    """Greedy argmax (us is None) or inverse-CDF sampling with the given uniforms, one per row."""
+    """Argmax (us is None) or inverse-CDF sampling with the given uniforms, one per row."""
     if us is None:
         return logits.argmax(-1)
     probs = torch.softmax(filter_logits(logits, method.temperature, method.top_p, method.top_k), dim=-1)
@@ -237,7 +238,7 @@ class RewardModel:
     model: object
     tokenizer: object
     name: str = "rm"
-    max_length: int = 2048
+    max_length: int = DEFAULT_MAX_LENGTH
     fmt: RMFormat = None
     stats: dict = None        # {"mean", "std"} of the RM's rewards (reward_stats.json), when known
     normalize: bool = False   # the one switch: search with (r - mean) / std instead of r

@@ -196,14 +196,8 @@ class ARGS(Method):
     def choose(self, rows, cand, batch):
         import torch
 
-        out = []
-        for i, r in enumerate(rows):
-            if r.finished:
-                out.append(unchanged(i, r))
-                continue
-            objective = cand.logp[i] + self.w * cand.scores[i]
-            out.append(take(i, r, cand, int(torch.argmax(objective))))
-        return out
+        best = [int(torch.argmax(cand.logp[i] + self.w * cand.scores[i])) for i in range(len(rows))]
+        return [unchanged(i, r) if r.finished else take(i, r, cand, best[i]) for i, r in enumerate(rows)]
 
 
 # ------------------------------------------------------------------------------------------ beam search
