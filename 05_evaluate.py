@@ -31,10 +31,10 @@ Metrics (one top-level key each in the output JSON; per-row values go to OUTPUT.
              OpenAI-compatible endpoint (--judge-url, --judge-model, key from $OPENAI_API_KEY or
              --judge-key-env) or, as a labelled proxy, by a reward model (--judge-rm); win_tie = (W+T)/N,
              win_rate = (W+T/2)/N over the parsable verdicts (n_judged; unparsable ones are counted apart).
-             --judge-template paper (default: the paper's Figure 6 prompt, a forced choice, "-1" only for
-             identical replies, which counts as a tie) or lenient (invites ties)
-  judge_accuracy  GSM8K: share of answers the HTTP judge calls correct (the paper's Figure 7 judge; it also
-             sees the reference solution), beside the exact-match accuracy
+             --judge-template paper (default: the paper's Figure 6 prompts verbatim, a forced choice, "-1" only
+             for identical replies, which counts as a tie) or lenient (ours; invites ties)
+  judge_accuracy  GSM8K: share of answers the HTTP judge calls fully correct (the paper's Figure 7 judge,
+             verbatim: it sees the problem and the answer), beside the exact-match accuracy
 References come from each generation's "reference" field, else from --prompts SET by id.
 An RM is not evaluated on prompts or pairs it was trained on: the RM's manifest.json names its training
 input, and an overlap is refused unless --allow-train-overlap. --rm-format closed scores complete
@@ -214,8 +214,7 @@ def metric_judge_accuracy(run):
     if not isinstance(judge, ChatJudge):
         raise DataError("judge_accuracy needs an LLM judge (--judge-url, --judge-model); an RM cannot tell "
                         "a correct answer")
-    verdicts = [judge.judge_single(r["prompt"], r["response"], r.get("reference") or _maybe(run.reference, r))
-                for r in run.rows]
+    verdicts = [judge.judge_single(r["prompt"], r["response"]) for r in run.rows]
     for pr, v in zip(run.per_row, verdicts):
         pr["judge_correct"] = None if v is None else v == "correct"
     judged = check_parsable(verdicts, args.max_unparsable, "answers")
@@ -334,13 +333,6 @@ def rm_spec(spec):
     """NAME=PATH (or PATH, named by its folder)."""
     name, _, path = spec.rpartition("=")
     return name or os.path.basename(path.rstrip("/")), path
-
-
-def _maybe(reference, row):
-    try:
-        return reference(row)
-    except DataError:
-        return None
 
 
 def winrate_metrics(verdicts, seed=0, max_unparsable=1.0):
