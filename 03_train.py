@@ -187,7 +187,8 @@ def main():
     torch.manual_seed(args.seed)
     device, dtype = device_setup(args)
 
-    check_output_differs(args.output, args.input, folder=True)
+    # under a launcher only the first rank writes the folder (and holds its lock)
+    check_output_differs(args.output, args.input, folder=True, claim=int(os.environ.get("RANK", "0")) == 0)
     checksums = input_checksums([args.input, args.eval])
     init_identity = model_identity(args.init)
     reference = check_reference(args, init_identity)

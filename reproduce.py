@@ -118,7 +118,7 @@ def main():
     parents = {}  # candidate path -> the candidate it was trained from
     if "minilm-pairs" in s["references"]:
         stage("ref-minilm-pairs", f"{out}/ref_minilm_pairs", "03_train.py", "--input", "hh-rlhf:train", "--init",
-              "minilm-l6", "--output", f"{out}/ref_minilm_pairs", "--seed", 1, *limit(s["reference_pairs"]),
+              "minilm-l6", "--output", f"{out}/ref_minilm_pairs", *limit(s["reference_pairs"]),
               "--resume", *train)
         candidates[f"MiniLM-L6 on {s['reference_pairs']} pairs"] = f"{out}/ref_minilm_pairs"
     if "smollm2" in s["references"]:

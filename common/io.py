@@ -231,16 +231,18 @@ def input_checksums(paths):
     return {p: sha256_file(p) if os.path.isfile(p) else None for p in paths if p}
 
 
-def check_output_differs(output, *inputs, folder=False):
+def check_output_differs(output, *inputs, folder=False, claim=True):
     """Refuse an output that is one of the inputs (it would be overwritten, and its checksum recorded wrong), a
-    file output that is a folder, and an output another run is writing (see claim_output)."""
+    file output that is a folder, and an output another run is writing (see claim_output; claim=False: the
+    caller is a rank that does not write it)."""
     target = os.path.realpath(output)
     for p in inputs:
         if p and os.path.exists(p) and os.path.realpath(p) == target:
             raise DataError(f"{output}: the output is the input {p}; choose another output path")
     if not folder and os.path.isdir(output):
         raise DataError(f"{output}: is a folder; give the path of a file to write")
-    claim_output(output)
+    if claim:
+        claim_output(output)
 
 
 _CLAIMED = {}
@@ -262,10 +264,11 @@ def claim_output(output):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "another process"
+            holder = os.read(fd, 64).decode("ascii", "replace").strip()
             os.close(fd)
-            raise DataError(f"{output}: another run is writing it (process {holder} holds {path}); wait for it to "
-                            "finish or give another output") from None
+            raise DataError(f"{output}: another run is writing it (lock {path}"
+                            + (f", held by process {holder}" if holder else "") + "); wait for it to finish or give "
+                            "another output") from None
         try:
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:

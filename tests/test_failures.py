@@ -380,7 +380,7 @@ def test_output_mode_and_resumed_log(tmp_path, models):
     umask = os.umask(0)
     os.umask(umask)
     assert os.stat(out).st_mode & 0o777 == 0o666 & ~umask
-    assert "weights_only=True" in open(os.path.join(ROOT, "03_train.py")).read()
+    assert "weights_only=True" in open(os.path.join(ROOT, "common", "runtime.py")).read()
 
 
 # 15. the second round of fault probes
@@ -424,7 +424,8 @@ def test_a_second_writer_is_refused(tmp_path, models):
         decode = ["04_decode.py", "--prompts", models["prompts"], "--policy", models["policy"], "--method", "greedy",
                   "--max-new-tokens", 3, "--output", out]
         started = time.time()
-        fails_cleanly(run_script(*decode, check=False), str(out), "another run is writing it", str(holder.pid))
+        fails_cleanly(run_script(*decode, check=False), str(out), "another run is writing it",
+                      f"held by process {holder.pid}")
         assert time.time() - started < 60 and not out.exists()  # refused before any model loads
     finally:
         holder.kill()
