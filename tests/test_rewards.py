@@ -179,3 +179,14 @@ def test_training_batches_cover_every_unit_once():
     lengths = [[units[i]["n_tokens"] for i in b] for b in training_batches(units, 4, 0, 0, window=50)]
     spread = lambda bs: sum(max(b) - min(b) for b in bs)  # noqa: E731
     assert spread(lengths) < spread([[units[i]["n_tokens"] for i in b] for b in training_batches(units, 4, 0, 0)])
+
+
+def test_length_groups_minimise_padding_plus_a_cost_per_forward():
+    from common.rewards import length_groups
+
+    # one forward: 4 * 210 + 256 = 1096; two by length: 2 * 11 + 2 * 210 + 2 * 256 = 954; three or four cost more
+    assert sorted(map(sorted, length_groups([200, 10, 210, 11], overhead=256))) == [[0, 2], [1, 3]]
+    assert length_groups([5, 6, 7], overhead=1000) == [[0, 1, 2]]  # forwards dearer than padding: one group
+    assert sorted(map(sorted, length_groups([3, 1, 2], overhead=0))) == [[0], [1], [2]]  # padding only: alone
+    groups = length_groups(list(range(40, 0, -1)))
+    assert sorted(i for g in groups for i in g) == list(range(40))  # every sequence once
