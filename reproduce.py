@@ -147,7 +147,8 @@ def main():
     stage("sst", f"{out}/sst.jsonl", "01_build_partial.py", "--input", "hh-rlhf:train", "--output",
           f"{out}/sst.jsonl", "--tokenizer", "minilm-l6", "--truncation", "sst", "--K", s["sst_k"],
           *limit(s["sst_pairs"]), *data)
-    for scheme in s["variants"]:
+    # the specrej part needs only the SP-PRM; the other variants wait for the table1 part
+    for scheme in s["variants"] if args.part == "table1" else s["variants"][:1]:
         name = VARIANTS[scheme][0]
         weighted = f"{out}/weighted_{scheme}.jsonl"
         seed_cache(f"{out}/weighted_entropy.jsonl.scores.jsonl", weighted + ".scores.jsonl")
