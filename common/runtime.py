@@ -40,7 +40,10 @@ class Runtime:
             self.model = model.to(self.device)
             if self.cuda and dtype == torch.float16:
                 self.scaler = torch.amp.GradScaler("cuda")
-            self.optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+            # the fused kernel (one pass over all parameters, as the standard trainer's default adamw_torch_fused);
+            # the per-tensor loop it replaces cost a tenth of a MiniLM run on the CPU
+            self.optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                               fused=self.device.type in ("cpu", "cuda"))
             warmup = int(args.warmup_ratio * total_steps)
             self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, total_steps)
 
