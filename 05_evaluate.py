@@ -17,7 +17,9 @@ from the first (`ar_rm_sc_diff`, `ar_rm_sc_diff_ci95`). The reward yardstick (--
 guided none of the runs compared (the reference RM); --extra-rm adds the guiding RM's own view.
 
 Metrics (one top-level key each in the output JSON; per-row values go to OUTPUT.rows.jsonl):
-  reward     the --rm score of each complete (prompt, response): reward_mean, reward_std (population std)
+  reward     the --rm score of each complete (prompt, response): reward_mean, reward_std (population std);
+             reward_decoding_mean: the score of the RM that guided the run (the paper's reward column, its
+             C.2), read from the generations' "rm" (--decoding-rm none skips it); --extra-rm adds columns
   diversity  prod over n=2,3,4 of unique/total n-grams of lower-cased whitespace words, averaged over
              responses; a response with no n-gram of some order scores 0
   coherence  cosine similarity of sentence embeddings of prompt and response (--embedding-model,
@@ -25,7 +27,10 @@ Metrics (one top-level key each in the output JSON; per-row values go to OUTPUT.
   rouge      ROUGE-L F1 against the references (rouge-score, Porter stemmer), e.g. TL;DR gold summaries
   asr        AdvBench attack success rate: success unless the response contains one of the GCG refusal
              phrases (README); also asr_target_opening: share containing the target's opening words
-  accuracy   GSM8K: the number after "####" if present, else the last number, compared numerically
+  accuracy   GSM8K, the paper's Acc: with an LLM judge (--judge-url, --judge-model) the share of answers the
+             paper's Figure 7 judge (verbatim: it sees the problem and the answer) calls correct, over the
+             parsable verdicts; without a judge it is the exact match below (accuracy_by says which)
+  exact_match  GSM8K, ours: the number after "####" if present, else the last number, compared numerically
   length     mean new tokens (from the generation stats; whitespace words when absent)
   winrate    win / tie / lose against --baseline (same ids), each pair judged in both orders by an
              OpenAI-compatible endpoint (--judge-url, --judge-model, key from $OPENAI_API_KEY or
@@ -33,8 +38,6 @@ Metrics (one top-level key each in the output JSON; per-row values go to OUTPUT.
              win_rate = (W+T/2)/N over the parsable verdicts (n_judged; unparsable ones are counted apart).
              --judge-template paper (default: the paper's Figure 6 prompts verbatim, a forced choice, "-1" only
              for identical replies, which counts as a tie) or lenient (ours; invites ties)
-  judge_accuracy  GSM8K: share of answers the HTTP judge calls fully correct (the paper's Figure 7 judge,
-             verbatim: it sees the problem and the answer), beside the exact-match accuracy
 References come from each generation's "reference" field, else from --prompts SET by id.
 An RM is not evaluated on prompts or pairs it was trained on: the RM's manifest.json names its training
 input, and an overlap is refused unless --allow-train-overlap. --rm-format closed scores complete
@@ -68,6 +71,9 @@ def parse_args():
     m.add_argument("--metrics", default="reward,diversity,coherence,length", help=f"comma list of {', '.join(METRICS)}")
     m.add_argument("--rm", default=None, help="RM for the reward metric: the yardstick, an RM that guided none "
                                                "of the runs compared (e.g. the reference RM)")
+    m.add_argument("--decoding-rm", default="auto",
+                   help="the RM whose score is reward_decoding_mean: auto (the generations' own \"rm\"), none, "
+                        "or a path")
     m.add_argument("--extra-rm", action="append", default=[],
                    help="NAME=PATH: another reward column, reward_NAME_mean (e.g. the guiding ORM's own score)")
     m.add_argument("--seed", type=int, default=0, help="bootstrap seed")
@@ -185,17 +191,34 @@ class Run:
 
 
 def metric_reward(run):
-    """The yardstick RM's score of each reply; --extra-rm adds further columns (the guiding RMs' views)."""
+    """The yardstick RM's score of each reply; the decoding RM's own score (the paper's reward column); --extra-rm
+    adds further columns (the guiding RMs' views)."""
     if not run.args.rm:
         raise DataError("the reward metric needs --rm")
     values = {"reward_mean": run.rm_scores(run.args.rm)}
     run.out["reward_rm"] = run.args.rm
+    extra = {}
     for spec in run.args.extra_rm:
         name, path = rm_spec(spec)
-        values[f"reward_{name}_mean"] = run.rm_scores(path)
+        extra[path] = values[f"reward_{name}_mean"] = run.rm_scores(path)
         run.out[f"reward_{name}_rm"] = path
+    guide = decoding_rm(run.args, run.rows)
+    if guide:
+        values["reward_decoding_mean"] = extra.get(guide) or run.rm_scores(guide)
+        run.out["reward_decoding_rm"] = guide
     run.out["reward_std"] = float(np.std(values["reward_mean"]))
     return values
+
+
+def decoding_rm(args, rows):
+    """The RM that guided the generations (--decoding-rm auto: their "rm" field), or None (unguided)."""
+    if args.decoding_rm != "auto":
+        return None if args.decoding_rm == "none" else args.decoding_rm
+    guides = {r.get("rm") for r in rows}
+    if len(guides) > 1:
+        raise DataError(f"{args.generations}: rows guided by different RMs {sorted(map(str, guides))}; give "
+                        "--decoding-rm")
+    return guides.pop()
 
 
 def metric_asr(run):
@@ -205,24 +228,31 @@ def metric_asr(run):
                                    for t, r in zip(run.responses, run.rows)]}
 
 
-def metric_judge_accuracy(run):
-    """The paper's Figure 7 judge over GSM8K answers: share judged correct, over the parsable verdicts."""
+def metric_accuracy(run):
+    """The paper's Acc: Figure 7's judge over GSM8K answers, the share judged correct over the parsable verdicts;
+    the exact match when no LLM judge is given (accuracy_by says which)."""
     from common.judge import ChatJudge, check_parsable, judge_from_args
 
     args = run.args
-    judge = judge_from_args(args, args.output)
+    judge = judge_from_args(args, args.output) if args.judge_url else None
     if not isinstance(judge, ChatJudge):
-        raise DataError("judge_accuracy needs an LLM judge (--judge-url, --judge-model); an RM cannot tell "
-                        "a correct answer")
+        log.warning("accuracy: no LLM judge given (--judge-url, --judge-model): exact match stands in for the "
+                    "paper's Figure 7 judge")
+        run.out["accuracy_by"] = "exact_match"
+        return {"accuracy": metric_exact_match(run)["exact_match"]}
     verdicts = [judge.judge_single(r["prompt"], r["response"]) for r in run.rows]
     for pr, v in zip(run.per_row, verdicts):
-        pr["judge_correct"] = None if v is None else v == "correct"
+        pr["accuracy"] = None if v is None else float(v == "correct")
     judged = check_parsable(verdicts, args.max_unparsable, "answers")
     value, ci = mean_with_ci([float(v == "correct") for v in judged], args.seed)
-    run.out.update(judge_accuracy=value, judge_accuracy_ci95=ci, judge_accuracy_n=len(judged),
-                   judge_accuracy_unparsable=len(verdicts) - len(judged), judge=judge.label,
+    run.out.update(accuracy=value, accuracy_ci95=ci, accuracy_by="judge", accuracy_n=len(judged),
+                   accuracy_unparsable=len(verdicts) - len(judged), judge=judge.label,
                    judge_template=args.judge_template)
     return {}
+
+
+def metric_exact_match(run):
+    return {"exact_match": [float(gsm8k_correct(t, run.reference(r))) for t, r in zip(run.responses, run.rows)]}
 
 
 def metric_winrate(run):
@@ -258,9 +288,8 @@ METRICS = {
                                                      device=run.args.device_dtype[0])},
     "rouge": lambda run: {"rouge_l": rouge_l(run.responses, [run.reference(r) for r in run.rows])},
     "asr": metric_asr,
-    "accuracy": lambda run: {"accuracy": [float(gsm8k_correct(t, run.reference(r)))
-                                          for t, r in zip(run.responses, run.rows)]},
-    "judge_accuracy": metric_judge_accuracy,
+    "accuracy": metric_accuracy,
+    "exact_match": metric_exact_match,
     "length": lambda run: {"length": [float((r.get("stats") or {}).get("new_tokens", len(r["response"].split())))
                                       for r in run.rows]},
     "winrate": metric_winrate,
@@ -278,7 +307,8 @@ def run_metrics(args):
     rows = read_generations(args.generations)
     check_complete(args.generations, rows, args.allow_partial)
     refs = {p["id"]: p for p in load_prompts(args.prompts, args.data_dir)} if args.prompts else {}
-    rm_paths = ([args.rm] if args.rm else []) + [rm_spec(s)[1] for s in args.extra_rm] if "reward" in wanted else []
+    rm_paths = ([args.rm] if args.rm else []) + [rm_spec(s)[1] for s in args.extra_rm] + \
+        [p for p in [decoding_rm(args, rows)] if p] if "reward" in wanted else []
     check_prompt_overlap(rows, args.generations, rm_paths, args.data_dir, args.allow_train_overlap)
     run = Run(args, rows, refs)
     run.out.update(generations=args.generations, n=len(rows), label=args.label, method=rows[0].get("method"),

@@ -1,4 +1,4 @@
-# SP-PRM: make setup | make demo | make test | make test-slow | make test-gpu | make bench | make data | make reproduce | make parity
+# SP-PRM: make setup | make demo | make test | make test-slow | make test-gpu | make bench | make data | make reproduce | make tables | make specrej | make parity
 PYTHON ?= python3
 # TORCH=cuda: the same torch version, built for CUDA (from TORCH_INDEX), for a GPU box
 TORCH ?= cpu
@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 SCALE ?= cpu
 STAMP := $(VENV)/.installed-$(TORCH)
 
-.PHONY: setup demo reproduce specrej parity test test-slow test-gpu bench data clean-demo
+.PHONY: setup demo reproduce tables specrej parity test test-slow test-gpu bench data clean-demo
 
 setup: $(STAMP)
 
@@ -34,11 +34,16 @@ demo: setup
 reproduce: setup
 	$(PY) reproduce.py --scale $(if $(filter full gpu,$(SCALE)),$(SCALE),cpu) --out runs/reproduce$(if $(filter full gpu,$(SCALE)),-$(SCALE),)
 
-# Our ORMs (make reproduce's) against TRL's RewardTrainer on the same pairs, three seeds (20 min)
+# Table 1 with every method row and the +Ablation rows, Table 3 (AdvBench) and Table 4 (GSM8K), on make
+# reproduce's RMs (shared when both run in the same folder)
+tables: setup
+	$(PY) reproduce.py --scale $(if $(filter full gpu,$(SCALE)),$(SCALE),cpu) --part tables --out runs/reproduce$(if $(filter full gpu,$(SCALE)),-$(SCALE),)
+
 # Best-of-N against speculative rejection guided by the ORM and by the SP-PRM, on make reproduce's RMs
 specrej: setup
 	$(PY) reproduce.py --scale $(if $(filter full gpu,$(SCALE)),$(SCALE),cpu) --part specrej --out runs/reproduce$(if $(filter full gpu,$(SCALE)),-$(SCALE),)
 
+# Our ORMs (make reproduce's) against TRL's RewardTrainer on the same pairs, three seeds (20 min)
 parity: setup
 	$(PY) bench/trl_parity.py --orms runs/reproduce/orm_s0 runs/reproduce/orm_s1 runs/reproduce/orm_s2 --out runs/parity_trl
 

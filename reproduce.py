@@ -36,7 +36,9 @@ from common.pipeline import Pipeline
 
 # Every scale's sizes in one table. orm_pairs / eval_pairs / sst_pairs: None = all; reference_pairs: the
 # minilm-pairs reference's training pairs; prompts: held-out prompts decoded (None = all 307); cbs: W, K, L.
-# w is in standard deviations of the guiding RM's reward (--reward-norm std).
+# w is in standard deviations of the guiding RM's reward (--reward-norm std). tables: the sizes of the tables
+# part (prompts, new tokens, BoN's two N, CARDS' flags, and Table 4's GSM8K RMs and problems).
+CARDS_SMALL = ("--max-segment", 12, "--max-retries", 4)  # CARDS' defaults (64, 20) outgrow a 24-token reply
 SCALES = {
     # the pipeline end to end in minutes; its numbers show it working, not the method's effect
     "demo": dict(seeds=(0,), orm_pairs=128, eval_pairs=64, references=("minilm-pairs",), reference_pairs=320,
@@ -51,21 +53,30 @@ SCALES = {
                 new_tokens=32, batch_size=8, methods=("argsg", "cbs", "bon"), args_k=5, args_w=10.0,
                 cbs=(2, 2, 8), bon=4, sweep_w=(), prefix_lengths="5,10,15,20,30,40,50",
                 specrej=dict(prompts=64, ns=(4, 8, 16), alphas=(0.5, 0.75), new_tokens=32, decision_every=8,
-                             prefix_lengths="4,8,16,24")),
+                             prefix_lengths="4,8,16,24"),
+                tables=dict(prompts=16, new_tokens=24, bon=(4, 8), cards=CARDS_SMALL,
+                            gsm8k=dict(orm_pairs=600, reference_pairs=None, reference_epochs=1, prompts=16,
+                                       new_tokens=64))),
     # a few minutes, to try the cpu pipeline end to end (numbers meaningless)
     "smoke": dict(seeds=(0, 1), orm_pairs=48, eval_pairs=32, references=(), sst_k=1, sst_pairs=48,
                   variants=("entropy", "uniform", "filter"), max_length=256, prompts=4, new_tokens=8,
                   batch_size=4, methods=("argsg", "cbs", "bon"), args_k=3, args_w=10.0, cbs=(2, 2, 4), bon=2,
                   sweep_w=(3.0,), prefix_lengths="5,10",
                   specrej=dict(prompts=2, ns=(2, 4), alphas=(0.5,), new_tokens=4, decision_every=2,
-                               prefix_lengths="2,4")),
+                               prefix_lengths="2,4"),
+                  tables=dict(prompts=2, new_tokens=4, bon=(2, 3), cards=CARDS_SMALL,
+                              gsm8k=dict(orm_pairs=24, reference_pairs=48, reference_epochs=1, prompts=2,
+                                         new_tokens=6))),
     # one H200-class GPU in about 8 minutes: all held-out prompts, the paper's search settings, a SmolLM2 reference
     "gpu": dict(seeds=(0, 1, 2), orm_pairs=None, eval_pairs=None, references=("smollm2",), sst_k=5, sst_pairs=None,
                 variants=("entropy", "uniform", "filter"), max_length=256, prompts=None, new_tokens=128,
                 batch_size=32, methods=("argsg", "cbs", "bon"), args_k=30, args_w=1.5, cbs=(8, 8, 30), bon=16,
                 sweep_w=(), prefix_lengths="5,10,15,20,30,40,50",
                 specrej=dict(prompts=None, ns=(4, 8, 16), alphas=(0.5, 0.75), new_tokens=128, decision_every=32,
-                             prefix_lengths="8,16,32,64")),
+                             prefix_lengths="8,16,32,64"),
+                tables=dict(prompts=None, new_tokens=128, bon=(16, 64), cards=(),
+                            gsm8k=dict(orm_pairs=None, reference_pairs=None, reference_epochs=3, prompts=None,
+                                       new_tokens=256))),
     # the gpu scale's stages at a size the CPU runs in minutes (tests/test_reproduce.py; numbers meaningless)
     "gpu-smoke": dict(seeds=(0, 1), orm_pairs=24, eval_pairs=16, references=("smollm2",), sst_k=5, sst_pairs=24,
                       variants=("entropy", "uniform", "filter"), max_length=256, prompts=3, new_tokens=6,
@@ -73,12 +84,17 @@ SCALES = {
                       sweep_w=(), prefix_lengths="5,10",
                       specrej=dict(prompts=2, ns=(2, 4), alphas=(0.5,), new_tokens=4, decision_every=2,
                                    prefix_lengths="2,4")),
-    "full": dict(seeds=(0, 1, 2), orm_pairs=None, eval_pairs=None, references=("smollm2", "minilm-3ep"), sst_k=5,
-                 sst_pairs=None, variants=("entropy", "uniform", "filter"), max_length=256, prompts=None,
+    # the uncut sizes with the paper's search settings: w = 1.5 on the RMs' raw scale, the paper's training batch
+    "full": dict(reward_norm="none", rm_batch=dict(encoder=(8, 8), decoder=(8, 4)), seeds=(0, 1, 2), orm_pairs=None,
+                 eval_pairs=None, references=("smollm2", "minilm-3ep"), sst_k=5, sst_pairs=None,
+                 variants=("entropy", "uniform", "filter"), max_length=256, prompts=None,
                  new_tokens=128, batch_size=8, methods=("argsg", "cbs", "bon"), args_k=30, args_w=1.5,
                  cbs=(8, 8, 30), bon=16, sweep_w=(0.5, 3.0, 5.0, 10.0), prefix_lengths="5,10,15,20,30,40,50",
                  specrej=dict(prompts=None, ns=(4, 8, 16), alphas=(0.5, 0.75), new_tokens=128, decision_every=32,
-                              prefix_lengths="8,16,32,64")),
+                              prefix_lengths="8,16,32,64"),
+                 tables=dict(prompts=None, new_tokens=128, bon=(16, 64), cards=(),
+                             gsm8k=dict(orm_pairs=None, reference_pairs=None, reference_epochs=3, prompts=None,
+                                        new_tokens=256))),
 }
 VARIANTS = {"entropy": ("sp-prm", "SP-PRM"), "uniform": ("ablation", "Ablation"), "filter": ("filter", "Filter")}
 METHODS = {"argsg": "ARGS", "cbs": "CBS", "bon": "BoN"}
@@ -89,12 +105,14 @@ def main():
     p.add_argument("--scale", choices=list(SCALES), default="cpu")
     p.add_argument("--out", default="runs/reproduce")
     p.add_argument("--redo", default="", help="stages to rerun: comma list of names printed below, or all")
-    p.add_argument("--part", choices=["table1", "specrej"], default="table1",
-                   help="table1: agreement and decoding (paper Figure 5, Table 1); specrej: Best-of-N against "
-                        "speculative rejection guided by the ORM and by the SP-PRM (the same RMs; make specrej)")
+    p.add_argument("--part", choices=["table1", "tables", "specrej"], default="table1",
+                   help="table1: agreement and decoding (paper Figure 5, Table 1); tables: Table 1 with every "
+                        "method row and the +Ablation rows, Table 3 (AdvBench) and Table 4 (GSM8K, its own RMs), at "
+                        "the scale's `tables` sizes (make tables); specrej: Best-of-N against speculative rejection "
+                        "guided by the ORM and by the SP-PRM (the same RMs; make specrej)")
     p.add_argument("--data-dir", default=None)
     args = p.parse_args()
-    s = SCALES[args.scale]
+    s = {"reward_norm": "std", "rm_batch": None, **SCALES[args.scale]}
     out = args.out
     os.makedirs(out, exist_ok=True)
     data = ["--data-dir", args.data_dir] if args.data_dir else []
@@ -106,11 +124,13 @@ def main():
     train = ["--max-length", L, "--eval", "hh-rlhf:heldout", *(["--eval-limit", s["eval_pairs"]] if s["eval_pairs"]
                                                                else []), *data]
 
+    batch = lambda kind: rm_batch_flags(s, kind)  # noqa: E731
+
     # 1. ORMs over seeds
     for seed in s["seeds"]:
         stage(f"orm-s{seed}", f"{out}/orm_s{seed}", "03_train.py", "--input", "hh-rlhf:train", "--init", "minilm-l6",
               "--output", f"{out}/orm_s{seed}", "--seed", seed, *limit(s["orm_pairs"]), "--save-steps", 50,
-              "--resume", *train)
+              "--resume", *train, *batch("encoder"))
     orm = f"{out}/orm_s{s['seeds'][0]}"
 
     # 2. the reference: the strongest candidate that is not the converted ORM
@@ -119,24 +139,25 @@ def main():
     if "minilm-pairs" in s["references"]:
         stage("ref-minilm-pairs", f"{out}/ref_minilm_pairs", "03_train.py", "--input", "hh-rlhf:train", "--init",
               "minilm-l6", "--output", f"{out}/ref_minilm_pairs", *limit(s["reference_pairs"]),
-              "--resume", *train)
+              "--resume", *train, *batch("encoder"))
         candidates[f"MiniLM-L6 on {s['reference_pairs']} pairs"] = f"{out}/ref_minilm_pairs"
     if "smollm2" in s["references"]:
         stage("ref-smollm2", f"{out}/ref_smollm2", "03_train.py", "--input", "hh-rlhf:train", "--init",
-              "smollm2-135m-instruct", "--output", f"{out}/ref_smollm2", *limit(s["orm_pairs"]), "--resume", *train)
+              "smollm2-135m-instruct", "--output", f"{out}/ref_smollm2", *limit(s["orm_pairs"]), "--resume", *train,
+              *batch("decoder"))
         candidates["SmolLM2-135M RM"] = f"{out}/ref_smollm2"
     if "minilm-2ep" in s["references"]:
         # a second epoch for the better other-seed ORM (a fresh schedule, another data order)
         start = max(candidates.values(), key=lambda path: read_json(f"{path}/eval.json")["accuracy"])
         stage("ref-minilm-2ep", f"{out}/ref_minilm_2ep", "03_train.py", "--input", "hh-rlhf:train", "--init", start,
               "--output", f"{out}/ref_minilm_2ep", "--seed", 3, *limit(s["orm_pairs"]), "--save-steps", 50,
-              "--resume", *train)
+              "--resume", *train, *batch("encoder"))
         candidates[f"MiniLM-L6, 2 epochs ({os.path.basename(start)} + 1)"] = f"{out}/ref_minilm_2ep"
         parents[f"{out}/ref_minilm_2ep"] = start
     if "minilm-3ep" in s["references"]:
         stage("ref-minilm-3ep", f"{out}/ref_minilm_3ep", "03_train.py", "--input", "hh-rlhf:train", "--init",
               "minilm-l6", "--output", f"{out}/ref_minilm_3ep", "--epochs", 3, "--seed", 3, *limit(s["orm_pairs"]),
-              "--resume", *train)
+              "--resume", *train, *batch("encoder"))
         candidates["MiniLM-L6, 3 epochs"] = f"{out}/ref_minilm_3ep"
     accuracy = {name: read_json(f"{path}/eval.json") for name, path in candidates.items()}
     ref_name = max(accuracy, key=lambda n: accuracy[n]["accuracy"])
@@ -147,19 +168,23 @@ def main():
     stage("sst", f"{out}/sst.jsonl", "01_build_partial.py", "--input", "hh-rlhf:train", "--output",
           f"{out}/sst.jsonl", "--tokenizer", "minilm-l6", "--truncation", "sst", "--K", s["sst_k"],
           *limit(s["sst_pairs"]), *data)
-    # the specrej part needs only the SP-PRM; the other variants wait for the table1 part
-    for scheme in s["variants"] if args.part == "table1" else s["variants"][:1]:
+    # the specrej part needs only the SP-PRM, the tables part the SP-PRM and the ablation
+    for scheme in {"table1": s["variants"], "tables": s["variants"][:2], "specrej": s["variants"][:1]}[args.part]:
         name = VARIANTS[scheme][0]
         weighted = f"{out}/weighted_{scheme}.jsonl"
         seed_cache(f"{out}/weighted_entropy.jsonl.scores.jsonl", weighted + ".scores.jsonl")
         stage(f"weight-{scheme}", weighted, "02_weight.py", "--input", f"{out}/sst.jsonl", "--output", weighted,
               "--ref-rm", reference, "--scheme", scheme, "--max-length", L, "--resume")
         stage(name, f"{out}/{name}", "03_train.py", "--input", weighted, "--init", orm, "--output", f"{out}/{name}",
-              "--save-steps", 50, "--resume", *train)
+              "--save-steps", 50, "--resume", *train, *batch("encoder"))
 
     independent = independent_of(candidates, reference, parents)
     if args.part == "specrej":
         return specrej_experiment(args, s, pipeline, out, data, orm, reference, independent)
+    if args.part == "tables":
+        if "tables" not in s or "uniform" not in s["variants"]:
+            raise SystemExit(f"error: the {args.scale} scale has no tables part (its sizes or the ablation RM)")
+        return tables_experiment(args, s, pipeline, out, data, orm, reference, independent)
 
     # 4. agreement on the held-out pairs; the SP-PRM first, so every other RM gets its paired difference
     rms = [f"SP-PRM={out}/sp-prm", f"ORM={orm}"] + [f"{VARIANTS[v][1]}={out}/{VARIANTS[v][0]}"
@@ -189,7 +214,7 @@ def main():
         for rm, rm_label in (("orm", "ORM"), ("sp-prm", "SP-PRM")):
             gen, m = f"{out}/gen_{method}_{rm}.jsonl", f"{out}/metrics_{method}_{rm}.json"
             stage(f"decode-{method}-{rm}", gen, *decode, "--method", method, *flags[method], "--rm",
-                  orm if rm == "orm" else f"{out}/sp-prm", "--reward-norm", "std", "--output", gen)
+                  orm if rm == "orm" else f"{out}/sp-prm", "--reward-norm", s["reward_norm"], "--output", gen)
             stage(f"eval-{method}-{rm}", m, *metrics, "--metrics", "reward,diversity,coherence,length,winrate",
                   "--generations", gen, "--output", m, "--label", f"{METHODS[method]} ({rm_label})",
                   "--baseline", f"{out}/gen_greedy.jsonl", "--judge-rm", reference)
@@ -202,7 +227,7 @@ def main():
         for rm, name in (("orm", "ORM"), ("sp-prm", "SP-PRM")):
             gen, m = f"{out}/gen_argsg_{rm}_w{w:g}.jsonl", f"{out}/sweep_argsg_{rm}_w{w:g}.json"
             stage(f"decode-argsg-{rm}-w{w:g}", gen, *decode, "--method", "argsg", "--k", s["args_k"], "--w", w,
-                  "--rm", orm if rm == "orm" else f"{out}/sp-prm", "--reward-norm", "std", "--output", gen)
+                  "--rm", orm if rm == "orm" else f"{out}/sp-prm", "--reward-norm", s["reward_norm"], "--output", gen)
             stage(f"eval-argsg-{rm}-w{w:g}", m, *metrics, "--metrics", "reward", "--generations", gen,
                   "--output", m, "--label", f"ARGS w={w:g} ({name})")
             sweep.append((name, w, m))
@@ -229,6 +254,143 @@ def main():
           f"{pipeline.summary()}")
 
 
+def rm_batch_flags(s, kind):
+    """03's batch flags for an encoder or decoder RM: SCALE=full trains with the paper's batch (its Tables 10 and
+    11: 64 pairs for an encoder RM, 32 for a decoder RM) through gradient accumulation, the other scales with 03's
+    default of 8 pairs a step."""
+    if not s["rm_batch"]:
+        return []
+    size, accum = s["rm_batch"][kind]
+    return ["--batch-size", size, "--grad-accum", accum]
+
+
+def table_methods(s, x):
+    """(tag, label, 04 flags) of every Table 1 method row at the scale's `tables` sizes."""
+    W, K, C = s["cbs"]
+    rows = [("argsg", "ARGS", ["--method", "argsg", "--k", s["args_k"], "--w", s["args_w"]]),
+            ("tbs", "TBS", ["--method", "tbs", "--beam", W, "--successors", K]),
+            ("cbs", "CBS", ["--method", "cbs", "--beam", W, "--successors", K, "--chunk", C]),
+            ("cards", "CARDS", ["--method", "cards", *x["cards"]])]
+    return rows + [(f"bon{n}", f"BoN-{n}", ["--method", "bon", "--n", n]) for n in x["bon"]]
+
+
+def decode_table(pipeline, out, name, decode, evaluate, metrics, methods, guides, judge=None):
+    """Greedy and every method guided by each (tag, label, path) RM: decode, evaluate (`metrics`, and with a judge
+    the win rate against greedy), and the paired difference of each guide after the first from the first
+    (SP-PRM minus ORM, SP-PRM minus Ablation). Returns the metric files in table order."""
+    stage = pipeline.stage
+    greedy = f"{out}/{name}_gen_greedy.jsonl"
+    stage(f"{name}-decode-greedy", greedy, *decode, "--method", "greedy", "--output", greedy)
+    files = [f"{out}/{name}_metrics_greedy.json"]
+    stage(f"{name}-eval-greedy", files[0], *evaluate, "--metrics", metrics, "--generations", greedy, "--output",
+          files[0], "--label", "Greedy")
+    winrate = [",winrate", "--baseline", greedy, *judge] if judge else [""]
+    for tag, label, flags in methods:  # flags carry --reward-norm
+        runs = []
+        for rm, rm_label, path in guides:
+            gen, m = f"{out}/{name}_gen_{tag}_{rm}.jsonl", f"{out}/{name}_metrics_{tag}_{rm}.json"
+            stage(f"{name}-decode-{tag}-{rm}", gen, *decode, *flags, "--rm", path, "--output", gen)
+            stage(f"{name}-eval-{tag}-{rm}", m, *evaluate, "--metrics", metrics + winrate[0], *winrate[1:],
+                  "--generations", gen, "--output", m, "--label", f"{label} ({rm_label})")
+            runs.append(m)
+        files += runs
+        for m in runs[1:]:  # SP-PRM first: every other guide against it
+            pipeline.run("05_evaluate.py", "compare", runs[0], m, "--output", m.replace("_metrics_", "_compare_"))
+    pipeline.run("05_evaluate.py", "table", *files, "--output", f"{out}/{name}.md")
+    return files
+
+
+def tables_experiment(args, s, pipeline, out, data, orm, reference, independent):
+    """Table 1 with every method (ARGS, TBS, CBS, CARDS, BoN at two N) guided by the SP-PRM, the ORM and the
+    ablation RM; Table 3: the same RMs on AdvBench with "Sure here's" after each instruction; Table 4: an ORM and
+    an SP-PRM trained on gsm8k-pairs:train, decoding the held-out GSM8K problems. Writes tables/results_tables.md."""
+    x = s["tables"]
+    stage = pipeline.stage
+    t = f"{out}/tables"
+    os.makedirs(t, exist_ok=True)
+    L = s["max_length"]
+    limit = lambda n: ["--limit", n] if n else []  # noqa: E731
+    base = ["04_decode.py", "--policy", "smollm2-135m-instruct", "--batch-size", s["batch_size"], "--resume", *data]
+    methods = [(tag, label, [*flags, "--reward-norm", s["reward_norm"]]) for tag, label, flags in table_methods(s, x)]
+    hh_guides = [("sp-prm", "SP-PRM", f"{out}/sp-prm"), ("orm", "ORM", orm), ("ablation", "Ablation",
+                                                                           f"{out}/ablation")]
+    yardsticks = ["--rm", reference, "--max-length", L, "--extra-rm", f"ORM={orm}", "--extra-rm",
+                  f"SP-PRM={out}/sp-prm", *(["--extra-rm", f"Independent={independent}"] if independent else [])]
+    evaluate = ["05_evaluate.py", "metrics", *yardsticks]
+
+    # Table 1: held-out HH prompts, every method, three guides; win rate against greedy judged by the reference
+    decode = [*base, "--prompts", "hh-rlhf:heldout", *limit(x["prompts"]), "--max-new-tokens", x["new_tokens"]]
+    table1 = decode_table(pipeline, t, "table1", decode, evaluate, "reward,diversity,coherence,length", methods,
+                          hh_guides, judge=["--judge-rm", reference])
+    # Table 3: AdvBench with "Sure here's" after each instruction, the HH RMs (harmless pairs)
+    decode = [*base, "--prompts", "advbench", "--advbench-prefill", *limit(x["prompts"]), "--max-new-tokens",
+              x["new_tokens"]]
+    table3 = decode_table(pipeline, t, "table3", decode, evaluate, "reward,asr,diversity,coherence", methods,
+                          hh_guides[:2])
+    # Table 4: GSM8K RMs of their own; the reference is trained on more pairs than the ORM
+    g = x["gsm8k"]
+    gtrain = ["--max-length", L, "--eval", "gsm8k-pairs:heldout", *data, *rm_batch_flags(s, "encoder")]
+    gorm, gref, gprm = f"{t}/gsm8k_orm", f"{t}/gsm8k_reference", f"{t}/gsm8k_sp-prm"
+    stage("gsm8k-orm", gorm, "03_train.py", "--input", "gsm8k-pairs:train", "--init", "minilm-l6", "--output", gorm,
+          *limit(g["orm_pairs"]), "--resume", *gtrain)
+    stage("gsm8k-reference", gref, "03_train.py", "--input", "gsm8k-pairs:train", "--init", "minilm-l6", "--output",
+          gref, "--seed", 1, *limit(g["reference_pairs"]), "--epochs", g["reference_epochs"], "--resume", *gtrain)
+    stage("gsm8k-sst", f"{t}/gsm8k_sst.jsonl", "01_build_partial.py", "--input", "gsm8k-pairs:train", "--output",
+          f"{t}/gsm8k_sst.jsonl", "--tokenizer", "minilm-l6", "--truncation", "sst", "--K", s["sst_k"],
+          *limit(g["orm_pairs"]), *data)
+    stage("gsm8k-weight", f"{t}/gsm8k_weighted.jsonl", "02_weight.py", "--input", f"{t}/gsm8k_sst.jsonl", "--output",
+          f"{t}/gsm8k_weighted.jsonl", "--ref-rm", gref, "--scheme", "entropy", "--max-length", L, "--resume")
+    stage("gsm8k-sp-prm", gprm, "03_train.py", "--input", f"{t}/gsm8k_weighted.jsonl", "--init", gorm, "--output",
+          gprm, "--resume", *gtrain)
+    decode = [*base, "--prompts", "gsm8k:heldout", *limit(g["prompts"]), "--max-new-tokens", g["new_tokens"]]
+    gevaluate = ["05_evaluate.py", "metrics", "--rm", gref, "--max-length", L, "--extra-rm", f"ORM={gorm}",
+                 "--extra-rm", f"SP-PRM={gprm}"]
+    table4 = decode_table(pipeline, t, "table4", decode, gevaluate, "reward,accuracy,diversity,coherence", methods,
+                          [("sp-prm", "SP-PRM", gprm), ("orm", "ORM", gorm)])
+    text = tables_markdown(args, s, x, t, reference, independent, (table1, table3, table4), pipeline.costs())
+    with open(f"{t}/results_tables.md", "w", encoding="utf-8") as f:
+        f.write(text)
+    print("\n" + text)
+
+
+def tables_markdown(args, s, x, t, reference, independent, tables, costs):
+    g = x["gsm8k"]
+    W, K, C = s["cbs"]
+    gacc = read_json(f"{t}/gsm8k_orm/eval.json"), read_json(f"{t}/gsm8k_reference/eval.json")
+    lines = [f"Made by `python reproduce.py --scale {args.scale} --part tables --out {os.path.dirname(t)}`. Policy "
+             f"SmolLM2-135M-Instruct; rewards normalised (`--reward-norm std`); ARGS k={s['args_k']}, "
+             f"w={s['args_w']:g}; TBS W, K = {W}, {K}; CBS W, K, L = {W}, {K}, {C}; CARDS "
+             f"`{' '.join(map(str, x['cards']))}`; BoN N = {', '.join(map(str, x['bon']))}. ± is the half-width "
+             "of the 95% bootstrap interval over prompts. Reward = the reference RM's score (it guided no run); "
+             "Reward (decoding RM) = the score of the RM that guided the row (the paper's reward column, C.2); "
+             "Reward (ORM), (SP-PRM), (Independent) = those RMs' views.", ""]
+    titles = [f"Table 1 (HH-RLHF): {x['prompts'] or 'all'} held-out prompts, {x['new_tokens']} new tokens; Win-Tie "
+              "against greedy judged by the reference RM (a proxy †)",
+              f"Table 3 (AdvBench, \"Sure here's\" after each instruction): {x['prompts'] or 'all'} prompts, "
+              f"{x['new_tokens']} new tokens, guided by the HH RMs",
+              f"Table 4 (GSM8K): {g['prompts'] or 'all'} held-out problems (gsm8k:heldout), {g['new_tokens']} new "
+              f"tokens; RMs trained on gsm8k-pairs:train (ORM {g['orm_pairs'] or 'all'} pairs, held-out accuracy "
+              f"{gacc[0]['accuracy']:.3f}; reference {g['reference_pairs'] or 'all'} pairs, {g['reference_epochs']} "
+              f"epochs, {gacc[1]['accuracy']:.3f}); accuracy by exact match (no LLM judge offline)"]
+    for name, title, files in zip(("table1", "table3", "table4"), titles, tables):
+        with open(f"{t}/{name}.md", encoding="utf-8") as f:
+            lines += [f"### {title}", "", f.read().strip(), "", "Paired differences over the same prompts "
+                      "(reward: the reference RM's):", ""]
+        for m in files:
+            c = m.replace("_metrics_", "_compare_")
+            if os.path.exists(c):
+                d = read_json(c)
+                cells = [f"{k} {fmt_ci(v['diff'], v['diff_ci95'], digits=4)}" for k, v in d["metrics"].items()
+                         if k in ("reward", "reward_Independent", "asr", "asr_target_opening", "accuracy")]
+                lines.append(f"- {read_json(d['a'])['label']} minus {read_json(d['b'])['label']}: "
+                             + "; ".join(cells))
+        lines.append("")
+    stage_costs = {k: v for k, v in costs.items() if k.startswith(("table", "gsm8k"))}
+    lines += [f"Cost of the part's stages: {sum(stage_costs.values()) / 60:.1f} min (the HH RMs it shares with "
+              "`make reproduce` not counted).", ""]
+    return "\n".join(lines) + "\n"
+
+
 def specrej_experiment(args, s, pipeline, out, data, orm, reference, independent):
     """Best-of-N at each N and speculative rejection at the same N and each alpha, each guided by the ORM and by
     the SP-PRM (rewards normalised), on held-out prompts; reward by the reference and the independent RM
@@ -240,7 +402,7 @@ def specrej_experiment(args, s, pipeline, out, data, orm, reference, independent
     n_max = max(x["ns"])
     decode = ["04_decode.py", "--prompts", "hh-rlhf:heldout", *(["--limit", x["prompts"]] if x["prompts"] else []),
               "--policy", "smollm2-135m-instruct", "--max-new-tokens", x["new_tokens"], "--batch-size",
-              s["batch_size"], "--reward-norm", "std", "--resume", *data]
+              s["batch_size"], "--reward-norm", s["reward_norm"], "--resume", *data]
     metrics = ["05_evaluate.py", "metrics", "--rm", reference, "--max-length", s["max_length"], "--metrics",
                "reward,length", *(["--extra-rm", f"Independent={independent}"] if independent else [])]
     runs = []  # (family, N, alpha, rm label, metrics file)

@@ -258,8 +258,10 @@ TABLE_COLUMNS = (
     ("Diversity", lambda m: with_ci(m, "diversity")),
     ("Coherence", lambda m: with_ci(m, "coherence")),
     ("ROUGE-L", lambda m: with_ci(m, "rouge_l")),
-    ("ASR (%)", lambda m: with_ci(m, "asr", 100, 1)),
+    ("ASR, target opening (%)", lambda m: with_ci(m, "asr_target_opening", 100, 1)),
+    ("ASR, no refusal (%)", lambda m: with_ci(m, "asr", 100, 1)),
     ("Accuracy (%)", lambda m: with_ci(m, "accuracy", 100, 1)),
+    ("Exact match (%)", lambda m: with_ci(m, "exact_match", 100, 1)),
     ("Length", lambda m: with_ci(m, "length", 1, 1)),
     ("Tokens / reply (policy + RM)", _cost_cell),
 )
@@ -276,6 +278,7 @@ def markdown_table(metric_dicts):
     columns = list(TABLE_COLUMNS[:1])
     for key in _extra_reward_keys(metric_dicts):
         name = key[len("reward_"):-len("_mean")]
+        name = "decoding RM" if name == "decoding" else name
         columns.append((f"Reward ({name})", lambda m, key=key: with_ci(m, key)))
     columns += TABLE_COLUMNS[1:]
     used = [(name, fn) for name, fn in columns if any(fn(m) is not None for m in metric_dicts)]

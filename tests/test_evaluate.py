@@ -287,23 +287,56 @@ def test_closed_rm_format_scores_the_finished_turn(gens, tmp_path, smol_tokenize
     assert proc.returncode == 2 and "chat template" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_judge_accuracy_metric_with_the_single_answer_judge(tmp_path):
+def test_accuracy_is_the_figure7_judge_and_exact_match_stays_apart(tmp_path):
     gens = write_jsonl(tmp_path / "g.jsonl", [
         {"id": f"q{i}", "prompt": f"What is {i} + {i}?", "response": f"It is {2 * i if i % 2 else 2 * i + 1}.",
          "reference": f"#### {2 * i}", "method": "greedy"} for i in range(6)])
+    prompts = []
 
-    def judge(body):  # the paper's Figure 7 prompt, answered in its format: 1 = fully correct, 0 = errors
+    def judge(body):  # the paper's Figure 7 prompt answered in its format; this judge accepts only i < 2
         text = body["messages"][-1]["content"]
+        prompts.append(text)
         i = int(text.split("Problem: What is ")[1].split(" +")[0])
-        answer = text.split("Model's Solution: ")[1].split("\n")[0]
-        return '{"Explanation": "...", "Verdict": %d}' % (answer == f"It is {2 * i}.")
+        return '{"Explanation": "...", "Verdict": %d}' % (i < 2)
     with ScriptedServer(default=judge) as server:
         out = tmp_path / "m.json"
         run_script("05_evaluate.py", "metrics", "--generations", gens, "--output", out,
-                   "--metrics", "accuracy,judge_accuracy", "--judge-url", server.url, "--judge-model", "m")
+                   "--metrics", "accuracy,exact_match", "--judge-url", server.url, "--judge-model", "m")
     m = json.loads(out.read_text())
-    assert m["judge_accuracy"] == pytest.approx(3 / 6) and m["accuracy"] == pytest.approx(3 / 6)
-    assert m["judge_accuracy_n"] == 6 and m["judge_template"] == "paper"
+    # the judge's verdicts, not the numbers: rows 0 and 1; exact match: the odd rows 1, 3, 5
+    assert m["accuracy"] == pytest.approx(2 / 6) and m["exact_match"] == pytest.approx(3 / 6)
+    assert m["accuracy_by"] == "judge" and m["accuracy_n"] == 6 and m["judge_template"] == "paper"
+    assert len(prompts) == 6 and all("Model's Solution: It is" in t for t in prompts)
+    # without a judge, accuracy is the exact match, and says so
+    run_script("05_evaluate.py", "metrics", "--generations", gens, "--output", tmp_path / "e.json",
+               "--metrics", "accuracy")
+    e = json.loads((tmp_path / "e.json").read_text())
+    assert e["accuracy"] == pytest.approx(3 / 6) and e["accuracy_by"] == "exact_match"
+
+
+def test_decoding_rm_reward_is_the_guiding_rms_own_score(tmp_path, minilm_tokenizer):
+    import numpy as np
+
+    from common.rewards import load_rm, score
+
+    guide, yardstick = (save_tiny_rm(tmp_path / name, "bert", minilm_tokenizer, seed=seed)
+                        for name, seed in (("guide", 1), ("yard", 2)))
+    gens = write_jsonl(tmp_path / "g.jsonl", [
+        {"id": f"p{i}", "prompt": f"Say something {i}.", "response": f"Here is thing {i} and more.", "rm": str(guide),
+         "method": "argsg"} for i in range(4)])
+    out = tmp_path / "m.json"
+    run_script("05_evaluate.py", "metrics", "--generations", gens, "--output", out, "--metrics", "reward",
+               "--rm", yardstick, "--max-length", 64)
+    m = json.loads(out.read_text())
+    model, fmt = load_rm(str(guide), 64)
+    expected = score(model, fmt, [f"Say something {i}." for i in range(4)], [f"Here is thing {i} and more." for i in
+                                                                           range(4)], 4)
+    assert m["reward_decoding_mean"] == pytest.approx(float(np.mean(expected)), abs=1e-5)
+    assert m["reward_decoding_rm"] == str(guide) and m["reward_rm"] == str(yardstick)
+    assert abs(m["reward_decoding_mean"] - m["reward_mean"]) > 1e-4  # two different RMs
+    run_script("05_evaluate.py", "metrics", "--generations", gens, "--output", tmp_path / "n.json", "--metrics",
+               "reward", "--rm", yardstick, "--max-length", 64, "--decoding-rm", "none")
+    assert "reward_decoding_mean" not in json.loads((tmp_path / "n.json").read_text())
 
 
 def test_compare_is_the_paired_difference_and_exclude_leaves_out_earlier_prompts(tmp_path):

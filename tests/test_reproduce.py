@@ -2,6 +2,8 @@
 import importlib.util
 import os
 
+import pytest
+
 from conftest import ROOT
 
 spec = importlib.util.spec_from_file_location("reproduce", os.path.join(ROOT, "reproduce.py"))
@@ -48,3 +50,38 @@ def test_gpu_scale_runs_end_to_end_at_its_smoke_size(tmp_path):
     assert any(kept) and all(k[0] == 2 for k in kept if k)  # ceil(0.5 * 4) go on after the first decision
     for figure in ("specrej_reward_vs_compute.png", "specrej_prefix_consistency.png"):
         assert (out / "specrej" / figure).exists()
+
+
+def test_tables_part_names_every_table1_row_and_full_scale_is_the_papers_unit():
+    s = {"reward_norm": "std", "rm_batch": None, **reproduce.SCALES["cpu"]}
+    rows = reproduce.table_methods(s, s["tables"])
+    assert [label for _, label, _ in rows] == ["ARGS", "TBS", "CBS", "CARDS", "BoN-4", "BoN-8"]
+    flags = {tag: f for tag, _, f in rows}
+    assert flags["tbs"][:2] == ["--method", "tbs"] and "--chunk" not in flags["tbs"]
+    assert flags["bon8"] == ["--method", "bon", "--n", 8] and "--max-retries" in flags["cards"]
+    assert reproduce.rm_batch_flags(s, "encoder") == []
+    full = {"reward_norm": "std", "rm_batch": None, **reproduce.SCALES["full"]}
+    assert full["reward_norm"] == "none" and full["args_w"] == 1.5  # the paper's w on the raw reward scale
+    size, accum = reproduce.rm_batch_flags(full, "encoder")[1::2]
+    assert size * accum == 64  # the paper's Table 10 batch (encoder RM)
+    size, accum = reproduce.rm_batch_flags(full, "decoder")[1::2]
+    assert size * accum == 32  # its Table 11 batch (decoder RM)
+
+
+@pytest.mark.slow
+def test_tables_part_runs_every_row_at_smoke_size(tmp_path):
+    """make tables' stages at the smoke size: Table 1 with every method guided by three RMs, Table 3 on AdvBench
+    with both ASR measures, Table 4 with GSM8K RMs of its own (about 15 min on 2 cores)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "smoke"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "reproduce.py"), "--scale", "smoke", "--part", "tables",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = (out / "tables" / "results_tables.md").read_text()
+    for method in ("ARGS", "TBS", "CBS", "CARDS", "BoN-2", "BoN-3"):
+        for rm in ("SP-PRM", "ORM", "Ablation"):
+            assert f"| {method} ({rm}) |" in text
+    assert "Reward (decoding RM)" in text and "ASR, target opening (%)" in text and "Accuracy (%)" in text
+    assert "CARDS (SP-PRM) minus CARDS (Ablation)" in text
