@@ -46,7 +46,7 @@ from common.metrics import heldout_evaluation, reward_statistics
 from common.models import (device_setup, is_decoder_rm, load_reward_model, load_tokenizer, model_family,
                            model_identity, same_model)
 from common.rewards import BATCHING_WINDOWS, RMFormat, batch_loss, score, training_batches, training_units
-from common.runtime import Runtime, keep_freed_memory, truncate_log
+from common.runtime import Runtime, truncate_log
 
 log = logging.getLogger("train")
 DEFAULT_LR = {"decoder": 5e-6, "deberta": 1e-6, "encoder": 5e-5}
@@ -181,7 +181,6 @@ def training_responses(rows, limit=STATS_SAMPLE_PAIRS):
 def main():
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    keep_freed_memory()
     family = model_family(args.init)
     args.lr = args.lr if args.lr is not None else DEFAULT_LR[family]
     grad_accum = args.grad_accum or (16 if args.deepspeed else 1)

@@ -11,30 +11,6 @@ from common.io import DataError, current_umask, read_jsonl, write_json, write_js
 from common.models import dist_backend
 
 
-# glibc's malloc settings (mallopt(3)); M_MMAP_THRESHOLD's largest allowed value on 64-bit Linux is 32 MiB
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-
-
-def keep_freed_memory():
-    """Let glibc keep the memory a training step frees for the next step instead of returning it to the system.
-
-    By default every block over about 128 KiB (activations, gradients) is a fresh mmap that the kernel must
-    zero page by page, and is unmapped when freed: on 2 CPU cores 400 HH pairs on MiniLM took 1.9 million
-    page faults, 6-7 s of system time in 50 s. Served from the heap and kept there (blocks up to 32 MiB, a
-    2 GiB trim threshold) the same run takes 0.45 million and about 8% less wall time. Returns whether
-    glibc took the settings (other C libraries are left as they are)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    return all([mallopt(M_MMAP_THRESHOLD, 32 << 20), mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1),
-                mallopt(M_TOP_PAD, 512 << 20)])
-
-
 class Runtime:
     """Plain PyTorch on one process, or a DeepSpeed engine; the loop below speaks to both the same way.
 
