@@ -371,7 +371,8 @@ def tables_markdown(args, s, x, t, reference, independent, tables, costs):
               f"Table 4 (GSM8K): {g['prompts'] or 'all'} held-out problems (gsm8k:heldout), {g['new_tokens']} new "
               f"tokens; RMs trained on gsm8k-pairs:train (ORM {g['orm_pairs'] or 'all'} pairs, held-out accuracy "
               f"{gacc[0]['accuracy']:.3f}; reference {g['reference_pairs'] or 'all'} pairs, {g['reference_epochs']} "
-              f"epochs, {gacc[1]['accuracy']:.3f}); accuracy by exact match (no LLM judge offline)"]
+              f"epoch{'s' if g['reference_epochs'] > 1 else ''}, {gacc[1]['accuracy']:.3f}); accuracy by exact match "
+              "(no LLM judge offline)"]
     for name, title, files in zip(("table1", "table3", "table4"), titles, tables):
         with open(f"{t}/{name}.md", encoding="utf-8") as f:
             lines += [f"### {title}", "", f.read().strip(), "", "Paired differences over the same prompts "
