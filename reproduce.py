@@ -361,9 +361,10 @@ def tables_markdown(args, s, x, t, reference, independent, tables, costs):
              f"SmolLM2-135M-Instruct; rewards normalised (`--reward-norm std`); ARGS k={s['args_k']}, "
              f"w={s['args_w']:g}; TBS W, K = {W}, {K}; CBS W, K, L = {W}, {K}, {C}; CARDS "
              f"`{' '.join(map(str, x['cards']))}`; BoN N = {', '.join(map(str, x['bon']))}. ± is the half-width "
-             "of the 95% bootstrap interval over prompts. Reward = the reference RM's score (it guided no run); "
-             "Reward (decoding RM) = the score of the RM that guided the row (the paper's reward column, C.2); "
-             "Reward (ORM), (SP-PRM), (Independent) = those RMs' views.", ""]
+             f"of the 95% bootstrap interval over prompts. Reward = the reference RM's score (`{reference}`, it "
+             "guided no run; Table 4: the GSM8K reference); Reward (decoding RM) = the score of the RM that guided "
+             "the row (the paper's reward column, C.2); Reward (ORM), (SP-PRM) = those RMs' views"
+             + (f"; Reward (Independent) = `{independent}`, an RM that shaped nothing." if independent else "."), ""]
     titles = [f"Table 1 (HH-RLHF): {x['prompts'] or 'all'} held-out prompts, {x['new_tokens']} new tokens; Win-Tie "
               "against greedy judged by the reference RM (a proxy †)",
               f"Table 3 (AdvBench, \"Sure here's\" after each instruction): {x['prompts'] or 'all'} prompts, "

@@ -71,7 +71,7 @@ def test_tables_part_names_every_table1_row_and_full_scale_is_the_papers_unit():
 @pytest.mark.slow
 def test_tables_part_runs_every_row_at_smoke_size(tmp_path):
     """make tables' stages at the smoke size: Table 1 with every method guided by three RMs, Table 3 on AdvBench
-    with both ASR measures, Table 4 with GSM8K RMs of its own (about 15 min on 2 cores)."""
+    with both ASR measures, Table 4 with GSM8K RMs of its own (13 min on 2 cores)."""
     import subprocess
     import sys
 
