@@ -197,14 +197,14 @@ def metric_reward(run):
         raise DataError("the reward metric needs --rm")
     values = {"reward_mean": run.rm_scores(run.args.rm)}
     run.out["reward_rm"] = run.args.rm
-    extra = {}
+    scored = {run.args.rm: values["reward_mean"]}  # the guide is usually one of these: scored once
     for spec in run.args.extra_rm:
         name, path = rm_spec(spec)
-        extra[path] = values[f"reward_{name}_mean"] = run.rm_scores(path)
+        scored[path] = values[f"reward_{name}_mean"] = run.rm_scores(path)
         run.out[f"reward_{name}_rm"] = path
     guide = decoding_rm(run.args, run.rows)
     if guide:
-        values["reward_decoding_mean"] = extra.get(guide) or run.rm_scores(guide)
+        values["reward_decoding_mean"] = scored[guide] if guide in scored else run.rm_scores(guide)
         run.out["reward_decoding_rm"] = guide
     run.out["reward_std"] = float(np.std(values["reward_mean"]))
     return values
