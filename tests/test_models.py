@@ -92,7 +92,7 @@ def page_faults(keep):
 
 
 def test_keep_freed_memory_serves_later_steps_without_new_pages():
-    # 20 steps of 80 MiB: freshly mapped each time, that is about 20 x 20,000 pages; kept, about one step's worth
-    default, kept = page_faults(False), page_faults(True)
-    assert default > 200_000
-    assert kept < default / 4
+    # 20 steps of 80 MiB (20,480 pages each): kept memory faults in about one step's pages, not one per step.
+    # (glibc's default varies with its dynamic threshold, 49,000 to 335,000 here, so it is not the bound.)
+    kept = page_faults(True)
+    assert kept < 3 * 20_480
