@@ -12,11 +12,13 @@ Prompts that the RM was trained on (its manifest.json names its training pairs) 
 --allow-train-overlap.
 A decoder RM sharing the policy's tokenizer is scored on its own KV cache (--rm-path auto/cached); any other
 RM through decoded text (text). Out: one row per prompt {"id","prompt","response","method","params","rm",
-"policy","stats"}, appended and flushed one by one to OUTPUT.partial, renamed to OUTPUT when every prompt is
-done; --resume continues the partial file (it refuses rows made with another method, settings, policy, RM or
-prompt set) and skips ids already written.
+"policy","stats"}, appended and flushed one by one to OUTPUT.partial (OUTPUT.shardR-of-W.jsonl per rank), merged
+into OUTPUT when every prompt is done; --resume continues from the row files of the killed run, whatever its
+number of ranks (it refuses rows made with another method, settings, policy, RM or prompt set) and skips ids
+already written. Ranks wait for the slowest at the end over gloo, for as long as it takes.
 """
 import argparse
+import datetime
 import json
 import logging
 import math
@@ -30,7 +32,7 @@ from common.data import check_prompt_overlap, load_prompts
 from common.io import (DEFAULT_MAX_LENGTH, DataError, ResumableJsonlWriter, add_device_args, add_max_length_arg,
                        check_output_differs, input_checksums, positive_int, read_jsonl, run_main, write_jsonl,
                        write_manifest)
-from common.models import (device_setup, dist_backend, load_policy, load_reward_model, load_tokenizer,
+from common.models import (device_setup, load_policy, load_reward_model, load_tokenizer,
                            trained_max_length)
 from common.search import REGISTRY, Policy, RewardModel, Search, make_method, method_knobs, search_params
 
@@ -138,16 +140,54 @@ def check_resumable(path, prompts, expected):
                             "rerun without --resume to start over")
 
 
-def distributed(device):
-    """(rank, world) under torchrun; ranks talk over nccl on GPUs, gloo on the CPU."""
+# Ranks wait for the slowest at the end (CBS, CARDS and --resume give them unequal work): hours, not the ten
+# minutes after which a collective gives up by default
+RANK_WAIT = datetime.timedelta(days=7)
+
+
+def distributed():
+    """(rank, world) under torchrun. The ranks only wait for each other at the end, over gloo (a CPU barrier,
+    also between GPU ranks: no tensor crosses, and NCCL's watchdog would end a long wait)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     if world > 1:
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            dist.init_process_group(dist_backend(device))
+            dist.init_process_group("gloo", timeout=RANK_WAIT)
     return rank, world
+
+
+def row_files(output):
+    """The row files that runs of OUTPUT leave until it is complete: OUTPUT.partial (one process) and a shard
+    per rank (OUTPUT.shardR-of-W.jsonl, of any world size W)."""
+    import glob
+
+    base = glob.escape(output)
+    return sorted(glob.glob(base + ".partial") + glob.glob(base + ".shard*-of-*.jsonl"))
+
+
+def rows_done(paths, prompts, expected):
+    """The ids that the row files of an earlier run of OUTPUT hold (each checked as `check_resumable`)."""
+    done = set()
+    for path in paths:
+        check_resumable(path, prompts, expected)
+        done |= {row.get("id") for _, row in read_jsonl(path, on_error="skip")}
+    return done
+
+
+def merge_rows(output, paths, prompts):
+    """Write OUTPUT from row files in prompt order, each row once, then remove them (and the lock files that
+    killed runs left beside them)."""
+    rows = {}
+    for path in paths:
+        rows.update({row["id"]: row for _, row in read_jsonl(path, on_error="skip")})
+    write_jsonl(output, [rows[p["id"]] for p in prompts if p["id"] in rows])
+    for path in paths:
+        for leftover in (path, path + ".lock"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+    return len(rows)
 
 
 def main():
@@ -156,9 +196,9 @@ def main():
     torch.manual_seed(args.seed)
     method = args.search_method
     device, dtype = device_setup(args)
-    rank, world = distributed(device)
-    # Rows go to a partial file, renamed to --output only when every prompt is done: a failed or killed
-    # run never touches an earlier complete output. Rank 0 holds the output, every other rank its shard.
+    rank, world = distributed()
+    # Rows go to a partial file (a shard per rank under torchrun), merged into --output only when every prompt
+    # is done: a failed or killed run never touches an earlier complete output. Rank 0 holds the output.
     out_path = f"{args.output}.partial" if world == 1 else f"{args.output}.shard{rank}-of-{world}.jsonl"
     check_output_differs(args.output if rank == 0 else out_path, args.prompts)
     checksums = input_checksums([args.prompts])
@@ -178,11 +218,15 @@ def main():
         raise DataError(str(e)) from None
     if args.rm_format != "open":
         params["rm_format"] = args.rm_format
+    # --resume: every row file of an earlier run counts, whatever its world size (a shard of another split holds
+    # other ids); without it they are stale and go when the output is complete
+    earlier, done_before = row_files(args.output), set()
     if args.resume:
-        if world == 1 and not os.path.exists(out_path) and os.path.exists(args.output):
+        if world == 1 and not earlier and os.path.exists(args.output):
             shutil.copyfile(args.output, out_path)  # resuming a finished run: its rows count as done
-        check_resumable(out_path, mine, {"method": method.name, "params": params, "policy": args.policy,
-                                         "rm": args.rm})
+            earlier = [out_path]
+        done_before = rows_done(earlier, prompts, {"method": method.name, "params": params, "policy": args.policy,
+                                                   "rm": args.rm})
 
     policy_tok = load_tokenizer(args.policy, padding_side="left")
     try:
@@ -204,7 +248,7 @@ def main():
                     stop_strings=tuple(args.stop), keep_candidates=args.save_candidates)
 
     with ResumableJsonlWriter(out_path, key="id", resume=args.resume) as writer:
-        todo = [p for p in mine if p["id"] not in writer.done]
+        todo = [p for p in mine if p["id"] not in writer.done and p["id"] not in done_before]
         if args.resume:
             log.info("rank %d: %d prompts already decoded, %d to go", rank, len(mine) - len(todo), len(todo))
         bar = tqdm(total=len(todo), desc=f"{method.name} (rank {rank})", unit="prompt", disable=rank != 0)
@@ -224,19 +268,18 @@ def main():
     if world > 1:
         import torch.distributed as dist
 
-        dist.barrier()
-        if rank == 0:
-            rows = {}
-            for r in range(world):
-                shard = f"{args.output}.shard{r}-of-{world}.jsonl"
-                rows.update({row["id"]: row for _, row in read_jsonl(shard)})
-            write_jsonl(args.output, [rows[p["id"]] for p in prompts if p["id"] in rows])
-            for r in range(world):
-                os.remove(f"{args.output}.shard{r}-of-{world}.jsonl")
+        dist.barrier()  # every shard complete
+    if rank == 0:
+        shards = [f"{args.output}.shard{r}-of-{world}.jsonl" for r in range(world)] if world > 1 else [out_path]
+        kept = [p for p in earlier if p not in shards] if args.resume else []
+        merge_rows(args.output, kept + shards, prompts)
+        for stale in set(row_files(args.output)) - set(shards):  # rows of an earlier run, not resumed
+            for leftover in (stale, stale + ".lock"):
+                if os.path.exists(leftover):
+                    os.remove(leftover)
+    if world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    else:
-        os.replace(out_path, args.output)
     if rank == 0:
         write_manifest(args.output, args, inputs={**checksums, args.policy: None, args.rm: None},
                        extra={"rm_path": search.cached_rm and "cached" or ("text" if rm else None),

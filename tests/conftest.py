@@ -13,6 +13,14 @@ from common.models import MINILM, SMOLLM2, load_tokenizer  # noqa: E402
 torch.set_num_threads(2)
 
 
+def pytest_configure(config):
+    """The CPU tests compare with CPU fp32 values: unless the GPU tests are selected (-m gpu, make test-gpu), a
+    GPU is hidden from them and from the stages they start, so --device auto means the CPU on a GPU box too."""
+    markexpr = config.getoption("markexpr") or ""
+    if "gpu" not in markexpr.replace("not gpu", ""):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
 @pytest.fixture(scope="session")
 def smol_tokenizer():
     return load_tokenizer(SMOLLM2)
