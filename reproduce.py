@@ -31,6 +31,7 @@ import os
 import sys
 import time
 
+from common.io import DEVICES
 from common.metrics import seed_interval
 from common.pipeline import Pipeline
 
@@ -68,7 +69,7 @@ SCALES = {
                               gsm8k=dict(orm_pairs=24, reference_pairs=48, reference_epochs=1, prompts=2,
                                          new_tokens=6))),
     # one H200-class GPU in about 8 minutes: all held-out prompts, the paper's search settings, a SmolLM2 reference
-    "gpu": dict(seeds=(0, 1, 2), orm_pairs=None, eval_pairs=None, references=("smollm2",), sst_k=5, sst_pairs=None,
+    "gpu": dict(device="cuda", seeds=(0, 1, 2), orm_pairs=None, eval_pairs=None, references=("smollm2",), sst_k=5, sst_pairs=None,
                 variants=("entropy", "uniform", "filter"), max_length=256, prompts=None, new_tokens=128,
                 batch_size=32, methods=("argsg", "cbs", "bon"), args_k=30, args_w=1.5, cbs=(8, 8, 30), bon=16,
                 sweep_w=(), prefix_lengths="5,10,15,20,30,40,50",
@@ -85,7 +86,7 @@ SCALES = {
                       specrej=dict(prompts=2, ns=(2, 4), alphas=(0.5,), new_tokens=4, decision_every=2,
                                    prefix_lengths="2,4")),
     # the uncut sizes with the paper's search settings: w = 1.5 on the RMs' raw scale, the paper's training batch
-    "full": dict(reward_norm="none", rm_batch=dict(encoder=(8, 8), decoder=(8, 4)), seeds=(0, 1, 2), orm_pairs=None,
+    "full": dict(device="cuda", reward_norm="none", rm_batch=dict(encoder=(8, 8), decoder=(8, 4)), seeds=(0, 1, 2), orm_pairs=None,
                  eval_pairs=None, references=("smollm2", "minilm-3ep"), sst_k=5, sst_pairs=None,
                  variants=("entropy", "uniform", "filter"), max_length=256, prompts=None,
                  new_tokens=128, batch_size=8, methods=("argsg", "cbs", "bon"), args_k=30, args_w=1.5,
@@ -111,14 +112,17 @@ def main():
                         "the scale's `tables` sizes (make tables); specrej: Best-of-N against speculative rejection "
                         "guided by the ORM and by the SP-PRM (the same RMs; make specrej)")
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", choices=DEVICES, default=None,
+                   help="every model stage's --device (default: the scale's: cuda for gpu and full, which then "
+                        "fail rather than run on the CPU; else each stage's auto)")
     args = p.parse_args()
-    s = {"reward_norm": "std", "rm_batch": None, **SCALES[args.scale]}
+    s = {"reward_norm": "std", "rm_batch": None, "device": None, **SCALES[args.scale]}
     out = args.out
     os.makedirs(out, exist_ok=True)
     data = ["--data-dir", args.data_dir] if args.data_dir else []
     limit = lambda n: ["--limit", n] if n else []  # noqa: E731
     pipeline = Pipeline("reproduce", args.redo, cost_path=f"{out}/stage_seconds.json",
-                        commands_path=f"{out}/stage_commands.json")
+                        commands_path=f"{out}/stage_commands.json", device=args.device or s["device"])
     stage = pipeline.stage
     L = s["max_length"]
     train = ["--max-length", L, "--eval", "hh-rlhf:heldout", *(["--eval-limit", s["eval_pairs"]] if s["eval_pairs"]

@@ -9,10 +9,14 @@ import time
 
 from common.io import write_json
 
+# the stages that load models and take --device
+MODEL_STAGES = ("02_weight.py", "03_train.py", "04_decode.py", "05_evaluate.py")
+
 
 class Pipeline:
-    def __init__(self, name, redo="", cost_path=None, commands_path=None):
+    def __init__(self, name, redo="", cost_path=None, commands_path=None, device=None):
         self.name = name
+        self.device = device  # given to every model stage (a GPU scale must not fall back to the CPU unseen)
         self.redo = set(redo.split(",")) if redo else set()
         self.timings = []   # (stage, seconds) of the stages run now
         self.started = time.time()
@@ -25,6 +29,8 @@ class Pipeline:
     def stage(self, name, output, *cmd):
         """Run `python CMD...` unless OUTPUT (with its manifest) exists; exit with a message on failure."""
         cmd = [str(c) for c in cmd]
+        if self.device and cmd[0] in MODEL_STAGES:
+            cmd += ["--device", self.device]
         if self.done(output) and name not in self.redo and "all" not in self.redo:
             made_by = read_record(self.commands_path).get(name)
             if made_by is not None and made_by != cmd:

@@ -91,3 +91,16 @@ def test_cpu_tests_hide_the_gpu():
     """make test compares with CPU fp32 values: on a GPU box its stages must not pick CUDA by --device auto."""
     assert os.environ.get("CUDA_VISIBLE_DEVICES") == ""
     assert not torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("scale,extra", [("gpu", []), ("gpu-smoke", ["--device", "cuda"])])
+def test_a_gpu_scale_without_a_gpu_stops_instead_of_running_on_the_cpu(tmp_path, scale, extra):
+    import sys
+
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "reproduce.py"), "--scale", scale, *extra, "--out",
+                           str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode != 0
+    assert "error: --device cuda: no CUDA device is visible" in proc.stderr
+    assert "--device cuda" in proc.stdout  # the first stage's command, as printed
+    assert not (tmp_path / "out" / "orm_s0" / "config.json").exists()
