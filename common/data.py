@@ -16,6 +16,7 @@ common/sources.py):
   prompt sets: hh-rlhf:heldout, hh-helpful, advbench, tldr, gsm8k (GSM8K test; :train), gsm8k:heldout (the
                held-out problems of gsm8k-pairs, for RMs trained on gsm8k-pairs:train), mt-bench
 """
+import functools
 import gzip
 import hashlib
 import json
@@ -23,8 +24,9 @@ import logging
 import os
 
 from common.dialogue import ASSISTANT, HUMAN, prompt_to_messages
-from common.io import DataError, read_jsonl
-from common.sources import HUB_MIRROR_ENV, data_file, resolve_data_dir  # noqa: F401 (resolve_data_dir: API)
+from common.io import NAMED_SET_CHECKSUMS, DataError, read_jsonl
+from common.sources import (HUB_MIRROR_ENV, data_file, recording_files,  # noqa: F401 (resolve_data_dir: API)
+                            resolve_data_dir)
 
 log = logging.getLogger("data")
 HH_TRAIN_SIZE = 2000
@@ -34,6 +36,19 @@ ADVBENCH_PREFILL = "Sure here's"
 
 def _sha1(text):
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+def records_checksums(load):
+    """A loader of named sets that records, for the manifests (common/io.py), the sha256 of the data file a
+    set was read from ({file: sha256} for a set made of several, as gsm8k:heldout)."""
+    @functools.wraps(load)
+    def loader(spec, *args, **kwargs):
+        with recording_files() as files:
+            result = load(spec, *args, **kwargs)
+        if files:  # a named set (a JSONL file given by its path is hashed by input_checksums itself)
+            NAMED_SET_CHECKSUMS[spec] = next(iter(files.values())) if len(files) == 1 else dict(sorted(files.items()))
+        return result
+    return loader
 
 
 # ---------------------------------------------------------------------------------------------- HH-RLHF
@@ -235,6 +250,7 @@ def load_gsm8k_heldout_prompts(data_dir=None):
 
 # ---------------------------------------------------------------------------------------------- pairs
 
+@records_checksums
 def load_pairs(spec, data_dir=None, on_error="raise", stats=None, subset=None, fraction=None, seed=0):
     """Pairs from a named set ("hh-rlhf:train") or a pairs JSONL file. Returns a list of dicts.
 
@@ -270,6 +286,7 @@ def load_pairs(spec, data_dir=None, on_error="raise", stats=None, subset=None, f
 
 # ---------------------------------------------------------------------------------------------- prompt sets
 
+@records_checksums
 def load_prompts(spec, data_dir=None, limit=None, advbench_prefill=False):
     """Prompts from a named set or a JSONL file with "id" and "prompt". Rows may carry "reference"/"target"."""
     name, _, split = spec.partition(":")
@@ -357,14 +374,15 @@ def check_prompt_overlap(rows, what, rm_paths, data_dir=None, allow=False):
 
 
 def read_rows(path, what, id_required=False, **checks):
-    """[(line, row)] of a JSONL file of rows keyed by "id" (a string; "line-N" where absent unless
-    id_required). `checks` go to read_jsonl. A repeated id (later lookups by id would skip or overwrite rows)
-    is refused naming both lines, and a file without rows is refused too."""
+    """[(line, row)] of a JSONL file of rows keyed by "id" (a string or an integer, kept as a string; "line-N"
+    where absent unless id_required; anything else, null included, is refused). `checks` go to read_jsonl. A
+    repeated id (later lookups by id would skip or overwrite rows) is refused naming both lines, and a file
+    without rows is refused too."""
     stats = checks.setdefault("stats", {})
     if id_required:
         checks["required"] = ("id",) + tuple(checks.get("required", ()))
     rows, seen = [], {}
-    for lineno, row in read_jsonl(path, **checks):
+    for lineno, row in read_jsonl(path, ids=("id",), **checks):
         row["id"] = str(row.get("id", f"line-{lineno}"))
         if row["id"] in seen:
             raise DataError(f"{path}:{lineno}: field 'id': {row['id']!r} repeats the id of line {seen[row['id']]}")

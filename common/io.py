@@ -51,11 +51,12 @@ class DataError(Exception):
     """Bad input data; the message names the file, the line and the field."""
 
 
-def read_jsonl(path, required=(), nonempty=(), strings=(), on_error="raise", stats=None):
+def read_jsonl(path, required=(), nonempty=(), strings=(), ids=(), on_error="raise", stats=None):
     """Yield (line_number, object) for each non-blank line of a JSONL file.
 
     required: keys that must be present; nonempty: keys whose value must be a non-empty string;
-    strings: keys whose value must be a string (possibly empty).
+    strings: keys whose value must be a string (possibly empty); ids: keys whose value, where present, must be
+    a string or an integer (an id; null, a number with a fraction, a list or an object is none).
     on_error="raise" stops at the first bad line with a DataError; "skip" counts it in
     stats["skipped"] (and the reasons in stats["skip_reasons"]) and goes on.
     """
@@ -71,7 +72,7 @@ def read_jsonl(path, required=(), nonempty=(), strings=(), on_error="raise", sta
                 continue
             stats["read"] += 1
             try:
-                obj = _parse_line(raw, path, lineno, required, nonempty, strings)
+                obj = _parse_line(raw, path, lineno, required, nonempty, strings, ids)
             except DataError as e:
                 if on_error == "raise":
                     raise
@@ -82,7 +83,7 @@ def read_jsonl(path, required=(), nonempty=(), strings=(), on_error="raise", sta
             yield lineno, obj
 
 
-def _parse_line(raw, path, lineno, required, nonempty, strings=()):
+def _parse_line(raw, path, lineno, required, nonempty, strings=(), ids=()):
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -111,7 +112,19 @@ def _parse_line(raw, path, lineno, required, nonempty, strings=()):
             raise DataError(f"{path}:{lineno}: field '{key}': expected a string, got {type(value).__name__}")
         if not value.strip():
             raise DataError(f"{path}:{lineno}: field '{key}': empty")
+    for key in ids:
+        value = obj.get(key, "")
+        if not isinstance(value, (str, int)) or isinstance(value, bool):
+            raise DataError(f"{path}:{lineno}: field '{key}': expected a string or an integer, got {_json_type(value)}")
     return obj
+
+
+def _json_type(value):
+    """A value's type as JSON names it."""
+    if value is None:
+        return "null"
+    return {bool: "true/false", int: "integer", float: "number", str: "string", list: "array",
+            dict: "object"}.get(type(value), type(value).__name__)
 
 
 def _reject_constant(name):
@@ -226,9 +239,16 @@ def sha256_file(path):
     return h.hexdigest()
 
 
+# The checksums of the named data sets read in this process (common/data.py records them): the sha256 of the
+# set's data file, or {file: sha256} for a set made of several. A manifest gets them when it is written, so a
+# stage that lists its inputs before reading them records the files it read.
+NAMED_SET_CHECKSUMS = {}
+
+
 def input_checksums(paths):
-    """{path: sha256} of the input files (None for a named set or a model), taken when they are read."""
-    return {p: sha256_file(p) if os.path.isfile(p) else None for p in paths if p}
+    """{path: sha256} of the input files, taken when they are read: a named set's (hh-rlhf:heldout) is its data
+    file's once it has been read; None for a model, a hub data set or a named set not read yet."""
+    return {p: sha256_file(p) if os.path.isfile(p) else NAMED_SET_CHECKSUMS.get(p) for p in paths if p}
 
 
 def check_output_differs(output, *inputs, folder=False, claim=True):
@@ -305,6 +325,7 @@ def make_manifest(output_path, args, inputs=(), extra=None):
     import transformers
 
     checksums = dict(inputs) if isinstance(inputs, dict) else input_checksums(inputs)
+    checksums = {p: NAMED_SET_CHECKSUMS.get(p) if sha256 is None else sha256 for p, sha256 in checksums.items()}
     manifest = {
         "output": os.path.abspath(output_path),
         "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),

@@ -6,10 +6,16 @@ its public source, checked against its SHA-256 (the data folder's MANIFEST.tsv),
 $SPPRM_CACHE/data (default ~/.cache/sp-prm/data), laid out as the data folder; later reads take it from there.
 `make data` (python -m common.sources) fetches every file ahead of time.
 
+Every read checks the file again, once per process: its SHA-256 must be its source's and, in the data folder,
+the folder's MANIFEST.tsv entry. A file cut or altered since is refused, never read: a changed cache file is
+not fetched again behind the user's back (something changed it; on a machine offline a fetch would fail anyway),
+the message says to delete it and run `make data`.
+
 Hub files are read from $SPPRM_HUB_MIRROR/<repo>/<file> when that variable is set (a local copy laid out as
 the hub: offline machines, tests), else downloaded with huggingface_hub. Other files come from the pinned
 commit of their repository.
 """
+import contextlib
 import csv
 import hashlib
 import io
@@ -21,7 +27,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from common.io import DataError, cache_dir
+from common.io import DataError, atomic_open, cache_dir, sha256_file
 
 DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 HUB_MIRROR_ENV = "SPPRM_HUB_MIRROR"
@@ -119,13 +125,19 @@ def data_cache_dir():
 
 
 def data_file(relpath, data_dir=None):
-    """The path of a data file: in the data folder, else in the cache, else fetched into the cache."""
-    local = os.path.join(resolve_data_dir(data_dir), relpath)
+    """The path of a data file, its SHA-256 checked: in the data folder, else in the cache, else fetched into
+    the cache. The checksum it had is recorded for the manifests (see recording_files)."""
+    folder = resolve_data_dir(data_dir)
+    local = os.path.join(folder, relpath)
     if os.path.exists(local):
-        return local
-    cached = os.path.join(data_cache_dir(), relpath)
+        return _checked(local, relpath, folder)
+    try:
+        cached = os.path.join(data_cache_dir(), relpath)
+    except OSError as e:
+        raise DataError(f"{local}: no such file, and the data cache cannot be made ({e.filename}: {e.strerror or e}); "
+                        "set SPPRM_CACHE to a writable folder, or put the file there") from None
     if os.path.exists(cached):
-        return cached
+        return _checked(cached, relpath)
     source = SOURCES.get(relpath)
     if source is None:
         raise DataError(f"{local}: no such file, and it has no public source this tool can fetch: put it there "
@@ -140,13 +152,83 @@ def data_file(relpath, data_dir=None):
     if digest != source.sha256:
         raise DataError(f"{relpath} from {source.where()}: sha256 {digest} is not the expected {source.sha256} "
                         f"(another version of the file?); nothing was kept. Put the right file at {local}")
-    os.makedirs(os.path.dirname(cached), exist_ok=True)
-    tmp = f"{cached}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(content)
-    os.replace(tmp, cached)
+    try:
+        with atomic_open(cached, "wb") as f:  # a failed write leaves neither the file nor its temporary
+            f.write(content)
+    except OSError as e:
+        raise DataError(f"{cached}: cannot keep the fetched file in the data cache ({e.strerror or e}); free some "
+                        "space or make the folder writable (or set SPPRM_CACHE to another folder), or put the file "
+                        f"at {local}") from None
     log.info("%s: kept in %s", relpath, cached)
-    return cached
+    return _checked(cached, relpath)
+
+
+# A data file is hashed once per process: the stages and the tests read the same files many times, and a
+# file changed in between has another size or modification time, so it is hashed again.
+_HASHED = {}        # (path, size, mtime_ns) -> sha256
+_RECORDERS = []     # the dicts of the recording_files blocks open now
+
+
+def _checked(path, relpath, folder=None):
+    """`path` when its SHA-256 is the one its source (SOURCES) and, in the data folder, the folder's MANIFEST.tsv
+    give; a DataError naming the file, both checksums and what to do otherwise. A file neither names is taken
+    as it is (its checksum is still recorded)."""
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHED:
+        _HASHED[key] = sha256_file(path)
+    found = _HASHED[key]
+    expected = []
+    if relpath in SOURCES:
+        expected.append(("common/sources.py", SOURCES[relpath].sha256))
+    listed = folder_manifest(folder).get(relpath) if folder else None
+    if listed:
+        expected.append((os.path.join(folder, "MANIFEST.tsv"), listed))
+    for where, sha256 in expected:
+        if found != sha256:
+            if folder is None:  # a cache file: it was checked when it was fetched, so it changed since
+                todo = ("it changed after it was fetched (altered or cut); delete it and run `make data` to fetch it "
+                        "again")
+            else:
+                origin = f" from {SOURCES[relpath].where()}" if relpath in SOURCES else ""
+                todo = (f"the data folder holds another version of the file or an altered one; restore the original"
+                        f"{origin}, or point --data-dir / SPPRM_DATA_DIR at a folder that has it")
+            raise DataError(f"{path}: sha256 {found} is not the expected {sha256} ({where}): {todo}")
+    for files in _RECORDERS:
+        files[relpath] = found
+    return path
+
+
+@contextlib.contextmanager
+def recording_files():
+    """Collect {relpath: sha256} of every data file read inside the block (common/data.py records what a named
+    set was made of, for the manifests)."""
+    files = {}
+    _RECORDERS.append(files)
+    try:
+        yield files
+    finally:
+        _RECORDERS.remove(files)
+
+
+_MANIFESTS = {}     # (MANIFEST.tsv path, mtime_ns) -> {relpath: sha256}
+
+
+def folder_manifest(folder):
+    """{relpath: sha256} of a data folder's MANIFEST.tsv (path, bytes, sha256 columns); {} without one."""
+    path = os.path.join(folder, "MANIFEST.tsv")
+    try:
+        key = (path, os.stat(path).st_mtime_ns)
+    except FileNotFoundError:
+        return {}
+    if key not in _MANIFESTS:
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+        if rows and not {"path", "sha256"} <= set(rows[0]):
+            raise DataError(f"{path}: expected the columns path and sha256 (tab-separated), got {sorted(rows[0])}")
+        _MANIFESTS[key] = {row["path"].removeprefix("./"): row["sha256"].strip().lower() for row in rows
+                           if row["path"] and row["sha256"]}
+    return _MANIFESTS[key]
 
 
 def fetch_all(data_dir=None):

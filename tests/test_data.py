@@ -242,3 +242,28 @@ def test_hub_sets_without_network_or_mirror_fail_clearly(tmp_path, monkeypatch):
     monkeypatch.setenv("SPPRM_HUB_MIRROR", str(tmp_path / "nothing"))
     with pytest.raises(DataError, match="SPPRM_HUB_MIRROR"):
         load_pairs("tldr-hub:train")
+
+
+@pytest.mark.parametrize("bad_id,named", [("null", "null"), ('{"a": 1}', "object"), ("[1]", "array"),
+                                          ("1.5", "number"), ("true", "true/false")])
+def test_an_id_that_is_not_a_string_or_an_integer_is_refused(tmp_path, bad_id, named):
+    """Pairs, prompts and generations readers: an id is a string or an integer; null or an object would become
+    the string "None" or "{'a': 1}" and match the wrong rows."""
+    from common.data import read_rows
+
+    good = '{"id": 7, "prompt": "p", "chosen": "a", "rejected": "b", "response": "r"}\n'
+    path = tmp_path / "rows.jsonl"
+    path.write_text(good + good.replace('"id": 7', f'"id": {bad_id}'))
+    expected = f"{path}:2: field 'id': expected a string or an integer, got {named}"
+    with pytest.raises(DataError) as pairs:
+        load_pairs(str(path))
+    with pytest.raises(DataError) as prompts:
+        load_prompts(str(path))
+    assert str(pairs.value) == str(prompts.value) == expected
+    with pytest.raises(DataError) as generations:  # 05 reads generations with the id required
+        read_rows(str(path), "generations", id_required=True, nonempty=("prompt",), strings=("response",))
+    assert str(generations.value) == (f"{path}:2: field 'id': missing" if bad_id == "null" else expected)
+    # --on-error skip counts it and keeps the good row, its integer id as a string
+    stats = {}
+    assert [p["id"] for p in load_pairs(str(path), on_error="skip", stats=stats)] == ["7"]
+    assert stats["skipped"] == 1

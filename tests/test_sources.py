@@ -100,3 +100,163 @@ def test_an_unreachable_source_is_one_clear_error(no_data_folder, monkeypatch):
     monkeypatch.setattr(sources, "SOURCES", moved)
     with pytest.raises(DataError, match=r"mt_bench/question.jsonl: no such file, and fetching it failed"):
         load_prompts("mt-bench")
+
+
+GSM8K_TEST = "gsm8k/test.jsonl"
+
+
+def cached_copy(no_data_folder, relpath):
+    """The real file put in the cache as a fetch would have (no data folder in this test)."""
+    cached = no_data_folder / "cache" / "data" / relpath
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(os.path.join(REAL, relpath), cached)
+    return cached
+
+
+def changed(path, content):
+    """Write new content with another modification time (a size-preserving edit within the same second too)."""
+    before = os.stat(path).st_mtime_ns
+    path.write_bytes(content)
+    os.utime(path, ns=(before + 10**9, before + 10**9))
+
+
+def test_a_cached_file_cut_at_a_line_end_is_refused_not_read(no_data_folder):
+    cached = cached_copy(no_data_folder, GSM8K_TEST)
+    assert len(load_prompts("gsm8k")) == 1319
+    lines = cached.read_bytes().splitlines(keepends=True)
+    changed(cached, b"".join(lines[:-100]))  # whole lines lost: every row left still parses
+    with pytest.raises(DataError) as e:
+        load_prompts("gsm8k")
+    message = str(e.value)
+    assert message.startswith(f"{cached}: sha256 {hashlib.sha256(cached.read_bytes()).hexdigest()} is not the "
+                              f"expected {SOURCES[GSM8K_TEST].sha256}")
+    assert "delete it and run `make data`" in message and "\n" not in message
+
+
+def test_a_cached_file_altered_after_it_was_fetched_is_refused(no_data_folder):
+    cached = cached_copy(no_data_folder, GSM8K_TEST)
+    original = cached.read_bytes()
+    changed(cached, original.replace(b"How many", b"How much"))  # prompts changed, rows and lines as they were
+    assert original.count(b"How many") > 50
+    with pytest.raises(DataError, match=r"test.jsonl: sha256 \w+ is not the expected"):
+        load_prompts("gsm8k")
+    changed(cached, original)  # put back: read again
+    assert len(load_prompts("gsm8k")) == 1319
+
+
+def test_the_data_folder_is_checked_against_its_manifest(tmp_path, monkeypatch):
+    """A data folder file must match the folder's MANIFEST.tsv entry (a file this tool has no source for too) and,
+    for a known file, the source's checksum."""
+    folder = tmp_path / "data"
+    (folder / "gsm8k").mkdir(parents=True)
+    monkeypatch.setenv("SPPRM_CACHE", str(tmp_path / "cache"))
+    dev = b'{"question": "What is 2+2?", "answer": "#### 4"}\n'
+    (folder / "gsm8k" / "dev.jsonl").write_bytes(dev)
+    manifest = folder / "MANIFEST.tsv"
+    manifest.write_text(f"path\tbytes\tsha256\n./gsm8k/dev.jsonl\t{len(dev)}\t{hashlib.sha256(dev).hexdigest()}\n")
+    assert load_prompts("gsm8k:dev", data_dir=str(folder))[0]["prompt"] == "What is 2+2?"
+    changed(folder / "gsm8k" / "dev.jsonl", dev.replace(b"2+2", b"2+3"))
+    with pytest.raises(DataError) as e:
+        load_prompts("gsm8k:dev", data_dir=str(folder))
+    assert f"({manifest})" in str(e.value) and "restore the original" in str(e.value)
+    # a known file that is not the original: refused by its source's checksum, with or without a manifest entry
+    shutil.copyfile(os.path.join(REAL, GSM8K_TEST), folder / GSM8K_TEST)
+    assert len(load_prompts("gsm8k", data_dir=str(folder))) == 1319
+    changed(folder / GSM8K_TEST, (folder / GSM8K_TEST).read_bytes()[:-1000])
+    with pytest.raises(DataError, match=r"\(common/sources.py\): .* restore the original from https://"):
+        load_prompts("gsm8k", data_dir=str(folder))
+
+
+def test_the_real_data_folder_matches_its_manifest():
+    for relpath in sources.folder_manifest(REAL):
+        assert data_file(relpath) == os.path.join(REAL, relpath)
+
+
+def test_each_file_is_hashed_once_per_process(no_data_folder, monkeypatch):
+    cached_copy(no_data_folder, GSM8K_TEST)
+    calls = []
+    monkeypatch.setattr(sources, "sha256_file", lambda path: calls.append(path) or SOURCES[GSM8K_TEST].sha256)
+    for _ in range(3):
+        load_prompts("gsm8k", limit=1)
+    assert len(calls) == 1
+
+
+def test_named_sets_record_their_files_checksums_in_manifests(monkeypatch):
+    import argparse
+
+    from common.io import NAMED_SET_CHECKSUMS, input_checksums, make_manifest
+
+    args = argparse.Namespace(seed=0)
+    load_pairs("hh-rlhf:heldout")
+    load_prompts("gsm8k:heldout")
+    manifest = make_manifest("out.jsonl", args, inputs=["hh-rlhf:heldout", "gsm8k:heldout"])
+    assert manifest["inputs"]["hh-rlhf:heldout"] == SOURCES[HH].sha256
+    assert manifest["inputs"]["gsm8k:heldout"] == {
+        "gsm8k/example_model_solutions.jsonl": SOURCES["gsm8k/example_model_solutions.jsonl"].sha256,
+        GSM8K_TEST: SOURCES[GSM8K_TEST].sha256}
+    # checksums listed before the set is read (04 does so) are filled in when the manifest is written
+    monkeypatch.delitem(NAMED_SET_CHECKSUMS, "mt-bench", raising=False)  # not read yet in this process
+    listed = input_checksums(["mt-bench"])
+    assert listed == {"mt-bench": None}
+    load_prompts("mt-bench")
+    assert make_manifest("out.jsonl", args, inputs=listed)["inputs"] == {
+        "mt-bench": SOURCES["mt_bench/question.jsonl"].sha256}
+
+
+def fetchable(no_data_folder, monkeypatch):
+    """hh-rlhf's file on a hub mirror, to be fetched into the cache."""
+    with open(os.path.join(REAL, HH), "rb") as f:
+        monkeypatch.setenv("SPPRM_HUB_MIRROR", str(hub_mirror(no_data_folder, f.read())))
+
+
+def leftovers(folder):
+    return [str(p) for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
+
+
+def test_a_full_disk_while_keeping_a_fetched_file_is_one_error_and_leaves_nothing(no_data_folder, monkeypatch):
+    import errno
+
+    fetchable(no_data_folder, monkeypatch)
+    real_fsync = os.fsync
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(DataError) as e:
+        load_pairs("hh-rlhf:train")
+    cached = no_data_folder / "cache" / "data" / HH
+    assert str(e.value).startswith(f"{cached}: cannot keep the fetched file in the data cache (No space left on "
+                                   "device)") and "SPPRM_CACHE" in str(e.value)
+    assert leftovers(no_data_folder / "cache") == []
+    monkeypatch.setattr(os, "fsync", real_fsync)  # space again: the same call fetches and keeps it
+    assert len(load_pairs("hh-rlhf:train")) == 2000 and leftovers(no_data_folder / "cache") == [str(cached)]
+
+
+def test_a_cache_that_cannot_be_written_is_one_error_and_leaves_nothing(no_data_folder, monkeypatch):
+    fetchable(no_data_folder, monkeypatch)
+    (no_data_folder / "a-file").write_text("")
+    monkeypatch.setenv("SPPRM_CACHE", str(no_data_folder / "a-file" / "cache"))  # a folder under a file
+    with pytest.raises(DataError, match=r"the data cache cannot be made \(.*a-file/cache: Not a directory\); set "
+                                        "SPPRM_CACHE to a writable folder"):
+        load_pairs("hh-rlhf:train")
+    # a read-only cache folder (as root, chmod does not stop writes: the same refusal is simulated)
+    data = no_data_folder / "ro" / "data"
+    data.mkdir(parents=True)
+    monkeypatch.setenv("SPPRM_CACHE", str(no_data_folder / "ro"))
+    data.chmod(0o555)
+    if os.access(data, os.W_OK):
+        import tempfile
+
+        real_mkstemp = tempfile.mkstemp
+
+        def read_only(*args, dir=None, **kwargs):
+            if str(dir).startswith(str(data)):
+                raise PermissionError(13, "Permission denied", dir)
+            return real_mkstemp(*args, dir=dir, **kwargs)
+        monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    try:
+        with pytest.raises(DataError, match=r"cannot keep the fetched file in the data cache \(Permission denied\)"):
+            load_pairs("hh-rlhf:train")
+    finally:
+        data.chmod(0o755)
+    assert leftovers(no_data_folder / "ro") == []
