@@ -104,3 +104,29 @@ def test_a_gpu_scale_without_a_gpu_stops_instead_of_running_on_the_cpu(tmp_path,
     assert "error: --device cuda: no CUDA device is visible" in proc.stderr
     assert "--device cuda" in proc.stdout  # the first stage's command, as printed
     assert not (tmp_path / "out" / "orm_s0" / "config.json").exists()
+
+
+def test_gpu_check_report_reads_a_run_folder(tmp_path):
+    """bench/gpu_check.py's report: the device each stage recorded, tokens per second, failures named."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(ROOT, "bench", "gpu_check.py"))
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    (tmp_path / "orm_s0").mkdir()
+    (tmp_path / "orm_s0" / "manifest.json").write_text(json.dumps({"device": "cuda:0", "dtype": "bf16"}))
+    (tmp_path / "gen_argsg_orm.jsonl.manifest.json").write_text(json.dumps({"device": "cpu", "dtype": "fp32"}))
+    (tmp_path / "gen_argsg_orm.jsonl").write_text("".join(json.dumps({"stats": s}) + "\n" for s in (
+        {"seconds": 1.0, "policy_tokens": 30, "peak_memory_mb": 900.0},
+        {"seconds": 3.0, "policy_tokens": 50, "peak_memory_mb": 1200.5})))
+    devices = gpu_check.manifests(str(tmp_path))
+    assert devices == {"orm_s0": {"device": "cuda:0", "dtype": "bf16"},
+                       "gen_argsg_orm.jsonl": {"device": "cpu", "dtype": "fp32"}}
+    speed = gpu_check.decoding_speed(str(tmp_path))
+    assert speed == {"argsg_orm": {"prompts": 2, "policy_tokens_per_s": 20.0, "peak_memory_mb": 1200.5}}
+    report = {"machine": {"torch": "x", "torch_cuda": "12.6"}, "date": "d", "total_seconds": 1.0,
+              "parts": [{"part": "reproduce", "ok": False, "seconds": 3, "output_tail": "error: boom"}],
+              "measurements": [], "stage_devices": devices, "decoding": speed}
+    text = gpu_check.markdown(report)
+    assert "| reproduce | **failed** | 3 |" in text and "error: boom" in text and "| argsg_orm | 2 | 20.0 |" in text
