@@ -122,7 +122,8 @@ def main():
     data = ["--data-dir", args.data_dir] if args.data_dir else []
     limit = lambda n: ["--limit", n] if n else []  # noqa: E731
     pipeline = Pipeline("reproduce", args.redo, cost_path=f"{out}/stage_seconds.json",
-                        commands_path=f"{out}/stage_commands.json", device=args.device or s["device"])
+                        commands_path=f"{out}/stage_commands.json", device=args.device or s["device"],
+                        scripts=os.path.dirname(os.path.abspath(__file__)))  # the stages beside this file
     stage = pipeline.stage
     L = s["max_length"]
     train = ["--max-length", L, "--eval", "hh-rlhf:heldout", *(["--eval-limit", s["eval_pairs"]] if s["eval_pairs"]

@@ -14,8 +14,11 @@ MODEL_STAGES = ("02_weight.py", "03_train.py", "04_decode.py", "05_evaluate.py")
 
 
 class Pipeline:
-    def __init__(self, name, redo="", cost_path=None, commands_path=None, device=None):
+    def __init__(self, name, redo="", cost_path=None, commands_path=None, device=None, scripts=None):
         self.name = name
+        # The folder a script named without a folder runs from (reproduce.py: its own folder), so a pipeline runs
+        # from any working folder; commands keep the name as given, so a record stays valid when the folder moves.
+        self.scripts = scripts
         self.device = device  # given to every model stage (a GPU scale must not fall back to the CPU unseen)
         self.redo = set(redo.split(",")) if redo else set()
         self.timings = []   # (stage, seconds) of the stages run now
@@ -49,7 +52,7 @@ class Pipeline:
             print(f"[rerun] {name}: its input {remade[0]} was remade after {output}", flush=True)
         print(f"\n[run] {name}: {' '.join(cmd)}", flush=True)
         t0 = time.time()
-        if subprocess.run([sys.executable, *cmd]).returncode != 0:
+        if subprocess.run([sys.executable, self.script(cmd[0]), *cmd[1:]]).returncode != 0:
             sys.exit(f"{self.name}: stage {name} failed (its message is above); fix it and rerun: finished "
                      "stages are kept")
         self.timings.append((name, time.time() - t0))
@@ -65,9 +68,13 @@ class Pipeline:
         """Seconds of every stage run so far, in this run or an earlier one."""
         return read_record(self.cost_path)
 
-    def run(self, *cmd):
+    def run(self, script, *args):
         """An always-run step (tables, comparisons): its output, if any, is rewritten each time."""
-        subprocess.run([sys.executable, *map(str, cmd)], check=True)
+        subprocess.run([sys.executable, self.script(str(script)), *map(str, args)], check=True)
+
+    def script(self, name):
+        """Where a stage's script is: `name` in the scripts folder (an absolute name stays as it is)."""
+        return os.path.join(self.scripts, name) if self.scripts else name
 
     def summary(self):
         return ", ".join(f"{n} {t:.0f}s" for n, t in self.timings)

@@ -85,3 +85,34 @@ def test_tables_part_runs_every_row_at_smoke_size(tmp_path):
             assert f"| {method} ({rm}) |" in text
     assert "Reward (decoding RM)" in text and "ASR, target opening (%)" in text and "Accuracy (%)" in text
     assert "CARDS (SP-PRM) minus CARDS (Ablation)" in text
+
+
+def test_stages_run_by_their_own_path_from_any_working_folder(tmp_path, monkeypatch):
+    """reproduce.py started from another folder runs each stage script from the folder reproduce.py is in (the
+    stage commands it records keep the script's name, so a record stays valid when the repository moves)."""
+    import subprocess
+    import sys
+
+    from common import pipeline
+
+    class FirstStage(Exception):
+        pass
+
+    ran = []
+
+    def record(argv, **kwargs):
+        ran.append(argv)
+        raise FirstStage
+    monkeypatch.setattr(pipeline.subprocess, "run", record)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["reproduce.py", "--scale", "demo", "--out", "runs/demo"])
+    with pytest.raises(FirstStage):
+        reproduce.main()
+    python, script, *args = ran[0]
+    assert python == sys.executable and script == os.path.join(ROOT, "03_train.py")
+    assert args[:2] == ["--input", "hh-rlhf:train"] and "runs/demo/orm_s0" in args
+    assert (tmp_path / "runs" / "demo").is_dir()
+    # that path starts the stage from here
+    monkeypatch.undo()
+    proc = subprocess.run([sys.executable, script, "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0 and "--input" in proc.stdout, proc.stderr[-2000:]
