@@ -461,3 +461,55 @@ def test_weight_summary_counts_truncation_over_resumed_rows(tmp_path, models):
     first = json.load(open(str(out) + ".manifest.json"))["summary"]["truncated_inputs"]
     run_script("02_weight.py", *common, "--resume")  # every score from the cache
     assert first > 0 and json.load(open(str(out) + ".manifest.json"))["summary"]["truncated_inputs"] == first
+
+
+# the data cache: a file altered after it was fetched is refused, not read; a named set's checksum is recorded
+def test_an_altered_cached_data_file_is_refused_and_named_sets_record_checksums(tmp_path, models):
+    import gzip
+    import shutil
+
+    from common.sources import SOURCES, resolve_data_dir
+
+    relpath = "hh_rlhf/harmless-base_test.jsonl.gz"
+    cached = tmp_path / "cache" / "data" / relpath
+    cached.parent.mkdir(parents=True)
+    shutil.copyfile(os.path.join(resolve_data_dir(), relpath), cached)
+    env = {"SPPRM_DATA_DIR": str(tmp_path / "no-data-folder"), "SPPRM_CACHE": str(tmp_path / "cache")}
+    args = ["--input", "hh-rlhf:train", "--limit", 2, "--tokenizer", models["rm"], "--truncation", "full"]
+    run_script("01_build_partial.py", *args, "--output", tmp_path / "a.jsonl", env=env)
+    manifest = json.load(open(tmp_path / "a.jsonl.manifest.json"))
+    assert manifest["inputs"]["hh-rlhf:train"] == SOURCES[relpath].sha256
+    with gzip.open(cached, "rt", encoding="utf-8") as f:
+        text = f.read()
+    with gzip.open(cached, "wt", encoding="utf-8") as f:  # one reply changed, every row still there
+        f.write(text.replace("Assistant: I", "Assistant: You", 1))
+    proc = run_script("01_build_partial.py", *args, "--output", tmp_path / "b.jsonl", env=env, check=False)
+    fails_cleanly(proc, str(cached), f"is not the expected {SOURCES[relpath].sha256}", "make data")
+    assert not os.path.exists(tmp_path / "b.jsonl")
+
+
+def test_a_fetch_into_a_cache_that_cannot_be_written_is_one_line(tmp_path):
+    from common.sources import resolve_data_dir
+
+    mirror = tmp_path / "mirror" / "Anthropic" / "hh-rlhf" / "harmless-base"
+    mirror.mkdir(parents=True)
+    with open(os.path.join(resolve_data_dir(), "hh_rlhf", "harmless-base_test.jsonl.gz"), "rb") as f:
+        (mirror / "test.jsonl.gz").write_bytes(f.read())
+    (tmp_path / "a-file").write_text("")
+    env = {"SPPRM_DATA_DIR": str(tmp_path / "no-data-folder"), "SPPRM_CACHE": str(tmp_path / "a-file" / "cache"),
+           "SPPRM_HUB_MIRROR": str(tmp_path / "mirror")}
+    proc = run_script("01_build_partial.py", "--input", "hh-rlhf:train", "--tokenizer", "minilm-l6", "--output",
+                      tmp_path / "out.jsonl", env=env, check=False)
+    fails_cleanly(proc, "the data cache cannot be made", "SPPRM_CACHE")
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["a-file", "test.jsonl.gz"]
+
+
+@pytest.mark.parametrize("bad_id", ["null", '{"a": 1}'])
+def test_an_id_that_is_not_a_string_or_an_integer_is_one_line(tmp_path, bad_id):
+    rows = separable_pairs(2)
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[1])[:-1] + f', "id": {bad_id}}}' + "\n")
+    proc = run_script("01_build_partial.py", "--input", path, "--tokenizer", "minilm-l6", "--output",
+                      tmp_path / "out.jsonl", check=False)
+    fails_cleanly(proc, f"{path}:2: field 'id': expected a string or an integer")
+    assert not os.path.exists(tmp_path / "out.jsonl")
