@@ -45,7 +45,9 @@ def resolve_device(choice="auto"):
 
     if choice not in DEVICES:
         raise DataError(f"--device {choice}: choose from {', '.join(DEVICES)}")
-    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+    # DS_ACCELERATOR=cpu: DeepSpeed runs its ranks on the CPU (gloo), so the model must live there too
+    on_cpu = not torch.cuda.is_available() or os.environ.get("DS_ACCELERATOR") == "cpu"
+    if choice == "cpu" or (choice == "auto" and on_cpu):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise DataError("--device cuda: no CUDA device is visible (torch "

@@ -44,6 +44,14 @@ def test_more_ranks_than_gpus_is_one_line(gpus, local_rank, local_world, visible
         assert "CUDA_VISIBLE_DEVICES=0" in message
 
 
+def test_deepspeed_on_the_cpu_keeps_the_model_there(gpus, monkeypatch):
+    gpus(2, local_rank=0, local_world=2)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    assert resolve_device("auto") == torch.device("cpu")
+    monkeypatch.delenv("DS_ACCELERATOR")
+    assert resolve_device("auto") == torch.device("cuda", 0)
+
+
 def test_ranks_on_the_cpu_need_no_gpu(gpus):
     gpus(1, local_rank=1, local_world=2)
     assert resolve_device("cpu") == torch.device("cpu")
