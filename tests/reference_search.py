@@ -27,9 +27,9 @@ class Reference:
             return self.policy.model(torch.tensor([prompt_ids + response])).logits[0, -1]
 
     def reward(self, prompt, response):
-        if self.rm_path == "cached":
-            ids = self.rm.fmt.prompt_ids(prompt) + response
-            return score_encoded(self.rm.model, [{"input_ids": ids}], self.tok.pad_token_id, 1)[0]
+        if self.rm_path == "cached":  # these tokens, by the RM input rule (over-long inputs truncated)
+            example = self.rm.fmt.encode(prompt, response_ids=response)
+            return score_encoded(self.rm.model, [example], self.tok.pad_token_id, 1)[0]
         text = self.text(response)
         return score(self.rm.model, self.rm.fmt, [prompt], [text], 1)[0]
 
@@ -56,6 +56,10 @@ class Reference:
     def run(self, p):
         prefill = self.tok(p["prefill"], add_special_tokens=False).input_ids if p.get("prefill") else []
         prompt_ids = self.policy.fmt.prompt_ids(p["prompt"])  # the response starts with the prefill
+        # prompt + max_new_tokens must fit the policy's positions: the prompt keeps its last tokens
+        positions = getattr(self.policy.model.config, "max_position_embeddings", None)
+        if positions is not None:
+            prompt_ids = prompt_ids[max(0, len(prompt_ids) + len(prefill) - (positions - self.max_new_tokens)):]
         m = self.method.name
         if m == "argsg":
             return self.args(p, prompt_ids, prefill)

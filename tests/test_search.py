@@ -267,3 +267,101 @@ def test_speculative_rejection_keeps_the_share_it_promises(policy, decoder_rm):
             m = k
     ratio = sum(s["stats"]["policy_tokens"] for s in spec) / sum(b["stats"]["policy_tokens"] for b in bon)
     assert ratio <= 0.65, ratio
+
+
+
+# ------------------------------------------------------------------------------------------ over-long inputs
+
+LONG_PROMPTS = PROMPTS + [
+    {"id": "e", "prompt": "Tell me a joke about a very long road."},
+    {"id": "f", "prompt": "Please summarise this story for me. " + " ".join(
+        f"On day {i} the traveller walked on along the winding road." for i in range(8))}]
+RM_BUDGET = 24
+
+
+@pytest.fixture(scope="module")
+def plain_models(policy):
+    """The policy and a decoder RM with the SmolLM2 tokenizer without its chat template ("Human: ...
+    Assistant:", short prompts), the RM read with a budget of 24 tokens. The prompts (8 tokens + a prefill of
+    3, 13, 17, 24, 26, 127) and 14 to 16 new tokens cover every case of the truncation rule: a prompt within half the budget whose
+    response is cut, prompts that fit whole beside a short response and keep their tail beside a long one, one
+    of exactly the budget, prompts longer than it."""
+    from common.models import SMOLLM2, load_tokenizer
+
+    tok = load_tokenizer(SMOLLM2, padding_side="left")
+    tok.chat_template = None
+    rm = RewardModel(tiny_rm("llama", tok, seed=1), tok, "tiny-llama-rm", max_length=RM_BUDGET)
+    return Policy(policy.model, tok, "tiny-llama"), rm
+
+
+def scored_as_05(rm, prompt, tokens, text=None):
+    """05's score of a reply: of its text (what the text path scores), else of its tokens (the cached path)."""
+    from common.rewards import score, score_encoded
+
+    if text is not None:
+        return score(rm.model, rm.fmt, [prompt], [text], 1)[0]
+    return score_encoded(rm.model, [rm.fmt.encode(prompt, response_ids=tokens)], rm.tokenizer.pad_token_id, 1)[0]
+
+
+@pytest.mark.parametrize("rm_path", ["cached", "text"])
+def test_rm_max_length_is_applied_on_both_paths(plain_models, rm_path):
+    """Over-long RM inputs are cut by the documented rule on the cached path as on the text path: ARGS' tokens
+    as the literal reference's, each reported reward 05's score of the same reply, the cut reported."""
+    pol, rm = plain_models
+    got = check(pol, "argsg", rm, rm_path, 6, prompts=LONG_PROMPTS, k=3, w=1.5, max_new_tokens=14)
+    for p, g in zip(LONG_PROMPTS, got):
+        text = g["response"] if rm_path == "text" else None
+        assert g["reward"] == pytest.approx(scored_as_05(rm, p["prompt"], g["tokens"], text), abs=1e-4)
+        n_p = len(rm.fmt.prompt_ids(p["prompt"]))
+        n_r = len(g["tokens"]) if text is None else len(rm.fmt.response_ids(text))
+        assert g["stats"]["reward_input_truncated"] == (n_p + n_r > RM_BUDGET)
+        assert g["stats"]["prompt_tokens_cut"] == 0
+    assert sum(g["stats"]["reward_input_truncated"] for g in got) >= 4
+    # the cut acts: the whole input scores otherwise
+    whole = RewardModel(rm.model, rm.tokenizer, "whole", max_length=10 ** 6)
+    assert abs(scored_as_05(whole, LONG_PROMPTS[-1]["prompt"], got[-1]["tokens"]) - got[-1]["reward"]) > 1e-3
+
+
+@pytest.mark.parametrize("rm_path", ["cached", "text"])
+@pytest.mark.parametrize("method,extra", [("cbs", dict(beam=2, successors=2, chunk=5)), ("bon", dict(n=3)),
+                                          ("specrej", dict(n=3, alpha=0.5, decision_every=5))])
+def test_every_candidate_is_scored_by_the_rule(plain_models, method, extra, rm_path):
+    """Every score a method ranks by (candidates at the end of a round, chains inside one) is 05's score of the
+    candidate's reply under the RM's budget: short replies to long prompts read beside the whole prompt, long
+    ones beside its tail, replies past the budget as their cut."""
+    pol, rm = plain_models
+    search = Search(pol, method, rm, rm_path=rm_path, max_new_tokens=16, seed=1, temperature=0.8, **extra)
+    checked = []
+
+    def check_scores(rows, cand):
+        for i, r in enumerate(rows):
+            for j, chain in enumerate(cand.chains[i]):
+                if r.finished or (cand.dropped and cand.dropped[i][j]):
+                    continue
+                tokens, prompt = r.tokens + chain, LONG_PROMPTS[r.prompt]["prompt"]
+                text = search.response_text(tokens) if rm_path == "text" else None
+                assert float(cand.scores[i, j]) == pytest.approx(scored_as_05(rm, prompt, tokens, text), abs=1e-4)
+                checked.append(len(rm.fmt.prompt_ids(prompt)) + len(tokens) > RM_BUDGET)
+    choose, prune = search.method.choose, search.method.prune
+    search.method.choose = lambda rows, cand, batch: check_scores(rows, cand) or choose(rows, cand, batch)
+    search.method.prune = lambda rows, partial, batch: check_scores(rows, partial) or prune(rows, partial, batch)
+    got = search.run(LONG_PROMPTS)
+    assert any(checked) and (method == "bon" or not all(checked))  # Best-of-N scores complete replies only
+    for p, g in zip(LONG_PROMPTS, got):
+        text = g["response"] if rm_path == "text" else None
+        assert g["reward"] == pytest.approx(scored_as_05(rm, p["prompt"], g["tokens"], text), abs=1e-4)
+
+
+def test_a_prompt_longer_than_the_policy_keeps_its_tail(plain_models):
+    """prompt + max_new_tokens beyond the policy's positions: the prompt keeps its last tokens, as the literal
+    reference does, and each row says how many it lost; no room for any prompt is refused."""
+    _, rm = plain_models
+    pol = tiny_policy(rm.tokenizer)
+    pol.model.config.max_position_embeddings = 40
+    got = check(pol, "argsg", rm, "cached", 6, prompts=LONG_PROMPTS, k=2, max_new_tokens=6)
+    lengths = [len(pol.fmt.prompt_ids(p["prompt"])) + len(pol.tokenizer(p.get("prefill", ""),
+               add_special_tokens=False).input_ids) for p in LONG_PROMPTS]
+    assert [g["stats"]["prompt_tokens_cut"] for g in got] == [max(0, n - 34) for n in lengths]
+    assert got[-1]["stats"]["prompt_tokens_cut"] == 127 - 34
+    with pytest.raises(ValueError, match="no room for a prompt"):
+        Search(pol, "greedy", max_new_tokens=40)

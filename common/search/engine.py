@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from common.io import DEFAULT_MAX_LENGTH
-from common.rewards import RMFormat, score_encoded
+from common.rewards import RMFormat, score_encoded, score_head, text_ids
 from common.search.methods import Row, make_method
 
 
@@ -272,6 +272,41 @@ class RewardModel:
             a.chat_template == b.chat_template
 
 
+@dataclass
+class RMWindow:
+    """The truncation rule (common/rewards.py, docs/scoring.md) on the RM's cache, per prompt b of a batch.
+
+    Prompt b's RM input keeps its last keep[b] = min(n, budget // 2) tokens when prompt + response exceed the
+    budget: the cache holds those, and after them the RM reads at most cap[b] = budget - keep[b] response tokens,
+    so a response of t tokens scores as its first min(t, cap[b]) (later tokens are never fed). Where the whole
+    prompt is longer than its kept tail, a response short enough to fit beside the whole prompt is read beside
+    it (`whole_prompt`): the cache does not hold that input, and it is scored afresh.
+    """
+    fmt: RMFormat
+    prompts: list    # prompt texts
+    n_prompt: list   # RM prompt tokens
+    keep: list       # prompt tokens in the cache (the last ones)
+    cap: list        # response tokens read after them
+
+    @classmethod
+    def of(cls, fmt, prompts):
+        n = [len(fmt.prompt_ids(p)) for p in prompts]
+        keep, cap = zip(*[fmt.budgets(k, 10 ** 9) for k in n]) if prompts else ((), ())
+        return cls(fmt, list(prompts), n, list(keep), list(cap))
+
+    def cached_prompt(self, b):
+        ids = self.fmt.prompt_ids(self.prompts[b])
+        return ids[len(ids) - self.keep[b]:]
+
+    def truncated(self, b, t):
+        """Whether the RM input of prompt b and a response of t tokens is cut by the rule."""
+        return self.fmt.budgets(self.n_prompt[b], t) != (self.n_prompt[b], t)
+
+    def whole_prompt(self, b, t):
+        """Whether that input holds the whole prompt while the cache holds only its tail."""
+        return self.keep[b] < self.n_prompt[b] and not self.truncated(b, t)
+
+
 # ------------------------------------------------------------------------------------------ the loop
 
 def search_params(method, max_new_tokens, seed, has_rm, normalize, stats):
@@ -336,6 +371,13 @@ class Search:
             raise ValueError("the cached RM path needs a decoder RM that shares the policy's tokenizer")
         self.stop_strings = tuple(stop_strings) or policy.default_stop_strings
         self.pad = policy.tokenizer.pad_token_id
+        # A prompt that does not fit the policy's positions beside max_new_tokens keeps its last prompt_room
+        # tokens (as the RM's rule keeps a prompt's tail); each row says how many it lost
+        positions = getattr(policy.model.config, "max_position_embeddings", None)
+        self.prompt_room = None if positions is None else positions - max_new_tokens
+        if self.prompt_room is not None and self.prompt_room < 1:
+            raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the policy's "
+                             f"{positions} positions")
 
     def params(self):
         return search_params(self.method, self.max_new_tokens, self.seed, self.rm is not None,
@@ -364,9 +406,10 @@ class Search:
         t0 = time.perf_counter()
         W, K, L = method.shape(self.max_new_tokens)
         B = len(prompts)
-        prefills = [pol.tokenizer(p["prefill"], add_special_tokens=False).input_ids if p.get("prefill") else []
-                    for p in prompts]
+        prefills = [text_ids(pol.tokenizer, p["prefill"]) if p.get("prefill") else [] for p in prompts]
         prompt_ids = [pol.fmt.prompt_ids(p["prompt"]) + pre for p, pre in zip(prompts, prefills)]
+        cut = [0 if self.prompt_room is None else max(0, len(ids) - self.prompt_room) for ids in prompt_ids]
+        prompt_ids = [ids[c:] for ids, c in zip(prompt_ids, cut)]
         rows = [Row(prompt=b, lineage=0, tokens=list(pre)) for b, pre in enumerate(prefills)]
 
         policy_cache = TreeCache(pol.model, lm_head(pol.model), range(B))
@@ -374,15 +417,20 @@ class Search:
         hidden = policy_cache.feed(tokens, valid, torch.full_like(tokens, -1))
         last_logits = policy_cache.head(hidden[torch.arange(B), last_valid(valid)])
 
-        rm_cache, prompt_scores = None, None
+        rm_cache, prompt_scores, window = None, None, None
         rm_calls, rm_tokens_text = 0, [0] * B
         if self.rm is not None:
             if self.cached_rm:
-                rm_cache = TreeCache(self.rm.model, self.rm.model.score, range(B))
-                rm_ids = [self.rm.fmt.prompt_ids(p["prompt"]) + pre for p, pre in zip(prompts, prefills)]
+                # the RM's cache holds each prompt's kept tail and the response tokens the RM reads (RMWindow)
+                window = RMWindow.of(self.rm.fmt, [p["prompt"] for p in prompts])
+                rm_cache = TreeCache(self.rm.model, score_head(self.rm.model), range(B))  # fp32 scores
+                rm_ids = [window.cached_prompt(b) + pre[:window.cap[b]] for b, pre in enumerate(prefills)]
                 t, v = pad_rows(rm_ids, self.pad, left=True)
                 h = rm_cache.feed(t, v, torch.full_like(t, -1))
                 scores0 = self.rm.to_search(rm_cache.head(h[torch.arange(B), last_valid(v)])[:, 0].float())
+                fresh = [(b, pre) for b, pre in enumerate(prefills) if window.whole_prompt(b, len(pre))]
+                for (b, _), s in zip(fresh, self._whole_prompt_scores(rm_cache, window, fresh)):
+                    scores0[b] = s
             else:
                 scores0 = torch.tensor(self._text_scores([(r.prompt, r.tokens) for r in rows], prompts,
                                                          rm_tokens_text))
@@ -417,7 +465,7 @@ class Search:
                 last_logits = torch.where(has[:, None], fresh, last_logits)
             # 2. grow K candidate chains of up to L tokens per row (the method may stop some on the way);
             # 3. score them (a finished row's candidates score as the row)
-            scorer = self._scorer(rm_cache, rows, pending, prompts, rm_tokens_text)
+            scorer = self._scorer(rm_cache, window, rows, pending, prompts, rm_tokens_text)
             cand = self._grow(rows, last_logits, policy_cache, batch, K, L, scorer)
             if scorer is not None:
                 cand.scores = scorer(cand)
@@ -451,9 +499,16 @@ class Search:
             rm_tokens = rm_tokens_text[b] if rm_cache is None else int(rm_cache.tokens[b])
             extra = {"candidates": [self.response_text(t) for q, t in last_round if q == b]} \
                 if self.keep_candidates else {}
+            response = self.response_text(best.tokens)
+            if self.rm is None:
+                reward_cut = None
+            elif window is not None:
+                reward_cut = window.truncated(b, len(best.tokens))
+            else:
+                reward_cut = self.rm.fmt.truncates(p["prompt"], response)
             results.append({
                 **extra,
-                "response": self.response_text(best.tokens),
+                "response": response,
                 "tokens": best.tokens,
                 "reward": self.rm.raw(best.score) if self.rm else None,
                 "search_reward": best.score,
@@ -463,6 +518,8 @@ class Search:
                     "rm_tokens": rm_tokens if self.rm else 0,
                     "rm_path": ("cached" if rm_cache is not None else "text") if self.rm else None,
                     "new_tokens": len(best.tokens) - batch.prefill_len[b],
+                    # truncation: prompt tokens the policy did not see; whether the reward's RM input was cut
+                    "prompt_tokens_cut": cut[b], "reward_input_truncated": reward_cut,
                     "rounds": batch.round_idx, **method.record(batch, b),
                     "seconds": seconds / B, "batch_seconds": seconds, "batch_size": B,
                     "peak_memory_mb": round(peak_memory_mb(device), 1),
@@ -471,7 +528,7 @@ class Search:
         return results
 
     # -- step 3: scoring, on the RM's cache or through text ---------------------------------------------
-    def _scorer(self, rm_cache, rows, pending, prompts, rm_tokens_text):
+    def _scorer(self, rm_cache, window, rows, pending, prompts, rm_tokens_text):
         """A function Candidates -> [R, K] search rewards of the chains as grown so far; each call scores
         what was added since the last (None without an RM)."""
         if self.rm is None:
@@ -485,8 +542,8 @@ class Search:
                 state["fed"] = [[0] * K for _ in range(R)]
             live = [[not (cand.dropped and cand.dropped[i][j]) for j in range(K)] for i in range(R)]
             if rm_cache is not None:
-                out = self._cached_scores(rm_cache, rows, state["pending"], cand.chains, state["fed"], state["scores"],
-                                          live)
+                out = self._cached_scores(rm_cache, window, rows, state["pending"], cand.chains, state["fed"],
+                                          state["scores"], live)
                 state["pending"] = [[] for _ in rows]
             else:
                 out = state["scores"].clone() if state["scores"] is not None else torch.zeros(R, K)
@@ -592,12 +649,17 @@ class Search:
             return False
         return True
 
-    def _cached_scores(self, cache, rows, pending, chains, fed, previous, live):
+    def _cached_scores(self, cache, window, rows, pending, chains, fed, previous, live):
         """Feed the accepted tokens and each live chain's tokens not yet in the RM's cache (fed[i][j] of them
         are); the score at each chain's end ([R, K]; a chain with no token scores as its row's prefix, one
-        with nothing new keeps its `previous` score)."""
+        with nothing new keeps its `previous` score). The RM reads at most window.cap response tokens of a
+        row (the truncation rule): later tokens are not fed, and a chain that ends past the cap scores as its
+        cut (RMWindow)."""
         R, K = len(rows), len(chains[0])
-        new = [[chains[i][j][fed[i][j]:] if live[i][j] else [] for j in range(K)] for i in range(R)]
+        # row i's accepted tokens are rows[i].tokens; the last len(pending[i]) of them are not in the cache yet
+        pending = [p[:max(0, window.cap[r.prompt] - len(r.tokens) + len(p))] for r, p in zip(rows, pending)]
+        room = [max(0, window.cap[r.prompt] - len(r.tokens)) for r in rows]  # chain tokens the RM reads
+        new = [[chains[i][j][fed[i][j]:room[i]] if live[i][j] else [] for j in range(K)] for i in range(R)]
         L = max(1, max(len(c) for cs in new for c in cs))
         # the first call of a round opens with the accepted tokens (a column even when there are none);
         # later calls of the same round add chain tokens only
@@ -625,16 +687,41 @@ class Search:
             h = hidden[torch.arange(R), last_valid(valid[:, :P]).clamp(min=0)]
             fresh = self.rm.to_search(cache.head(h)[:, 0].float())
             prefix = torch.where(has_pending, fresh, prefix)
-        out = prefix[:, None].repeat(1, K) if previous is None else previous.clone()
         ends = [(i, j, P + j * L + len(new[i][j]) - 1) for i in range(R) for j in range(K) if new[i][j]]
+        at_ends = {}
         if ends:
             h = hidden[torch.tensor([e[0] for e in ends]), torch.tensor([e[2] for e in ends])]
             vals = self.rm.to_search(cache.head(h)[:, 0].float())
-            for (i, j, _), v in zip(ends, vals.tolist()):
-                out[i, j] = v
+            at_ends = {(i, j): v for (i, j, _), v in zip(ends, vals.tolist())}
+        # inputs that the rule reads beside the whole prompt (short responses to a long prompt): scored afresh
+        fresh = [(i, None, rows[i].tokens) for i in range(R) if has_pending[i]] + \
+            [(i, j, rows[i].tokens + chains[i][j]) for i, j in at_ends]
+        fresh = [(i, j, t) for i, j, t in fresh if window.whole_prompt(rows[i].prompt, len(t))]
+        for (i, j, _), v in zip(fresh, self._whole_prompt_scores(cache, window,
+                                                                  [(rows[i].prompt, t) for i, _, t in fresh])):
+            if j is None:
+                prefix[i] = v
+            else:
+                at_ends[i, j] = v
+        out = prefix[:, None].repeat(1, K) if previous is None else previous.clone()
+        for (i, j), v in at_ends.items():
+            out[i, j] = v
         for i, r in enumerate(rows):
             r.score = float(prefix[i])  # the accepted prefix, now that its pending tokens are in
         return out
+
+    def _whole_prompt_scores(self, cache, window, items):
+        """Search rewards of (prompt b, response tokens) whose RM input holds the whole prompt while the cache
+        holds only its kept tail: each input encoded by the rule and scored afresh, as 05 scores those tokens
+        (counted as the cache's RM calls and tokens)."""
+        if not items:
+            return []
+        examples = [self.rm.fmt.encode(window.prompts[b], response_ids=tokens) for b, tokens in items]
+        for (b, _), e in zip(items, examples):
+            cache.tokens[b] += len(e["input_ids"])
+        cache.calls += 1
+        return self.rm.to_search(score_encoded(self.rm.model, examples, self.rm.tokenizer.pad_token_id,
+                                               batch_size=64))
 
     def _text_scores(self, items, prompts, rm_tokens):
         examples = [self.rm.fmt.encode(prompts[b]["prompt"], self.response_text(t)) for b, t in items]
