@@ -4,7 +4,8 @@ The named data sets (common/data.py) read files by their path inside the data fo
 $SPPRM_DATA_DIR, else ../shared/data beside the repository). A file that is not there is fetched once from
 its public source, checked against its SHA-256 (the data folder's MANIFEST.tsv), and kept under
 $SPPRM_CACHE/data (default ~/.cache/sp-prm/data), laid out as the data folder; later reads take it from there.
-`make data` (python -m common.sources) fetches every file ahead of time.
+`make data` (python -m common.sources) tries every file ahead of time and prints one table: where each file
+is (data folder, cache, fetched now) or why it is missing, then the ways out when one is.
 
 Every read checks the file again, once per process: its SHA-256 must be its source's and, in the data folder,
 the folder's MANIFEST.tsv entry. A file cut or altered since is refused, never read: a changed cache file is
@@ -24,6 +25,7 @@ import logging
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
@@ -31,7 +33,20 @@ from common.io import DataError, atomic_open, cache_dir, sha256_file
 
 DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 HUB_MIRROR_ENV = "SPPRM_HUB_MIRROR"
+HOSTS = "huggingface.co and raw.githubusercontent.com"  # where the public sources are
+WAYS_OUT = (f"run `make data` once where {HOSTS} can be reached (the files are kept in the cache, $SPPRM_CACHE), "
+            "or set SPPRM_DATA_DIR to a folder that has them (laid out as the data folder), or SPPRM_HUB_MIRROR "
+            "to a local copy of the hub's files (FOLDER/Anthropic/hh-rlhf/harmless-base/test.jsonl.gz)")
 log = logging.getLogger("data")
+
+
+class FetchFailed(DataError):
+    """A data file that is in neither the data folder nor the cache and could not be fetched; `reason` says why
+    in a few words (make data's table shows it)."""
+
+    def __init__(self, message, reason):
+        super().__init__(message)
+        self.reason = reason
 
 
 def resolve_data_dir(data_dir=None):
@@ -67,26 +82,41 @@ class Source:
             if mirror:
                 path = os.path.join(mirror, repo, name)
                 if not os.path.isfile(path):
-                    raise DataError(f"{path}: no such file (${HUB_MIRROR_ENV} mirror of {repo})")
+                    raise FetchFailed(f"{path}: no such file (${HUB_MIRROR_ENV} mirror of {repo})",
+                                      reason=f"not in ${HUB_MIRROR_ENV}: {path}")
                 with open(path, "rb") as f:
                     return f.read()
-            try:
-                from huggingface_hub import hf_hub_download
+            from huggingface_hub import hf_hub_download
 
+            hub_log = logging.getLogger("huggingface_hub")
+            level = hub_log.level
+            hub_log.setLevel(logging.ERROR)  # its retries print each failed try; the error below says it once
+            try:
                 with open(hf_hub_download(repo, name, repo_type="dataset"), "rb") as f:
                     return f.read()
             except Exception as e:  # hub errors have many types (offline, gated, HTTP); all mean "not fetched"
-                raise DataError(f"cannot download {name} of {repo} from the hub: {_first_line(e)}") from None
+                cause = _root_cause(e)
+                raise FetchFailed(f"cannot download {name} of {repo} from the hub: {cause}",
+                                  reason=f"huggingface.co ({repo}): {cause}") from None
+            finally:
+                hub_log.setLevel(level)
         try:
             with urllib.request.urlopen(self.url, timeout=120) as response:
                 raw = response.read()
         except (urllib.error.URLError, OSError, ValueError) as e:
-            raise DataError(f"cannot download {self.url}: {_first_line(e)}") from None
+            cause = _root_cause(e)
+            raise FetchFailed(f"cannot download {self.url}: {cause}",
+                              reason=f"{urllib.parse.urlsplit(self.url).netloc or self.url}: {cause}") from None
         return self.convert(raw) if self.convert else raw
 
 
-def _first_line(e):
-    text = str(e).strip()
+def _root_cause(e):
+    """The first line of the innermost exception: "[Errno -2] Name or service not known", not the hub's paragraph
+    about its local cache."""
+    while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
+        e = e.__cause__ or e.__context__
+    reason = getattr(e, "reason", None)  # urllib's URLError wraps the socket error
+    text = str(reason if isinstance(reason, BaseException) else e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
 
@@ -145,9 +175,10 @@ def data_file(relpath, data_dir=None):
     log.info("%s: not in the data folder; fetching it once from %s", relpath, source.where())
     try:
         content = source.fetch()
-    except DataError as e:
-        raise DataError(f"{local}: no such file, and fetching it failed ({e}); put the file there (or set "
-                        "--data-dir / SPPRM_DATA_DIR)") from None
+    except FetchFailed as e:
+        where = folder if os.path.isdir(folder) else f"{folder}, which does not exist"
+        raise FetchFailed(f"{relpath}: no such file in the data folder ({where}) or the cache, and fetching it "
+                          f"failed ({e}). Ways out: {WAYS_OUT}", reason=e.reason) from None
     digest = hashlib.sha256(content).hexdigest()
     if digest != source.sha256:
         raise DataError(f"{relpath} from {source.where()}: sha256 {digest} is not the expected {source.sha256} "
@@ -232,16 +263,64 @@ def folder_manifest(folder):
 
 
 def fetch_all(data_dir=None):
-    """Every known data file, fetched where missing; returns {relpath: where it is}."""
-    return {relpath: data_file(relpath, data_dir) for relpath in SOURCES}
+    """Every known data file, fetched where missing: [(relpath, status, where it is or why it is not)], status
+    "data folder", "cached", "fetched" or "missing" (fetching failed), or "refused" (a file that is not the
+    original, a cache that cannot be written)."""
+    folder = resolve_data_dir(data_dir)
+    report = []
+    for relpath in SOURCES:
+        found_before = os.path.exists(os.path.join(folder, relpath)), _in_cache(relpath)
+        try:
+            path = data_file(relpath, data_dir)
+        except FetchFailed as e:
+            report.append((relpath, "missing", e.reason))
+            continue
+        except DataError as e:
+            report.append((relpath, "refused", str(e)))
+            continue
+        status = "data folder" if found_before[0] else "cached" if found_before[1] else "fetched"
+        report.append((relpath, status, path))
+    return report
+
+
+def _in_cache(relpath):
+    try:
+        return os.path.exists(os.path.join(data_cache_dir(), relpath))
+    except OSError:  # no cache can be made: data_file says so
+        return False
+
+
+def fetch_report(report, data_dir=None):
+    """make data's table: one line a file, then the counts; and the one line of ways out when a file is missing
+    (None when every file is there)."""
+    width = max(len(relpath) for relpath, _, _ in report)
+    lines = [f"data folder: {resolve_data_dir(data_dir)}"
+             + ("" if os.path.isdir(resolve_data_dir(data_dir)) else " (does not exist)"),
+             f"cache:       {os.path.join(os.environ.get('SPPRM_CACHE') or '~/.cache/sp-prm', 'data')}", "",
+             f"{'file':{width}s}  {'status':11s}  where it is, or why it is not"]
+    lines += [f"{relpath:{width}s}  {status:11s}  {detail}" for relpath, status, detail in report]
+    counts = {}
+    for _, status, _ in report:
+        counts[status] = counts.get(status, 0) + 1
+    lines += ["", f"{len(report)} files: " + ", ".join(f"{n} {status}" for status, n in counts.items())]
+    bad = sum(n for status, n in counts.items() if status in ("missing", "refused"))
+    ways = None
+    if bad:
+        ways = f"{bad} of {len(report)} data files missing or refused: {WAYS_OUT}"
+    return "\n".join(lines), ways
 
 
 if __name__ == "__main__":
     from common.io import run_main
 
     def main():
-        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-        for relpath, path in fetch_all(sys.argv[1] if len(sys.argv) > 1 else None).items():
-            print(f"{relpath}\t{path}")
+        logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")  # the table says it all
+        data_dir = sys.argv[1] if len(sys.argv) > 1 else None
+        print("make data: every data file from the data folder, else the cache, else its public source (where the "
+              "hub cannot be reached it retries for about half a minute) ...", flush=True)
+        table, ways = fetch_report(fetch_all(data_dir), data_dir)
+        print(table, flush=True)
+        if ways:
+            raise DataError(ways)
 
     run_main(main)

@@ -8,6 +8,7 @@ import pytest
 from common.data import hh_rows_to_pairs, load_gsm8k_pairs, load_pairs, load_prompts, resolve_data_dir, split_hh_dialogue
 from common.dialogue import prompt_to_messages, render_plain
 from common.io import DataError, ResumableJsonlWriter, read_jsonl
+from conftest import real_data_dir
 
 
 def test_split_hh_dialogue():
@@ -20,7 +21,7 @@ def test_split_hh_dialogue():
 
 
 def test_real_hh_split_matches_the_design_rule():
-    root = resolve_data_dir()
+    root = real_data_dir()  # the data folder, or the cache make data filled: where the stages read it
     with gzip.open(os.path.join(root, "hh_rlhf", "harmless-base_test.jsonl.gz"), "rt") as f:
         rows = [json.loads(line) for line in f]
     assert len(rows) == 2312
@@ -72,6 +73,8 @@ def test_prompt_sets():
 
 def test_data_dir_setting(tmp_path, monkeypatch):
     monkeypatch.setenv("SPPRM_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("SPPRM_CACHE", str(tmp_path / "cache"))  # an empty cache: what make data filled is not seen
+    monkeypatch.setenv("SPPRM_HUB_MIRROR", str(tmp_path / "no-mirror"))  # and nothing is fetched
     assert resolve_data_dir() == str(tmp_path)
     assert resolve_data_dir("/x/y") == "/x/y"
     with pytest.raises(DataError, match="no such file"):

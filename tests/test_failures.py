@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_script, save_tiny_rm, separable_pairs, write_jsonl
+from conftest import ROOT, real_data_dir, run_script, save_tiny_rm, separable_pairs, write_jsonl
 from test_evaluate import ScriptedServer, prefer_reply_containing
 from test_search import save_tiny_policy
 
@@ -468,12 +468,12 @@ def test_an_altered_cached_data_file_is_refused_and_named_sets_record_checksums(
     import gzip
     import shutil
 
-    from common.sources import SOURCES, resolve_data_dir
+    from common.sources import SOURCES
 
     relpath = "hh_rlhf/harmless-base_test.jsonl.gz"
     cached = tmp_path / "cache" / "data" / relpath
     cached.parent.mkdir(parents=True)
-    shutil.copyfile(os.path.join(resolve_data_dir(), relpath), cached)
+    shutil.copyfile(os.path.join(real_data_dir(), relpath), cached)
     env = {"SPPRM_DATA_DIR": str(tmp_path / "no-data-folder"), "SPPRM_CACHE": str(tmp_path / "cache")}
     args = ["--input", "hh-rlhf:train", "--limit", 2, "--tokenizer", models["rm"], "--truncation", "full"]
     run_script("01_build_partial.py", *args, "--output", tmp_path / "a.jsonl", env=env)
@@ -489,11 +489,9 @@ def test_an_altered_cached_data_file_is_refused_and_named_sets_record_checksums(
 
 
 def test_a_fetch_into_a_cache_that_cannot_be_written_is_one_line(tmp_path):
-    from common.sources import resolve_data_dir
-
     mirror = tmp_path / "mirror" / "Anthropic" / "hh-rlhf" / "harmless-base"
     mirror.mkdir(parents=True)
-    with open(os.path.join(resolve_data_dir(), "hh_rlhf", "harmless-base_test.jsonl.gz"), "rb") as f:
+    with open(os.path.join(real_data_dir(), "hh_rlhf", "harmless-base_test.jsonl.gz"), "rb") as f:
         (mirror / "test.jsonl.gz").write_bytes(f.read())
     (tmp_path / "a-file").write_text("")
     env = {"SPPRM_DATA_DIR": str(tmp_path / "no-data-folder"), "SPPRM_CACHE": str(tmp_path / "a-file" / "cache"),
@@ -513,3 +511,50 @@ def test_an_id_that_is_not_a_string_or_an_integer_is_one_line(tmp_path, bad_id):
                       tmp_path / "out.jsonl", check=False)
     fails_cleanly(proc, f"{path}:2: field 'id': expected a string or an integer")
     assert not os.path.exists(tmp_path / "out.jsonl")
+
+
+# A model folder that asks to run its own code (auto_map in its config) is refused with one line; none of its
+# code runs, and nothing asks on the terminal. SPPRM_TRUST_REMOTE_CODE=1 opts in.
+def _asks_to_run_code(src, folder, marker):
+    """A copy of a model folder whose config names custom classes in a module that, imported, writes marker."""
+    import shutil
+
+    shutil.copytree(src, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "custom.Config", "AutoModelForCausalLM": "custom.Model",
+                          "AutoModelForSequenceClassification": "custom.Model"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "custom.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                      "from transformers import LlamaConfig as Config\n"
+                                      "from transformers import LlamaForCausalLM as Model\n")
+    return str(folder)
+
+
+def test_a_model_that_asks_to_run_its_own_code_is_refused(tmp_path, models):
+    import subprocess
+
+    from common.io import DataError
+    from common.models import load_config, load_policy, load_reward_model, load_tokenizer
+
+    marker = tmp_path / "custom-code-ran"
+    rm = _asks_to_run_code(models["rm"], tmp_path / "custom-rm", marker)
+    policy = _asks_to_run_code(models["policy"], tmp_path / "custom-policy", marker)
+    for load in (load_config, load_tokenizer, load_reward_model, load_policy):
+        with pytest.raises(DataError, match="auto_map: AutoConfig, AutoModelForCausalLM, .*SPPRM_TRUST_REMOTE_CODE=1"):
+            load(rm)
+    env = {"HF_MODULES_CACHE": str(tmp_path / "modules")}
+    partial = write_jsonl(tmp_path / "partial.jsonl", [{**pair, "pair_id": pair["id"], "t": 1, "complete": True}
+                                                       for pair in separable_pairs(2)])
+    proc = run_script("02_weight.py", "--input", partial, "--output", tmp_path / "w.jsonl", "--ref-rm", rm,
+                      env=env, check=False)
+    fails_cleanly(proc, "custom-rm: its config.json asks to run code", "SPPRM_TRUST_REMOTE_CODE=1")
+    proc = run_script("04_decode.py", "--prompts", models["prompts"], "--policy", policy, "--method", "greedy",
+                      "--max-new-tokens", 2, "--output", tmp_path / "g.jsonl", env=env, check=False)
+    fails_cleanly(proc, "custom-policy: its config.json asks to run code")
+    assert not marker.exists() and not os.path.exists(tmp_path / "w.jsonl")
+    # opted in, the folder's code is what loads (the flag reaches transformers)
+    opt_in = subprocess.run([sys.executable, "-c", f"from common.models import load_config; load_config({rm!r})"],
+                            cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, **env, "SPPRM_TRUST_REMOTE_CODE": "1"})
+    assert opt_in.returncode == 0, opt_in.stderr[-2000:]
+    assert marker.read_text() == "ran"

@@ -11,10 +11,23 @@ import pytest
 from common import sources
 from common.data import load_pairs, load_prompts
 from common.io import DataError
-from common.sources import SOURCES, advbench_jsonl, data_file, resolve_data_dir
+from common.sources import SOURCES, advbench_jsonl, data_file, fetch_all, fetch_report
+from conftest import real_data_dir
 
-REAL = resolve_data_dir()
 HH = "hh_rlhf/harmless-base_test.jsonl.gz"
+
+
+class RealData:
+    """The real data files laid out as the data folder (conftest.real_data_dir), found when first used."""
+
+    def __fspath__(self):
+        return real_data_dir()
+
+    def __str__(self):
+        return real_data_dir()
+
+
+REAL = RealData()
 
 
 @pytest.fixture
@@ -35,6 +48,8 @@ def hub_mirror(tmp_path, content):
 
 def test_manifest_checksums_are_the_sources():
     """Every source's checksum is the data folder's MANIFEST.tsv entry of that file."""
+    if not os.path.exists(os.path.join(REAL, "MANIFEST.tsv")):
+        pytest.skip("no data folder here (its files come from the cache, which has no MANIFEST.tsv)")
     with open(os.path.join(REAL, "MANIFEST.tsv"), encoding="utf-8") as f:
         manifest = {row["path"].removeprefix("./"): row["sha256"] for row in csv.DictReader(f, delimiter="\t")}
     for relpath, source in SOURCES.items():
@@ -42,7 +57,7 @@ def test_manifest_checksums_are_the_sources():
 
 
 def test_hh_rlhf_from_a_hub_mirror_equals_the_data_folder(no_data_folder, monkeypatch):
-    expected = load_pairs("hh-rlhf:train", data_dir=REAL)
+    expected = load_pairs("hh-rlhf:train", data_dir=str(REAL))
     with open(os.path.join(REAL, HH), "rb") as f:
         mirror = hub_mirror(no_data_folder, f.read())
     monkeypatch.setenv("SPPRM_HUB_MIRROR", str(mirror))
@@ -52,7 +67,7 @@ def test_hh_rlhf_from_a_hub_mirror_equals_the_data_folder(no_data_folder, monkey
     assert cached.is_file()
     # fetched once: without the mirror the cached copy serves
     shutil.rmtree(mirror)
-    assert load_pairs("hh-rlhf:heldout") == load_pairs("hh-rlhf:heldout", data_dir=REAL)
+    assert load_pairs("hh-rlhf:heldout") == load_pairs("hh-rlhf:heldout", data_dir=str(REAL))
 
 
 def test_a_fetched_file_with_another_checksum_is_refused_and_not_kept(no_data_folder, monkeypatch):
@@ -66,7 +81,11 @@ def test_a_missing_mirror_file_names_the_file_and_where_to_put_it(no_data_folder
     monkeypatch.setenv("SPPRM_HUB_MIRROR", str(no_data_folder / "empty-mirror"))
     with pytest.raises(DataError) as e:
         load_pairs("hh-rlhf:train")
-    assert "harmless-base_test.jsonl.gz: no such file" in str(e.value) and "put the file there" in str(e.value)
+    message = str(e.value)
+    assert message.startswith(f"{HH}: no such file in the data folder ({no_data_folder / 'no-such-folder'}, which "
+                              "does not exist) or the cache, and fetching it failed (")
+    for way_out in ("`make data`", "SPPRM_DATA_DIR", "SPPRM_HUB_MIRROR"):
+        assert way_out in message
 
 
 def test_a_file_without_a_source_says_where_to_put_it(no_data_folder):
@@ -91,14 +110,15 @@ def test_advbench_is_rebuilt_from_its_csv(no_data_folder, monkeypatch):
         SOURCES["advbench/harmful_behaviors.jsonl"].sha256, url=upstream.as_uri(), convert=advbench_jsonl)}
     monkeypatch.setattr(sources, "SOURCES", moved)
     got = load_prompts("advbench")
-    assert got == load_prompts("advbench", data_dir=REAL)
+    assert got == load_prompts("advbench", data_dir=str(REAL))
     assert data_file("advbench/harmful_behaviors.jsonl").startswith(str(no_data_folder / "cache"))
 
 
 def test_an_unreachable_source_is_one_clear_error(no_data_folder, monkeypatch):
     moved = {**SOURCES, "mt_bench/question.jsonl": sources.Source("0" * 64, url=(no_data_folder / "gone").as_uri())}
     monkeypatch.setattr(sources, "SOURCES", moved)
-    with pytest.raises(DataError, match=r"mt_bench/question.jsonl: no such file, and fetching it failed"):
+    with pytest.raises(DataError, match=r"mt_bench/question.jsonl: no such file in the data folder .* and "
+                                        "fetching it failed"):
         load_prompts("mt-bench")
 
 
@@ -168,8 +188,10 @@ def test_the_data_folder_is_checked_against_its_manifest(tmp_path, monkeypatch):
 
 
 def test_the_real_data_folder_matches_its_manifest():
+    if not os.path.exists(os.path.join(REAL, "MANIFEST.tsv")):
+        pytest.skip("no data folder here (its files come from the cache, which has no MANIFEST.tsv)")
     for relpath in sources.folder_manifest(REAL):
-        assert data_file(relpath) == os.path.join(REAL, relpath)
+        assert data_file(relpath, str(REAL)) == os.path.join(REAL, relpath)
 
 
 def test_each_file_is_hashed_once_per_process(no_data_folder, monkeypatch):
@@ -260,3 +282,30 @@ def test_a_cache_that_cannot_be_written_is_one_error_and_leaves_nothing(no_data_
     finally:
         data.chmod(0o755)
     assert leftovers(no_data_folder / "ro") == []
+
+
+def test_make_data_tries_every_file_and_prints_one_table(no_data_folder, monkeypatch):
+    """make data (python -m common.sources) goes on past a file it cannot fetch: one line a file (fetched, cached,
+    missing and why), the counts, and one line of ways out that names the network, SPPRM_DATA_DIR and
+    SPPRM_HUB_MIRROR."""
+    fetchable(no_data_folder, monkeypatch)  # HH-RLHF from a hub mirror
+    cached_copy(no_data_folder, GSM8K_TEST)
+    gone = (no_data_folder / "gone").as_uri()
+    unreachable = {relpath: sources.Source(s.sha256, url=f"{gone}/{relpath}", convert=s.convert)
+                   for relpath, s in SOURCES.items() if relpath not in (HH, GSM8K_TEST)}
+    monkeypatch.setattr(sources, "SOURCES", {HH: SOURCES[HH], GSM8K_TEST: SOURCES[GSM8K_TEST], **unreachable})
+    report = fetch_all()
+    assert [r[:2] for r in report[:2]] == [(HH, "fetched"), (GSM8K_TEST, "cached")]
+    assert [r[1] for r in report[2:]] == ["missing"] * 6  # every file tried, none stops the rest
+    assert "No such file" in report[2][2]  # why, in a few words
+    table, ways = fetch_report(report)
+    lines = table.splitlines()
+    assert lines[0] == f"data folder: {no_data_folder / 'no-such-folder'} (does not exist)"
+    row = next(line for line in lines if line.startswith("gsm8k/train.jsonl "))
+    assert row.split()[1] == "missing" and "No such file" in row
+    assert lines[-1] == "8 files: 1 fetched, 1 cached, 6 missing"
+    assert ways.startswith("6 of 8 data files missing or refused: run `make data` once where huggingface.co and "
+                           "raw.githubusercontent.com can be reached") and "\n" not in ways
+    assert "SPPRM_DATA_DIR" in ways and "SPPRM_HUB_MIRROR" in ways
+    # the second time every file that came is cached; nothing is fetched again
+    assert [r[1] for r in fetch_all()[:2]] == ["cached", "cached"]
