@@ -12,6 +12,38 @@ from common.models import MINILM, SMOLLM2, load_tokenizer  # noqa: E402
 
 torch.set_num_threads(2)
 
+# The data settings the tests started with: tests that point SPPRM_DATA_DIR / SPPRM_CACHE elsewhere still find the
+# real files where the stages find them.
+DATA_ENV = {k: os.environ.get(k) for k in ("SPPRM_DATA_DIR", "SPPRM_CACHE", "SPPRM_HUB_MIRROR", "XDG_CACHE_HOME")}
+_REAL_DATA = []
+
+
+def real_data_dir():
+    """A folder laid out as the data folder with every real data file, found the way the stages find them: the
+    data folder itself when it holds them all (it has the MANIFEST.tsv), else a folder of links to the copies in
+    the data cache that `make data` fills (fetched now where missing). A fresh clone with no data folder beside it
+    runs the tests after `make data`."""
+    if _REAL_DATA:
+        return _REAL_DATA[0]
+    import tempfile
+    from unittest import mock
+
+    from common.sources import SOURCES, data_file, resolve_data_dir
+
+    with mock.patch.dict(os.environ, {k: v for k, v in DATA_ENV.items() if v is not None}, clear=False):
+        for k, v in DATA_ENV.items():
+            if v is None:
+                os.environ.pop(k, None)
+        folder = resolve_data_dir()
+        if not all(os.path.isfile(os.path.join(folder, relpath)) for relpath in SOURCES):
+            found = {relpath: data_file(relpath) for relpath in SOURCES}
+            folder = tempfile.mkdtemp(prefix="sp-prm-data-")
+            for relpath, path in found.items():
+                os.makedirs(os.path.dirname(os.path.join(folder, relpath)), exist_ok=True)
+                os.symlink(path, os.path.join(folder, relpath))
+    _REAL_DATA.append(folder)
+    return folder
+
 
 def pytest_configure(config):
     """The CPU tests compare with CPU fp32 values: unless the GPU tests are selected (-m gpu, make test-gpu), a
@@ -106,3 +138,38 @@ def separable_pairs(n, seed=0, prefix="p"):
         rows.append({"id": f"{prefix}{i}", "prompt": f"\n\nHuman: What do you think of {topic}?\n\nAssistant:",
                      "chosen": f"I find {topic} {c}.", "rejected": f"I find {topic} {r}."})
     return rows
+
+
+@pytest.fixture(scope="session")
+def gpu_smoke_run(tmp_path_factory):
+    """reproduce.py's gpu-smoke scale, its table1 and specrej parts, run once a session: the real output of the
+    demo's pipeline (every stage, manifests and all) at a size the CPU makes in minutes. Returns (folder,
+    [CompletedProcess of each part])."""
+    import subprocess
+
+    out = tmp_path_factory.mktemp("runs") / "gpu-smoke"
+    procs = [subprocess.run([sys.executable, os.path.join(ROOT, "reproduce.py"), "--scale", "gpu-smoke", "--part",
+                             part, "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+             for part in ("table1", "specrej")]
+    return out, procs
+
+
+def execute_notebook(name, run_dir):
+    """Run notebooks/<name> top to bottom on `run_dir` as a user would (its kernel, SPPRM_RUN_DIR); returns the
+    text of every output."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(os.path.join(ROOT, "notebooks", name), as_version=4)
+    previous = os.environ.get("SPPRM_RUN_DIR")
+    os.environ["SPPRM_RUN_DIR"] = str(run_dir)  # the kernel inherits it
+    try:
+        NotebookClient(nb, timeout=300, kernel_name="python3",
+                       resources={"metadata": {"path": os.path.join(ROOT, "notebooks")}}).execute()
+    finally:
+        if previous is None:
+            os.environ.pop("SPPRM_RUN_DIR")
+        else:
+            os.environ["SPPRM_RUN_DIR"] = previous
+    return "\n".join(o.get("text", "") or str(o.get("data", {}).get("text/markdown", ""))
+                     for c in nb.cells if c.cell_type == "code" for o in c.outputs)
