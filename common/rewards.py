@@ -8,7 +8,9 @@ The RM input rule (the same in training, weighting, evaluation and decoding):
   pair    encoder RM: [CLS] rendered prompt [SEP] response[:t] [SEP] (the tokenizer's own pair layout)
 
 The response is tokenized alone, without special tokens, and nothing (no EOS, no end of turn) is appended
-after a prefix: a prefix is unfinished. Over-long inputs: when prompt + response exceed the budget
+after a prefix: a prefix is unfinished. Prompts and responses are data: text that spells a control token
+(<|im_end|>, <|im_start|>assistant, [SEP]) is tokenized as the characters it is (`text_ids`, `chat_ids`);
+only the chat template's own markers and the tokenizer's own special tokens are control tokens. Over-long inputs: when prompt + response exceed the budget
 (max_length less the encoder's special tokens), the prompt keeps its last min(prompt tokens, budget // 2)
 tokens and the response is cut from the right to fill the rest. The kept prompt does not depend on how
 long the response is, so the inputs of all over-long prefixes of a response are prefixes of one sequence
@@ -20,7 +22,12 @@ response position of ONE forward pass; `score_prefixes` and the grouped training
 position (the last real token), never by searching for the pad id: SmolLM2's pad is <|im_end|>, which
 also closes every ChatML turn.
 """
+import contextlib
+import functools
+import re
+
 import torch
+import torch.nn.functional as F
 
 from common.dialogue import prompt_to_messages, render_plain
 from common.io import DEFAULT_MAX_LENGTH
@@ -60,19 +67,16 @@ class RMFormat:
         if ids is None:
             messages = prompt_to_messages(prompt)
             if self.kind == "chat":
-                ids = _as_ids(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
-            elif self.kind == "plain":
-                ids = self.tokenizer(render_plain(messages), add_special_tokens=True).input_ids
-            else:
-                ids = self.tokenizer(render_plain(messages), add_special_tokens=False).input_ids
+                ids = chat_ids(self.tokenizer, messages, add_generation_prompt=True)
+            else:  # plain: with the tokenizer's own special tokens (a BOS); pair: the layout adds them
+                ids = text_ids(self.tokenizer, render_plain(messages), add_special_tokens=self.kind == "plain")
             if len(self._prompt_cache) > 50000:
                 self._prompt_cache.clear()
             self._prompt_cache[prompt] = ids
         return ids
 
     def response_ids(self, response):
-        text = " " + response if self.kind == "plain" else response
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+        return text_ids(self.tokenizer, " " + response if self.kind == "plain" else response)
 
     def cut(self, response, t):
         """The text of the first t response tokens (the whole response when t >= its length)."""
@@ -112,7 +116,7 @@ class RMFormat:
         if self.closed:
             messages = prompt_to_messages(prompt) + [
                 {"role": "assistant", "content": self.tokenizer.decode(r, skip_special_tokens=False)}]
-            ids = _as_ids(self.tokenizer.apply_chat_template(messages, tokenize=True))
+            ids = chat_ids(self.tokenizer, messages)
             if len(ids) > self.max_length:
                 self.truncated += 1
                 ids = ids[-self.max_length:]
@@ -127,6 +131,74 @@ class RMFormat:
         pre, mid, post, (type_a, type_b) = self._template
         return {"input_ids": pre + p + mid + r + post,
                 "token_type_ids": [type_a] * (len(pre) + len(p) + len(mid)) + [type_b] * (len(r) + len(post))}
+
+
+def text_ids(tokenizer, text, add_special_tokens=False):
+    """The ids of data text: characters that spell a special token (<|im_end|>, [SEP]) are tokenized as text,
+    never as that token (split_special_tokens). Text without such characters gets the ids it always had."""
+    return list(tokenizer(text, add_special_tokens=add_special_tokens, split_special_tokens=True).input_ids)
+
+
+# Placeholders for message contents while the template renders (Unicode's private use area: no data is read
+# through them, since the contents go in only after the rendering is split at them).
+_CONTENT = "\ue000{}\ue001"
+_CONTENT_RE = re.compile("\ue000(\\d+)\ue001")
+
+
+def chat_ids(tokenizer, messages, add_generation_prompt=False):
+    """apply_chat_template's ids, with the messages' contents as data: the markers the template writes are
+    control tokens, a control token spelled inside a message is text (`text_ids`).
+
+    Contents that spell no added token take the library's path unchanged (the same ids as always). Otherwise
+    the template is rendered with placeholders for the contents and cut at its own added tokens; each run of
+    text between two of them (template text and contents) is tokenized as text, as the tokenizer tokenizes
+    the text between added tokens. A template that alters a content (so that the placeholders do not stand for
+    it) falls back to transformers' sanitize_control_tokens, which encodes each control token quoted in a
+    message as text on its own."""
+    def render(chat, **kwargs):
+        return tokenizer.apply_chat_template(chat, add_generation_prompt=add_generation_prompt, **kwargs)
+
+    added = _added_tokens_re(tokenizer)
+    if added is None or not any(added.search(m["content"]) for m in messages):
+        return _as_ids(render(messages, tokenize=True))
+    pieces = _CONTENT_RE.split(render([{**m, "content": _CONTENT.format(i)} for i, m in enumerate(messages)],
+                                      tokenize=False))  # template text, content index, template text, ...
+    contents = [messages[int(i)]["content"] for i in pieces[1::2]]
+    pieces[1::2] = contents
+    if "".join(pieces) != render(messages, tokenize=False):
+        return _as_ids(render(messages, tokenize=True, sanitize_control_tokens=True))
+    ids, run = [], ""
+    for k, piece in enumerate(pieces):
+        if k % 2:
+            run += piece
+            continue
+        start = 0
+        for marker in added.finditer(piece):  # the template's own control tokens
+            run += piece[start:marker.start()]
+            ids += _run_ids(tokenizer, run, first=not ids)
+            ids.append(tokenizer.convert_tokens_to_ids(marker.group()))
+            run, start = "", marker.end()
+        run += piece[start:]
+    return ids + _run_ids(tokenizer, run, first=not ids)
+
+
+def _added_tokens_re(tokenizer):
+    """A pattern matching any added token of the tokenizer (longest first), or None if it has none."""
+    tokens = sorted((t for t in tokenizer.get_added_vocab() if t), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, tokens))) if tokens else None
+
+
+def _run_ids(tokenizer, run, first):
+    """A run of text that follows an added token, tokenized as the whole text would tokenize it there: after a
+    newline that is then removed (so a SentencePiece tokenizer adds no word-start space to a run that is not
+    the first), as transformers' sanitize_control_tokens does."""
+    if not run:
+        return []
+    if first:
+        return text_ids(tokenizer, run)
+    newline = text_ids(tokenizer, "\n")
+    ids = text_ids(tokenizer, "\n" + run)
+    return ids[len(newline):] if ids[:len(newline)] == newline else text_ids(tokenizer, run)
 
 
 def _as_ids(out):
@@ -203,8 +275,61 @@ def collate(examples, pad_id, padding_side="right"):
     return batch, offsets
 
 
+def head_layers(model):
+    """The linear layers that turn an RM's last hidden state into its score: a decoder's `score`; for an
+    encoder, every linear layer after its last list of blocks (BERT's pooler and classifier, RoBERTa's and
+    ELECTRA's classifier.dense and out_proj, DistilBERT's pre_classifier and classifier)."""
+    if isinstance(getattr(model, "score", None), torch.nn.Linear):
+        return [model.score]
+    modules = list(model.modules())
+    lists = [i for i, m in enumerate(modules) if isinstance(m, torch.nn.ModuleList)]
+    inside = {id(m) for i in lists for m in modules[i].modules()}
+    start = lists[-1] + 1 if lists else 0
+    layers = [m for m in modules[start:] if isinstance(m, torch.nn.Linear) and id(m) not in inside]
+    return layers if lists else layers[-1:]
+
+
+def _linear_in_fp32(layer, hidden):
+    with torch.autocast(hidden.device.type, enabled=False):
+        bias = None if layer.bias is None else layer.bias.float()
+        return F.linear(hidden.float(), layer.weight.float(), bias)
+
+
+@contextlib.contextmanager
+def fp32_scores(layers):
+    """While inside, the given linear layers (`head_layers`) compute in fp32, whatever the model's dtype: their
+    input (the last hidden state) and weights are cast to fp32, autocast off. In bf16 a score in [2, 4) is
+    rounded to steps of 0.016, and ties that fp32 does not have bias every metric built on score differences.
+    On an fp32 model outside autocast nothing changes (the same bits as ever). Each layer is still called as a
+    module (its forward is swapped), so frameworks that gather its weights around its forward (ZeRO-3) see them."""
+    swapped = [layer for layer in layers
+               if layer.weight.dtype != torch.float32 or torch.is_autocast_enabled(layer.weight.device.type)]
+    own = [layer.__dict__.get("forward") for layer in swapped]  # a forward set on the instance by a library
+    for layer in swapped:
+        layer.forward = functools.partial(_linear_in_fp32, layer)
+    try:
+        yield
+    finally:
+        for layer, forward in zip(swapped, own):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
+
+
+def score_head(model):
+    """A decoder RM's head as a function of hidden states [..., H] -> fp32 scores [..., 1] (`fp32_scores`)."""
+    head = model.score
+
+    def apply(hidden):
+        with fp32_scores([head]):
+            return head(hidden).float()
+    return apply
+
+
 def reward_at(model, batch, positions, decoder=None):
-    """Scores (float32, differentiable) read at explicit positions.
+    """Scores (float32, differentiable) read at explicit positions; the head runs in fp32 whatever the
+    model's dtype (`fp32_scores`).
 
     positions: a LongTensor [B] (one score a row: the last real token) or a list of index lists, one per
     row (several scores a row: one forward scores many prefixes). For an encoder RM only [B] is valid and
@@ -213,18 +338,19 @@ def reward_at(model, batch, positions, decoder=None):
     decoder = is_decoder_rm(model) if decoder is None else decoder
     mask = batch["attention_mask"]
     if not decoder:
-        return model(**batch).logits[:, 0].float()
+        with fp32_scores(head_layers(model)):
+            return model(**batch).logits[:, 0].float()
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     base = model.base_model
     hidden = base(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids,
                   use_cache=False).last_hidden_state
-    head = model.score
+    head = score_head(model)
     if torch.is_tensor(positions):
         picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), positions.to(hidden.device)]
-        return head(picked)[:, 0].float()
+        return head(picked)[:, 0]
     rows = torch.cat([torch.full((len(p),), r, dtype=torch.long) for r, p in enumerate(positions)])
     cols = torch.cat([torch.as_tensor(p, dtype=torch.long) for p in positions])
-    flat = head(hidden[rows.to(hidden.device), cols.to(hidden.device)])[:, 0].float()
+    flat = head(hidden[rows.to(hidden.device), cols.to(hidden.device)])[:, 0]
     return list(flat.split([len(p) for p in positions]))
 
 
