@@ -21,7 +21,9 @@ Metrics (one top-level key each in the output JSON; per-row values go to OUTPUT.
              reward_decoding_mean: the score of the RM that guided the run (the paper's reward column, its
              C.2), read from the generations' "rm" (--decoding-rm none skips it); --extra-rm adds columns
   diversity  prod over n=2,3,4 of unique/total n-grams of lower-cased whitespace words, averaged over
-             responses; a response with no n-gram of some order scores 0
+             responses; a response with no n-gram of some order scores 0 (the paper's C.2)
+  diversity_args  the ARGS authors' compute_diversity: unique / (total + 1) n-grams over nltk word tokens, for
+             comparison with published ARGS numbers (lower than diversity: docs/differences.md)
   coherence  cosine similarity of sentence embeddings of prompt and response (--embedding-model,
              default minilm-l6 = all-MiniLM-L6-v2; the paper used SimCSE)
   rouge      ROUGE-L F1 against the references (rouge-score, Porter stemmer), e.g. TL;DR gold summaries
@@ -281,9 +283,17 @@ def metric_winrate(run):
     return {}
 
 
+def diversity_args(text):
+    """The ARGS authors' diversity (common.metrics.diversity_args), beside the paper's."""
+    from common.metrics import diversity_args as theirs
+
+    return theirs(text)
+
+
 METRICS = {
     "reward": metric_reward,
     "diversity": lambda run: {"diversity": [diversity(t) for t in run.responses]},
+    "diversity_args": lambda run: {"diversity_args": [diversity_args(t) for t in run.responses]},
     "coherence": lambda run: {"coherence": coherence(run.prompts, run.responses, run.args.embedding_model,
                                                      device=run.args.device_dtype[0])},
     "rouge": lambda run: {"rouge_l": rouge_l(run.responses, [run.reference(r) for r in run.rows])},

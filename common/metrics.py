@@ -126,6 +126,33 @@ def diversity(text):
     return out
 
 
+def args_words(text):
+    """nltk.word_tokenize as the ARGS authors call it (their metrics.py): Punkt's English sentence model where nltk
+    has it installed (nltk.download("punkt_tab")), else Punkt's splitter without trained parameters (no list of
+    abbreviations; nothing is downloaded), then the Treebank word tokenizer on each sentence; case kept."""
+    from nltk.tokenize import word_tokenize
+
+    try:
+        return word_tokenize(text)
+    except LookupError:  # no trained English model here
+        from nltk.tokenize.punkt import PunktSentenceTokenizer
+
+        return [w for s in PunktSentenceTokenizer().tokenize(text) for w in word_tokenize(s, preserve_line=True)]
+
+
+def diversity_args(text):
+    """The ARGS authors' compute_diversity, for comparison with published ARGS numbers: prod_{n=2..4} unique
+    n-grams / (total n-grams + 1) over nltk word tokens (args_words). The +1 keeps it below 1 even where no n-gram
+    repeats (a 20-word reply without repeats: (18/19)(17/18)(16/17) = 0.842), so it runs lower than the paper's
+    C.2 definition, `diversity`, which is this tool's default (docs/differences.md)."""
+    words = args_words(text)
+    out = 1.0
+    for n in (2, 3, 4):
+        grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+        out *= len(set(grams)) / (len(grams) + 1)
+    return out
+
+
 def coherence(prompts, responses, model="minilm-l6", batch_size=32, device="cpu"):
     """Cosine similarity of sentence embeddings of each prompt and its response (sentence-transformers).
     The encoder runs in fp32 on any device (it is small; embeddings stay comparable across machines)."""

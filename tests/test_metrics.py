@@ -19,6 +19,34 @@ def test_diversity_by_hand():
     assert diversity("one two three four") == 1.0
 
 
+def test_the_args_authors_diversity_beside_the_papers(tmp_path):
+    """diversity_args is the ARGS authors' compute_diversity: unique / (total + 1) n-grams over nltk word tokens,
+    case kept; on a reply without a repeat the paper's (C.2) gives 1.0 and theirs less."""
+    import json
+
+    from common.metrics import args_words, diversity_args
+    from conftest import run_script
+
+    reply = "I find the weather great and kind."
+    assert args_words(reply) == ["I", "find", "the", "weather", "great", "and", "kind", "."]
+    assert diversity(reply) == 1.0
+    assert diversity_args(reply) == pytest.approx(7 / 8 * 6 / 7 * 5 / 6)  # 8 tokens: 7, 6, 5 n-grams, all unique
+    # sentences are split before words (Punkt), so a full stop inside the text is a token of its own
+    assert args_words("Hello world. This is it.") == ["Hello", "world", ".", "This", "is", "it", "."]
+    # case is kept: "The the" is two tokens; "a b a b": bigrams ab, ba, ab: 2 unique of 3, +1 -> 2/4
+    assert diversity_args("a b a b") == pytest.approx(2 / 4 * 2 / 3 * 1 / 2)
+    assert diversity_args("") == 0.0 and diversity_args("two words") == 0.0
+    # 05_evaluate.py metrics --metrics diversity,diversity_args writes both, each with its interval
+    gen = tmp_path / "gen.jsonl"
+    gen.write_text("".join(json.dumps({"id": f"p{i}", "prompt": "Hi?", "response": r, "method": "greedy"}) + "\n"
+                           for i, r in enumerate([reply, "a b a b"])))
+    run_script("05_evaluate.py", "metrics", "--generations", gen, "--metrics", "diversity,diversity_args",
+               "--output", tmp_path / "m.json", "--allow-train-overlap")
+    m = json.load(open(tmp_path / "m.json"))
+    assert m["diversity"] == pytest.approx((1.0 + 2 / 3) / 2)
+    assert m["diversity_args"] == pytest.approx((5 / 8 + 1 / 6) / 2) and len(m["diversity_args_ci95"]) == 2
+
+
 def test_rouge_l_equals_rouge_score():
     from rouge_score import rouge_scorer
 
