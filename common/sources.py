@@ -70,6 +70,7 @@ class Source:
     url: str = None             # else a file at a pinned commit
     convert: object = None      # bytes -> bytes, when the data folder holds a re-encoding
     origin: str = ""            # what the file is, for messages
+    license: str = ""           # the data set's licence (docs/data-and-models.md; the data folder's licenses/)
 
     def where(self):
         return f"hub data set {self.hub[0]}, file {self.hub[1]}" if self.hub else self.url
@@ -127,26 +128,27 @@ FASTCHAT = "https://raw.githubusercontent.com/lm-sys/FastChat/0e6d3e4beaab66f4d3
 SOURCES = {
     "hh_rlhf/harmless-base_test.jsonl.gz": Source(
         "ebfaaed21162a4de120ae85366075b34425e2a6303fac59b99555002f7016f03",
-        hub=("Anthropic/hh-rlhf", "harmless-base/test.jsonl.gz"), origin="HH-RLHF harmless-base test split"),
+        hub=("Anthropic/hh-rlhf", "harmless-base/test.jsonl.gz"), origin="HH-RLHF harmless-base test split",
+        license="MIT"),
     "gsm8k/train.jsonl": Source("17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465",
-                                url=GSM8K + "train.jsonl", origin="GSM8K train"),
+                                url=GSM8K + "train.jsonl", origin="GSM8K train", license="MIT"),
     "gsm8k/test.jsonl": Source("3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14",
-                               url=GSM8K + "test.jsonl", origin="GSM8K test"),
+                               url=GSM8K + "test.jsonl", origin="GSM8K test", license="MIT"),
     "gsm8k/example_model_solutions.jsonl": Source(
         "4bc62db838f8418365d51c627bd66294cbdca9fb7f01519cb13f0dce8c51580b",
-        url=GSM8K + "example_model_solutions.jsonl", origin="GSM8K model solutions"),
+        url=GSM8K + "example_model_solutions.jsonl", origin="GSM8K model solutions", license="MIT"),
     "advbench/harmful_behaviors.jsonl": Source(
         "7b5dc08a6874ded63b329a9863a7792ab7c563364be9c7febbdffbb322a93a2a",
         url="https://raw.githubusercontent.com/llm-attacks/llm-attacks/main/data/advbench/harmful_behaviors.csv",
-        convert=advbench_jsonl, origin="AdvBench harmful behaviours (CSV re-encoded as JSONL)"),
+        convert=advbench_jsonl, origin="AdvBench harmful behaviours (CSV re-encoded as JSONL)", license="MIT"),
     "dove_tldr_helpful/tldr_test.jsonl": Source("6247365b610a708f077c4a45ffb194cf596d9e507fb48bf841b1dba2fec92fa6",
-                                                url=DOVE + "tldr/test.json", origin="TL;DR test posts"),
+                                                url=DOVE + "tldr/test.json", origin="TL;DR test posts", license="MIT"),
     "dove_tldr_helpful/anthropic_helpful_test.jsonl": Source(
         "43d653ff3bd9e1ef5cdda869c9ea91283331e4b775b098eb850ea7dd52c1b857",
-        url=DOVE + "anthropic_helpful/test.jsonl", origin="HH helpful test prompts"),
+        url=DOVE + "anthropic_helpful/test.jsonl", origin="HH helpful test prompts", license="MIT"),
     "mt_bench/question.jsonl": Source("119565adbab82227089cefdb44c8d7e2cf04dc0a0ec233634c82e7d4e2a944f7",
                                       url=FASTCHAT + "fastchat/llm_judge/data/mt_bench/question.jsonl",
-                                      origin="MT-Bench questions"),
+                                      origin="MT-Bench questions", license="Apache-2.0"),
 }
 
 
@@ -297,8 +299,9 @@ def fetch_report(report, data_dir=None):
     lines = [f"data folder: {resolve_data_dir(data_dir)}"
              + ("" if os.path.isdir(resolve_data_dir(data_dir)) else " (does not exist)"),
              f"cache:       {os.path.join(os.environ.get('SPPRM_CACHE') or '~/.cache/sp-prm', 'data')}", "",
-             f"{'file':{width}s}  {'status':11s}  where it is, or why it is not"]
-    lines += [f"{relpath:{width}s}  {status:11s}  {detail}" for relpath, status, detail in report]
+             f"{'file':{width}s}  {'licence':10s}  {'status':11s}  where it is, or why it is not"]
+    lines += [f"{relpath:{width}s}  {SOURCES[relpath].license if relpath in SOURCES else '?':10s}  {status:11s}  "
+              f"{detail}" for relpath, status, detail in report]
     counts = {}
     for _, status, _ in report:
         counts[status] = counts.get(status, 0) + 1
