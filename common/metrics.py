@@ -267,7 +267,7 @@ def _extra_reward_keys(metric_dicts):
 
 
 def _win_cell(m):
-    cell = with_ci(m, "win_rate" if "win_rate" in m else "win_tie", 100, 1)
+    cell = with_ci(m, "win_rate", 100, 1)
     return cell and cell + (" †" if m.get("judge_is_proxy") else "")
 
 
@@ -281,7 +281,7 @@ def _cost_cell(m):
 
 TABLE_COLUMNS = (
     ("Reward", lambda m: with_ci(m, "reward_mean")),
-    ("Win-Tie (%)", lambda m: _win_cell(m)),
+    ("Win rate (%)", lambda m: _win_cell(m)),
     ("Diversity", lambda m: with_ci(m, "diversity")),
     ("Coherence", lambda m: with_ci(m, "coherence")),
     ("ROUGE-L", lambda m: with_ci(m, "rouge_l")),
@@ -298,7 +298,8 @@ def markdown_table(metric_dicts):
     """The paper's Tables 1-4 layout: one row per method run ("+Ours" rows by label), metric columns.
 
     Every cell is "value ± half-width of the 95% bootstrap interval over prompts" where the metrics file
-    has the interval. Win-Tie shows win_rate = (W + T/2) / N (the base policy against itself: 50).
+    has the interval. Win rate is win_rate = (W + T/2) / N (the base policy against itself: 50); the paper's
+    Win-tie, (W + T) / N, is win_tie in the metrics file.
     """
     import os
 

@@ -198,7 +198,7 @@ def test_metrics_command_with_http_judge_and_table(gens, tmp_path):
                "--metrics", "diversity,length", "--label", "Greedy")
     table = run_script("05_evaluate.py", "table", tmp_path / "b.json", out).stdout
     lines = table.strip().splitlines()
-    assert lines[0].startswith("| Method | Win-Tie (%) | Diversity | Length |")
+    assert lines[0].startswith("| Method | Win rate (%) | Diversity | Length |")
     assert lines[2].startswith("| Greedy | - |") and lines[3].startswith("| ARGS +Ours | 87.5 ± ")
 
 
@@ -513,3 +513,48 @@ def test_unparsable_verdicts_are_not_cached(tmp_path):
     with ScriptedServer(default=lambda body: '{"verdict": "1"}') as server:
         again = ChatJudge(server.url, "m", cache_path=cache, max_parse_retries=0)
         assert again.compare("p", "a", "b") == "1" and len(server.requests) == 1
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_non_finite_rm_scores_are_one_error_line(gens, tmp_path, smol_tokenizer, value):
+    """An RM whose scores are inf or NaN: every 05 command that scores with it stops with one line naming the RM
+    and the row (no traceback, no 'same score', nothing written)."""
+    from test_decode import save_broken_rm
+
+    _, ours, _ = gens
+    broken = save_broken_rm(tmp_path / "rm", smol_tokenizer, float(value))
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", separable_pairs(3))
+    for command, where in ((["metrics", "--generations", ours, "--metrics", "reward", "--rm", broken,
+                             "--decoding-rm", "none"], "row 'g0'"),
+                           (["reward-stats", "--rm", broken, "--pairs", pairs], "pair 'p0' chosen"),
+                           (["agreement", "--pairs", pairs, "--rm", f"b={broken}", "--prefix-lengths", "2"],
+                            "pair 'p0' chosen, t=2")):
+        out = tmp_path / f"{command[0]}.json"
+        proc = run_script("05_evaluate.py", *command, "--output", out, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {broken}: the RM's score of {where} is ")
+        assert not out.exists()
+
+
+def test_truncated_rm_inputs_are_counted(tmp_path, smol_tokenizer):
+    """reward-stats and agreement count the inputs that the RM's max length cut, as the rule decides them."""
+    from common.models import load_reward_model, load_tokenizer
+    from common.rewards import RMFormat
+
+    rm = save_tiny_rm(tmp_path / "rm", "llama", smol_tokenizer, seed=3)
+    rows = separable_pairs(6)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    tok = load_tokenizer(rm)
+    fmt = RMFormat(tok, load_reward_model(rm, tokenizer=tok), max_length=47)
+    complete = sum(fmt.truncates(r["prompt"], r[side]) for r in rows for side in ("chosen", "rejected"))
+    prefixes = sum(fmt.truncates(r["prompt"], fmt.cut(r[side], t)) for r in rows for side in ("chosen", "rejected")
+                   for t in (2, 10))
+    assert 0 < prefixes and 0 < complete < 12  # prompts of 38 tokens, replies of 8 to 12
+    run_script("05_evaluate.py", "reward-stats", "--rm", rm, "--pairs", pairs, "--prefix-lengths", "2,10",
+               "--max-length", 47, "--output", tmp_path / "stats.json")
+    expected = {"complete": complete, "prefixes": prefixes}
+    assert json.loads((tmp_path / "stats.json").read_text())["truncated_inputs"] == expected
+    assert json.loads((tmp_path / "stats.json.manifest.json").read_text())["truncated_inputs"] == expected
+    run_script("05_evaluate.py", "agreement", "--pairs", pairs, "--rm", f"tiny={rm}", "--prefix-lengths", "2,10",
+               "--max-length", 47, "--output", tmp_path / "ar.json")
+    assert json.loads((tmp_path / "ar.json").read_text())["rms"]["tiny"]["truncated_inputs"] == prefixes
