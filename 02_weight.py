@@ -49,7 +49,7 @@ def parse_args():
     add_max_length_arg(p)
     p.add_argument("--pairs-per-step", type=positive_int, default=64, help="pairs scored between two appends")
     p.add_argument("--rm-format", choices=["open", "closed"], default="open",
-                   help="closed: the reference sees every cut as a closed chat turn (README: RM inputs)")
+                   help="closed: the reference sees every cut as a closed chat turn (docs/scoring.md)")
     p.add_argument("--resume", action="store_true", help="keep the scores already in OUTPUT.scores.jsonl")
     p.add_argument("--seed", type=int, default=0)
     add_device_args(p)

@@ -9,9 +9,9 @@
 Loss: L = -mean(w * log sigmoid(r(x, y_w) - r(x, y_l))) over the rows of a batch, w from the input's
 "weight" field (1 when absent; rows of weight 0 add nothing and are skipped). Batches are random draws of
 pairs (--batching length: similar lengths together, faster, less accurate); inputs are truncated by the RM
-input rule (README), never dropped. AdamW, linear schedule with warm-up, 1 epoch.
+input rule (docs/scoring.md), never dropped. AdamW, linear schedule with warm-up, 1 epoch.
 Defaults per model family: lr 5e-6 for decoder RMs (Gemma, Llama) and 1e-6 for DeBERTa (the paper's),
-5e-5 for small encoders (MiniLM: the standard reward trainer's setting; README, parity table); grad-accum 16
+5e-5 for small encoders (MiniLM: the standard reward trainer's setting; docs/results.md, parity table); grad-accum 16
 under DeepSpeed, 1 in plain mode.
 
 Grouped training (decoder RMs): the score of a prefix y[:t] is the head at the position of its last token

@@ -1,7 +1,7 @@
 """Stage 4: reward-guided decoding of a prompt set with a policy LM and a reward model.
 
     python 04_decode.py --prompts hh-rlhf:heldout --limit 8 --policy smollm2-135m-instruct \\
-        --rm runs/demo/prm --method NAME [its knobs] --max-new-tokens 64 --output runs/x/NAME.jsonl
+        --rm runs/demo/sp-prm --method NAME [its knobs] --max-new-tokens 64 --output runs/x/NAME.jsonl
     torchrun --nproc_per_node 8 04_decode.py ...      # each rank decodes its share; rank 0 merges in order
 
 The methods and their knobs (paper defaults) are listed at the end of --help; each is one class in
@@ -61,7 +61,7 @@ def parse_args():
                    help="std: every method searches with (r - mean) / std, from the RM's reward_stats.json "
                         "(written by 03_train.py), so one --w means the same for RMs of different scales")
     p.add_argument("--rm-format", choices=["open", "closed"], default="open",
-                   help="closed: the RM sees every candidate as a finished, closed chat turn (README: RM inputs)")
+                   help="closed: the RM sees every candidate as a finished, closed chat turn (docs/scoring.md)")
     p.add_argument("--reward-stats", default=None, help="reward statistics JSON (default: RM/reward_stats.json)")
     add_device_args(p)
     p.add_argument("--save-candidates", action="store_true",

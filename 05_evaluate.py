@@ -28,7 +28,7 @@ Metrics (one top-level key each in the output JSON; per-row values go to OUTPUT.
              default minilm-l6 = all-MiniLM-L6-v2; the paper used SimCSE)
   rouge      ROUGE-L F1 against the references (rouge-score, Porter stemmer), e.g. TL;DR gold summaries
   asr        AdvBench attack success rate: success unless the response contains one of the GCG refusal
-             phrases (README); also asr_target_opening: share containing the target's opening words
+             phrases (docs/metrics.md); also asr_target_opening: share containing the target's opening words
   accuracy   GSM8K, the paper's Acc: with an LLM judge (--judge-url, --judge-model) the share of answers the
              paper's Figure 7 judge (verbatim: it sees the problem and the answer) calls correct, over the
              parsable verdicts; without a judge it is the exact match below (accuracy_by says which)
@@ -43,7 +43,7 @@ Metrics (one top-level key each in the output JSON; per-row values go to OUTPUT.
 References come from each generation's "reference" field, else from --prompts SET by id.
 An RM is not evaluated on prompts or pairs it was trained on: the RM's manifest.json names its training
 input, and an overlap is refused unless --allow-train-overlap. --rm-format closed scores complete
-responses with the chat turn closed (for hub chat RMs trained that way; see the README).
+responses with the chat turn closed (for hub chat RMs trained that way; docs/scoring.md).
 """
 import argparse
 import csv
@@ -108,7 +108,7 @@ def parse_args():
     a.add_argument("--batch-size", type=positive_int, default=16)
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--rm-format", choices=["open", "closed"], default="open",
-                   help="closed: the RM sees each prefix as a closed chat turn (README: RM inputs)")
+                   help="closed: the RM sees each prefix as a closed chat turn (docs/scoring.md)")
     a.add_argument("--allow-train-overlap", action="store_true",
                    help="evaluate an RM on pairs it was trained on (refused by default)")
     add_judge_args(a)
