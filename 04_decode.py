@@ -32,6 +32,7 @@ from common.data import check_prompt_overlap, load_prompts
 from common.io import (DEFAULT_MAX_LENGTH, DataError, ResumableJsonlWriter, add_device_args, add_max_length_arg,
                        check_output_differs, input_checksums, positive_int, read_jsonl, run_main, write_jsonl,
                        write_manifest)
+from common.metrics import reward_stats_problem
 from common.models import (device_setup, load_policy, load_reward_model, load_tokenizer,
                            trained_max_length)
 from common.search import REGISTRY, Policy, RewardModel, Search, make_method, method_knobs, search_params
@@ -117,9 +118,21 @@ def load_reward_stats(args):
         value = stats.get(key) if isinstance(stats, dict) else None
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             raise DataError(f"{path}: field '{key}': expected a finite number")
-    if stats["std"] <= 0:
-        raise DataError(f"{path}: field 'std': must be > 0")
+    problem = reward_stats_problem(stats["mean"], stats["std"])
+    if problem:
+        raise DataError(f"{path}: {problem}")
     return {"mean": float(stats["mean"]), "std": float(stats["std"]), "path": path}
+
+
+def truncation_counts(path, search):
+    """How many rows of the output lost prompt tokens to the policy's positions, and how many report a reward
+    whose RM input the RM's max length cut (the rules: docs/scoring.md), over every row, resumed ones too."""
+    rows = [row.get("stats") or {} for _, row in read_jsonl(path, on_error="skip")]
+    return {"prompts_cut_for_policy": sum(bool(s.get("prompt_tokens_cut")) for s in rows),
+            "prompt_tokens_cut": sum(s.get("prompt_tokens_cut") or 0 for s in rows),
+            "policy_prompt_room": search.prompt_room,
+            "rewards_of_truncated_inputs": sum(bool(s.get("reward_input_truncated")) for s in rows),
+            "rm_max_length": search.rm.fmt.max_length if search.rm else None}
 
 
 def check_resumable(path, prompts, expected):
@@ -244,26 +257,29 @@ def main():
                              closed=args.rm_format == "closed")
         except ValueError as e:
             raise DataError(f"--rm-format {args.rm_format}: {e}") from None
-    search = Search(policy, method, rm, rm_path=args.rm_path, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                    stop_strings=tuple(args.stop), keep_candidates=args.save_candidates)
+    try:
+        search = Search(policy, method, rm, rm_path=args.rm_path, max_new_tokens=args.max_new_tokens,
+                        seed=args.seed, stop_strings=tuple(args.stop), keep_candidates=args.save_candidates)
+    except ValueError as e:
+        raise DataError(f"{args.policy}: {e}") from None
 
     with ResumableJsonlWriter(out_path, key="id", resume=args.resume) as writer:
         todo = [p for p in mine if p["id"] not in writer.done and p["id"] not in done_before]
         if args.resume:
             log.info("rank %d: %d prompts already decoded, %d to go", rank, len(mine) - len(todo), len(todo))
-        bar = tqdm(total=len(todo), desc=f"{method.name} (rank {rank})", unit="prompt", disable=rank != 0)
-        for s in range(0, len(todo), args.batch_size):
-            batch = todo[s:s + args.batch_size]
-            for p, res in zip(batch, search.run(batch)):
-                row = {"id": p["id"], "prompt": p["prompt"], "response": res["response"], "method": method.name,
-                       "params": params, "rm": args.rm, "policy": args.policy,
-                       "stats": {**res["stats"], "reward": res["reward"], "search_reward": res["search_reward"]}}
-                row.update({k: p[k] for k in ("reference", "target", "prefill", "category") if k in p})
-                if args.save_candidates:
-                    row["candidates"] = res["candidates"]
-                writer.write(row)
-            bar.update(len(batch))
-        bar.close()
+        # the bar closes before an error line is printed (it would be drawn again after it)
+        with tqdm(total=len(todo), desc=f"{method.name} (rank {rank})", unit="prompt", disable=rank != 0) as bar:
+            for s in range(0, len(todo), args.batch_size):
+                batch = todo[s:s + args.batch_size]
+                for p, res in zip(batch, search.run(batch)):
+                    row = {"id": p["id"], "prompt": p["prompt"], "response": res["response"], "method": method.name,
+                           "params": params, "rm": args.rm, "policy": args.policy,
+                           "stats": {**res["stats"], "reward": res["reward"], "search_reward": res["search_reward"]}}
+                    row.update({k: p[k] for k in ("reference", "target", "prefill", "category") if k in p})
+                    if args.save_candidates:
+                        row["candidates"] = res["candidates"]
+                    writer.write(row)
+                bar.update(len(batch))
 
     if world > 1:
         import torch.distributed as dist
@@ -281,9 +297,13 @@ def main():
         dist.barrier()
         dist.destroy_process_group()
     if rank == 0:
+        truncation = truncation_counts(args.output, search)
+        if truncation["prompts_cut_for_policy"] or truncation["rewards_of_truncated_inputs"]:
+            log.warning("truncation: %s", truncation)
         write_manifest(args.output, args, inputs={**checksums, args.policy: None, args.rm: None},
                        extra={"rm_path": search.cached_rm and "cached" or ("text" if rm else None),
-                              "world_size": world, "rows": len(prompts), "complete": True})
+                              "world_size": world, "rows": len(prompts), "complete": True,
+                              "truncation": truncation})
         log.info("wrote %s", args.output)
 
 

@@ -58,8 +58,8 @@ from common.io import (DataError, add_device_args, add_max_length_arg, atomic_op
                        input_checksums, non_negative_int, positive_int, prefix_lengths, probability, read_jsonl,
                        run_main, write_json, write_jsonl, write_manifest)
 from common.metrics import (agreement_rate, attack_success, bootstrap_ci, coherence, contains_target_opening,
-                            diversity, gsm8k_correct, markdown_table, mean_with_ci, prefix_pair_scores, reward_gap,
-                            reward_statistics, rouge_l)
+                            diversity, gsm8k_correct, markdown_table, mean_with_ci, prefix_pair_scores,
+                            require_finite_scores, reward_gap, reward_statistics, rouge_l)
 
 log = logging.getLogger("evaluate")
 
@@ -178,6 +178,7 @@ class Run:
         self.responses = [r["response"] for r in rows]
         self.per_row = [{"id": r["id"]} for r in rows]
         self.out = {}
+        self.truncated = {}  # RM path: how many of its inputs its max length cut
 
     def reference(self, row, field="reference"):
         value = row.get(field, self.refs.get(row["id"], {}).get(field))
@@ -186,10 +187,14 @@ class Run:
         return value
 
     def rm_scores(self, path):
+        """The RM's score of each reply (each one finite), its truncated inputs counted."""
         from common.rewards import load_rm, score
 
         model, fmt = load_rm(path, self.args.max_length, self.args.rm_format, *self.args.device_dtype)
-        return score(model, fmt, self.prompts, self.responses, self.args.batch_size)
+        scores = score(model, fmt, self.prompts, self.responses, self.args.batch_size)
+        require_finite_scores(scores, path, [f"row {r['id']!r}" for r in self.rows])
+        self.truncated[path] = fmt.truncated
+        return scores
 
 
 def metric_reward(run):
@@ -209,6 +214,10 @@ def metric_reward(run):
         values["reward_decoding_mean"] = scored[guide] if guide in scored else run.rm_scores(guide)
         run.out["reward_decoding_rm"] = guide
     run.out["reward_std"] = float(np.std(values["reward_mean"]))
+    # inputs longer than an RM's max length are cut by the rule (docs/scoring.md): how many, per RM
+    run.out["reward_truncated_inputs"] = dict(run.truncated)
+    if any(run.truncated.values()):
+        log.warning("RM inputs cut by the RM's max length: %s", run.truncated)
     return values
 
 
@@ -337,7 +346,8 @@ def run_metrics(args):
         run.out["compute_per_response"]["peak_memory_mb"] = max(peaks)
     write_json(args.output, run.out)
     write_jsonl(os.path.splitext(args.output)[0] + ".rows.jsonl", run.per_row)
-    write_manifest(args.output, args, inputs={**checksums, **({args.rm: None} if args.rm else {})})
+    write_manifest(args.output, args, inputs={**checksums, **({args.rm: None} if args.rm else {})},
+                   extra={"truncated_inputs": run.truncated})
     log.info("%s", {k: v for k, v in run.out.items() if not k.startswith("compute")})
 
 
@@ -412,7 +422,7 @@ def run_agreement(args):
         model, fmt = load_rm(path, args.max_length, args.rm_format, *args.device_dtype)
         if labels is None:  # prefixes for the judge are cut in the first RM's tokens
             labels = prefix_labels(args, pairs, lengths, fmt)
-        sw, sl = prefix_pair_scores(model, fmt, pairs, lengths, args.batch_size)
+        sw, sl = checked_pair_scores(model, fmt, pairs, lengths, args.batch_size, path)
         curve, agree = [], []
         for k, t in enumerate(lengths):
             a, b = np.array([s[k] for s in sw]), np.array([s[k] for s in sl])
@@ -438,7 +448,7 @@ def run_agreement(args):
         growth = {"from_t": lengths[0], "to_t": lengths[-1], "diff": float(np.mean(agree[-1] - agree[0])),
                   "diff_ci95": bootstrap_ci(agree[-1], args.seed, paired_with=agree[0])} if len(lengths) > 1 else None
         result["rms"][name] = {"path": path, "one_forward_prefix_scoring": fmt.fast_prefixes, "curve": curve,
-                               "growth": growth}
+                               "growth": growth, "truncated_inputs": fmt.truncated}
         columns = ["t", "ar_rm_sc", "ar_rm_sc_ci95", "reward_gap", "reward_gap_ci95", "n", "diff_vs",
                    "ar_rm_sc_diff", "ar_rm_sc_diff_ci95", "ar_rm_hp", "ar_sc_hp", "n_judged", "n_judge_ties"]
         with atomic_open(f"{base}.{name}.csv") as f:
@@ -447,7 +457,8 @@ def run_agreement(args):
             writer.writerows(curve)
         log.info("%s: %s", name, [(c["t"], round(c["ar_rm_sc"], 3)) for c in curve])
     write_json(args.output, result)
-    write_manifest(args.output, args, inputs=[args.pairs] + args.rm)
+    write_manifest(args.output, args, inputs=[args.pairs] + args.rm,
+                   extra={"truncated_inputs": {n: r["truncated_inputs"] for n, r in result["rms"].items()}})
 
 
 def per_row_values(metrics_path):
@@ -480,6 +491,9 @@ def run_consistency(args):
     texts = [c for r in rows for c in r["candidates"]]
     model, fmt = load_rm(args.reference, args.max_length, args.rm_format, *args.device_dtype)
     truth = np.array(score(model, fmt, prompts, texts, args.batch_size))
+    sample_of = lambda n: f"row {rows[owners[n]]['id']!r}, a candidate"  # noqa: E731
+    require_finite_scores(truth, args.reference, sample_of)
+    truncated = {"reference": fmt.truncated}
     by_prompt = [np.array([j for j, o in enumerate(owners) if o == i]) for i in range(len(rows))]
     lengths = args.prefix_lengths
     result = {"generations": args.generations, "n_prompts": len(rows), "reference": args.reference,
@@ -488,6 +502,8 @@ def run_consistency(args):
     for name, path in specs:
         model, fmt = load_rm(path, args.max_length, args.rm_format, *args.device_dtype)
         prefix = np.array(score_prefixes(model, fmt, prompts, texts, lengths, args.batch_size))  # [samples, t]
+        require_finite_scores(prefix, path, lambda n: f"{sample_of(n // len(lengths))}, t={lengths[n % len(lengths)]}")
+        truncated[name] = fmt.truncated
         curve, taus, survives = [], [], []
         for k, t in enumerate(lengths):
             tau, alive = [], []
@@ -510,10 +526,20 @@ def run_consistency(args):
                              best_survives_diff_ci95=bootstrap_ci(alive, args.seed, paired_with=first[2][k]))
             curve.append(point)
         first = first or (name, taus, survives)
-        result["rms"][name] = {"path": path, "curve": curve}
+        result["rms"][name] = {"path": path, "curve": curve, "truncated_inputs": fmt.truncated}
         log.info("%s: %s", name, [(c["t"], round(c["kendall_tau"], 3), round(c["best_survives"], 3)) for c in curve])
+    result["truncated_inputs"] = truncated
     write_json(args.output, result)
-    write_manifest(args.output, args, inputs=[args.generations])
+    write_manifest(args.output, args, inputs=[args.generations], extra={"truncated_inputs": truncated})
+
+
+def checked_pair_scores(model, fmt, pairs, lengths, batch_size, rm):
+    """prefix_pair_scores, each score finite (else one error naming the RM, the pair, its side and t)."""
+    sw, sl = prefix_pair_scores(model, fmt, pairs, lengths, batch_size)
+    for side, scores in (("chosen", sw), ("rejected", sl)):
+        require_finite_scores(scores, rm, lambda n: f"pair {pairs[n // len(lengths)]['id']!r} {side}, "
+                                                    f"t={lengths[n % len(lengths)]}")
+    return sw, sl
 
 
 def run_reward_stats(args):
@@ -530,14 +556,18 @@ def run_reward_stats(args):
     prompts = [p["prompt"] for p in pairs] * 2
     complete = score(model, fmt, prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
                      args.batch_size)
+    require_finite_scores(complete, args.rm, lambda n: f"pair {pairs[n % len(pairs)]['id']!r} "
+                                                       f"{'chosen' if n < len(pairs) else 'rejected'}")
+    truncated = {"complete": fmt.truncated}
     prefix = []
     if args.prefix_lengths:
-        sw, sl = prefix_pair_scores(model, fmt, pairs, args.prefix_lengths, args.batch_size)
+        sw, sl = checked_pair_scores(model, fmt, pairs, args.prefix_lengths, args.batch_size, args.rm)
         prefix = [v for s in sw + sl for v in s]
+        truncated["prefixes"] = fmt.truncated - truncated["complete"]
     stats = reward_statistics(complete, prefix, f"{args.pairs} ({len(pairs)} pairs, chosen and rejected)")
-    stats.update(rm=args.rm, rm_format=args.rm_format)
+    stats.update(rm=args.rm, rm_format=args.rm_format, truncated_inputs=truncated)
     write_json(args.output, stats)
-    write_manifest(args.output, args, inputs=[args.pairs])
+    write_manifest(args.output, args, inputs=[args.pairs], extra={"truncated_inputs": truncated})
     log.info("%s: mean %.4f, std %.4f over %d replies", args.rm, stats["mean"], stats["std"], stats["n"])
 
 

@@ -1,4 +1,6 @@
 """Metrics of the paper: agreement rates of prefix scores, reward gaps (more in later sections)."""
+import math
+
 import numpy as np
 
 
@@ -97,9 +99,8 @@ def heldout_evaluation(model, fmt, pairs, prefix_lengths, batch_size):
 
 def reward_statistics(complete_scores, prefix_scores, source):
     """Mean and std of an RM's scores of complete responses (and of prefixes, when at hand): the
-    reward_stats.json that `04_decode.py --reward-norm std` reads."""
-    import math
-
+    reward_stats.json that `04_decode.py --reward-norm std` reads. Scores must be finite (check them with
+    `require_finite_scores` first, which names the row)."""
     from common.io import DataError
 
     stats = {"mean": float(np.mean(complete_scores)), "std": float(np.std(complete_scores)),
@@ -107,9 +108,38 @@ def reward_statistics(complete_scores, prefix_scores, source):
     if prefix_scores:
         stats.update(prefix_mean=float(np.mean(prefix_scores)), prefix_std=float(np.std(prefix_scores)),
                      prefix_n=len(prefix_scores))
-    if not (math.isfinite(stats["std"]) and stats["std"] > 0):
-        raise DataError(f"{source}: the RM gives every response the same score; no reward statistics")
+    problem = reward_stats_problem(stats["mean"], stats["std"])
+    if problem:
+        raise DataError(f"{source}: {problem}; no reward statistics")
     return stats
+
+
+def reward_stats_problem(mean, std):
+    """Why (mean, std) cannot normalise rewards, or None. The search computes (r - mean) / std in float32:
+    both must be finite there, and std above float32's resolution at the mean (a smaller spread is rounding:
+    every response has the same score, and dividing by it gives noise, or infinity once std is 0 in float32)."""
+    largest, resolution = float(np.finfo(np.float32).max), float(np.finfo(np.float32).eps)
+    if not (math.isfinite(mean) and math.isfinite(std) and abs(mean) < largest and abs(std) < largest):
+        return f"mean {mean} and std {std}: expected finite float32 numbers"
+    if not std > resolution * max(1.0, abs(mean)):
+        return (f"std {std}: the RM gives every response the same score (up to float32 rounding at the mean "
+                f"{mean})")
+    return None
+
+
+def require_finite_scores(scores, rm, rows):
+    """Raise one DataError naming the RM and the first row whose score is inf or NaN. scores: numbers (a list,
+    an array, a CPU tensor); rows: what each score belongs to, as the error names it ("row p3", "pair 7 chosen
+    t=5"), or a function from a score's index to that."""
+    from common.io import DataError
+
+    values = np.asarray(scores, dtype=np.float64).reshape(-1)
+    bad = np.flatnonzero(~np.isfinite(values))
+    if len(bad):
+        i = int(bad[0])
+        where = rows(i) if callable(rows) else rows[i]
+        raise DataError(f"{rm}: the RM's score of {where} is {values[i]} (not finite: a broken checkpoint, or an "
+                        f"overflow in its precision); {len(bad)} such score{'s' if len(bad) > 1 else ''}")
 
 
 def distinct_ngram_ratio(text, n):

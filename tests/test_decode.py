@@ -145,3 +145,74 @@ def test_cards_defaults_and_closed_rm_format(folders, tmp_path):
                "--output", tmp_path / "b.jsonl")
     rows = read(tmp_path / "b.jsonl")
     assert all(r["params"]["rm_format"] == "closed" and r["stats"]["rm_path"] == "text" for r in rows)
+
+
+def save_broken_rm(folder, tokenizer, value):
+    """A tiny decoder RM whose score head is all `value` (inf or NaN): every score it gives is not finite."""
+    import torch
+
+    from conftest import tiny_rm
+
+    model = tiny_rm("llama", tokenizer, seed=1)
+    with torch.no_grad():
+        model.score.weight.fill_(value)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_lengths_beyond_the_rm_and_the_policy_are_cut_by_rule_and_counted(folders, tmp_path):
+    """An RM read with a budget of 40 tokens (below every prompt's length): 04's rewards (text path) are 05's scores of the same replies and
+    both count the truncated inputs; a prompt beyond the policy's 512 positions keeps its tail and is counted;
+    a budget that leaves no room for a prompt is one error line."""
+    policy, rm, _ = folders
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [
+        {"id": f"p{i}", "prompt": f"\n\nHuman: Question number {i}: what is {i} + {i}?\n\nAssistant:"}
+        for i in range(3)] + [{"id": "long", "prompt": "\n\nHuman: " + "Tell me more. " * 170 + "\n\nAssistant:"}])
+    out = tmp_path / "gen.jsonl"
+    run_script("04_decode.py", "--prompts", prompts, "--policy", policy, "--rm", rm, "--method", "argsg", "--k", 3,
+               "--max-new-tokens", 6, "--max-length", 40, "--rm-path", "text", "--output", out)
+    rows = read(out)
+    truncation = json.loads((tmp_path / "gen.jsonl.manifest.json").read_text())["truncation"]
+    cut_rewards = sum(r["stats"]["reward_input_truncated"] for r in rows)
+    assert cut_rewards == 4 and truncation["rewards_of_truncated_inputs"] == 4
+    assert [r["stats"]["prompt_tokens_cut"] > 0 for r in rows] == [False] * 3 + [True]
+    assert truncation["prompts_cut_for_policy"] == 1 and truncation["policy_prompt_room"] == 512 - 6
+    run_script("05_evaluate.py", "metrics", "--generations", out, "--metrics", "reward", "--rm", rm,
+               "--max-length", 40, "--decoding-rm", "none", "--output", tmp_path / "m.json")
+    scored = {r["id"]: r["reward"] for r in read(tmp_path / "m.rows.jsonl")}
+    for r in rows:
+        assert r["stats"]["reward"] == pytest.approx(scored[r["id"]], abs=1e-4)
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["reward_truncated_inputs"] == {rm: cut_rewards}
+    assert json.loads((tmp_path / "m.json.manifest.json").read_text())["truncated_inputs"] == {rm: cut_rewards}
+    proc = run_script("04_decode.py", "--prompts", prompts, "--policy", policy, "--method", "greedy",
+                      "--max-new-tokens", 512, "--output", tmp_path / "x.jsonl", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (f"error: {policy}: --max-new-tokens 512 leaves no room for a "
+                                                    "prompt in the policy's 512 positions")
+
+
+@pytest.mark.parametrize("value,rm_path", [("nan", "cached"), ("inf", "text")])
+def test_non_finite_rm_scores_are_one_error_line(folders, tmp_path, smol_tokenizer, value, rm_path):
+    policy, _, prompts = folders
+    broken = save_broken_rm(tmp_path / "rm", smol_tokenizer, float(value))
+    proc = run_script("04_decode.py", "--prompts", prompts, "--policy", policy, "--rm", broken, "--method", "bon",
+                      "--n", 2, "--max-new-tokens", 3, "--limit", 2, "--rm-path", rm_path,
+                      "--output", tmp_path / "x.jsonl", check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert lines[-1].startswith(f"error: {broken}: the RM's score of prompt id 'p0' is ")
+    assert "not finite" in lines[-1] and not os.path.exists(tmp_path / "x.jsonl")
+
+
+def test_reward_statistics_too_small_for_float32_are_refused(folders, tmp_path):
+    """A std of 1e-300 is 0 in float32, where the search divides by it: refused in one line, as NaN is."""
+    policy, rm, prompts = folders
+    for stats, says in (({"mean": 1.0, "std": 1e-300}, "same score"), ({"mean": 1e39, "std": 1.0}, "finite")):
+        path = write_jsonl(tmp_path / "stats.json", [stats])
+        proc = run_script("04_decode.py", "--prompts", prompts, "--policy", policy, "--rm", rm, "--method", "argsg",
+                          "--reward-norm", "std", "--reward-stats", path, "--output", tmp_path / "x.jsonl",
+                          check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert proc.stderr.strip().startswith(f"error: {path}: ") and says in proc.stderr

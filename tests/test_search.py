@@ -283,9 +283,9 @@ RM_BUDGET = 24
 def plain_models(policy):
     """The policy and a decoder RM with the SmolLM2 tokenizer without its chat template ("Human: ...
     Assistant:", short prompts), the RM read with a budget of 24 tokens. The prompts (8 tokens + a prefill of
-    3, 13, 17, 24, 26, 127) and 14 to 16 new tokens cover every case of the truncation rule: a prompt within half the budget whose
-    response is cut, prompts that fit whole beside a short response and keep their tail beside a long one, one
-    of exactly the budget, prompts longer than it."""
+    3, 13, 17, 24, 26, 127) and 14 to 16 new tokens cover every case of the truncation rule: a prompt within
+    half the budget whose response is cut, prompts that fit whole beside a short response and keep their tail
+    beside a long one, one of exactly the budget, prompts longer than it."""
     from common.models import SMOLLM2, load_tokenizer
 
     tok = load_tokenizer(SMOLLM2, padding_side="left")

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from common.io import DEFAULT_MAX_LENGTH
+from common.metrics import require_finite_scores
 from common.rewards import RMFormat, score_encoded, score_head, text_ids
 from common.search.methods import Row, make_method
 
@@ -435,6 +436,7 @@ class Search:
                 scores0 = torch.tensor(self._text_scores([(r.prompt, r.tokens) for r in rows], prompts,
                                                          rm_tokens_text))
                 rm_calls += 1
+            require_finite_scores(scores0, self.rm.name, [f"prompt id {p['id']!r}" for p in prompts])
             for r, s in zip(rows, scores0.tolist()):
                 r.score = s
             prompt_scores = scores0.tolist()
@@ -556,6 +558,8 @@ class Search:
                     self._text_calls += 1
                 for i, j in todo:
                     state["fed"][i][j] = len(cand.chains[i][j])
+            require_finite_scores(out, self.rm.name,
+                                  lambda n: f"a reply to prompt id {prompts[rows[n // K].prompt]['id']!r}")
             state["scores"] = out
             return out.clone()
         return score
