@@ -152,8 +152,10 @@ def main():
             chunk = [r for pid in pair_order[s:s + args.pairs_per_step] for r in by_pair[pid]]
             sc, sr = score_group(model, fmt, chunk, args.batch_size)
             for row, a, b in zip(chunk, sc, sr):
-                if not (math.isfinite(a) and math.isfinite(b)):
-                    raise DataError(f"{args.input}: row {row['id']}: reference score is not finite ({a}, {b})")
+                if not (math.isfinite(a) and math.isfinite(b)):  # one line naming the RM and the row
+                    bar.close()
+                    raise DataError(f"{args.ref_rm}: the RM's score of row {row['id']!r} of {args.input} is not "
+                                    f"finite ({a}, {b})")
                 writer.write({"id": row["id"], "key": key_of[row["id"]], "ref_chosen": a, "ref_rejected": b})
             bar.update(len(chunk))
         bar.close()
