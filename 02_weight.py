@@ -108,6 +108,11 @@ def score_group(model, fmt, rows, batch_size):
                            batch_size)
             for k, v in zip(loose, values):
                 out[k] = v
+    # A cut before the replies differ gives both sides the same text: one RM input, a tie in every precision
+    # (scored in two forwards of other lengths, fp32 would differ in its last bits and call it an agreement).
+    for k, row in enumerate(rows):
+        if row["chosen"] == row["rejected"]:
+            rejected_scores[k] = chosen_scores[k]
     return chosen_scores, rejected_scores
 
 
@@ -141,7 +146,7 @@ def main():
     with ResumableJsonlWriter(scores_path, key="key", resume=args.resume) as writer:
         todo = [r for r, k in zip(rows, keys) if k not in writer.done]
         key_of = {r["id"]: k for r, k in zip(rows, keys)}  # ids are unique (load_partial)
-        if args.resume:
+        if args.resume and len(todo) < len(rows):  # a first run has nothing to resume
             log.info("resuming: %d rows already scored, %d to go", len(rows) - len(todo), len(todo))
         pair_order = list(dict.fromkeys(r["pair_id"] for r in todo))
         by_pair = defaultdict(list)

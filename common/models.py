@@ -317,8 +317,16 @@ def load_reward_model(name, dtype=None, device="cpu", tokenizer=None, allow_new_
     """
     from common.io import DataError
 
-    model, info = _from_pretrained(AutoModelForSequenceClassification.from_pretrained, name, num_labels=1,
-                                   dtype=dtype or torch.float32, output_loading_info=True)
+    # transformers prints a LOAD REPORT table of every weight the checkpoint lacks; a fresh head is checked and
+    # said in words below (refused, or one line where training starts from a backbone)
+    report = logging.getLogger("transformers.modeling_utils")
+    level = report.level
+    report.setLevel(logging.ERROR)
+    try:
+        model, info = _from_pretrained(AutoModelForSequenceClassification.from_pretrained, name, num_labels=1,
+                                       dtype=dtype or torch.float32, output_loading_info=True)
+    finally:
+        report.setLevel(level)
     fresh = list(info.get("missing_keys") or []) + [str(k) for k in info.get("mismatched_keys") or []]
     if fresh and _load_custom_head(model, name, fresh):
         fresh = []
@@ -326,8 +334,8 @@ def load_reward_model(name, dtype=None, device="cpu", tokenizer=None, allow_new_
         raise DataError(f"{name}: not a trained reward model: {len(fresh)} weights (e.g. {fresh[0]}) would be "
                         "newly initialised at random; train one with 03_train.py --init " + str(name))
     if fresh:
-        log.info("%s: starting from a backbone: %d weights newly initialised (%s)", name, len(fresh),
-                 ", ".join(fresh[:4]))
+        log.info("%s: starting from a backbone: a fresh scalar head (%s) on the pretrained weights, initialised "
+                 "at random as every new RM head is; training learns it", name, ", ".join(fresh[:4]))
     tokenizer = tokenizer or load_tokenizer(name)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -78,12 +78,15 @@ class Runtime:
         (self.engine if self.deepspeed else self.model).train()
 
     def autocast(self):
-        """Forwards of plain PyTorch on a GPU run in its half precision; everything else as the weights are."""
+        """Forwards run in the chosen half precision (--dtype bf16 or fp16) under autocast, on a GPU and on the
+        CPU alike, over fp32 weights (the optimizer steps them in fp32; the score head stays fp32, see
+        common.rewards.fp32_scores); DeepSpeed on a GPU casts the model itself (its config's bf16/fp16). fp32:
+        everything as the weights are."""
         import contextlib
 
-        if self.deepspeed or not self.cuda or self.dtype == torch.float32:
+        if self.dtype == torch.float32 or (self.deepspeed and self.cuda):
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.dtype)
+        return torch.autocast("cuda" if self.cuda else "cpu", dtype=self.dtype)
 
     def backward(self, loss):
         if self.deepspeed:
