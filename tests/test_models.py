@@ -96,3 +96,22 @@ def test_keep_freed_memory_serves_later_steps_without_new_pages():
     # (glibc's default varies with its dynamic threshold, 49,000 to 335,000 here, so it is not the bound.)
     kept = page_faults(True)
     assert kept < 3 * 20_480
+
+
+def test_a_fresh_rm_head_is_said_once_in_words_not_in_transformers_load_report(capfd, caplog):
+    """Training starts MiniLM from a backbone: its new scalar head is one line of ours, not transformers' LOAD
+    REPORT table of MISSING weights; a checkpoint with no trained head is still refused."""
+    import logging
+
+    from common.io import DataError
+    from common.models import load_reward_model
+
+    with caplog.at_level(logging.INFO, logger="common.models"):
+        load_reward_model("minilm-l6", allow_new_head=True)
+    out, err = capfd.readouterr()
+    assert "LOAD REPORT" not in out + err and "MISSING" not in out + err
+    said = [r.getMessage() for r in caplog.records if "fresh scalar head" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("minilm-l6: starting from a backbone: a fresh scalar head (")
+    with pytest.raises(DataError, match="not a trained reward model"):
+        load_reward_model("minilm-l6")
+    assert logging.getLogger("transformers.modeling_utils").level == logging.NOTSET  # put back as it was

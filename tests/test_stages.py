@@ -83,8 +83,9 @@ def test_weight_stage_matches_per_row_scoring(tmp_path, tiny_llama_folder):
     run_script("01_build_partial.py", "--input", src, "--output", partial, "--tokenizer", tiny_llama_folder,
                "--truncation", "sst", "--K", 3)
     out = tmp_path / "weighted.jsonl"
-    run_script("02_weight.py", "--input", partial, "--output", out, "--ref-rm", tiny_llama_folder,
-               "--scheme", "entropy", "--max-length", 128, "--pairs-per-step", 3)
+    first = run_script("02_weight.py", "--input", partial, "--output", out, "--ref-rm", tiny_llama_folder,
+                       "--scheme", "entropy", "--max-length", 128, "--pairs-per-step", 3, "--resume")
+    assert "resuming" not in first.stderr  # a first run has nothing to resume, and does not say so
     rows = read(out)
     assert len(rows) == len(read(partial))
     tok = load_tokenizer(tiny_llama_folder)
@@ -104,6 +105,7 @@ def test_weight_stage_matches_per_row_scoring(tmp_path, tiny_llama_folder):
     uniform = tmp_path / "uniform.jsonl"
     import shutil
     shutil.copy(str(out) + ".scores.jsonl", str(uniform) + ".scores.jsonl")
-    run_script("02_weight.py", "--input", partial, "--output", uniform, "--ref-rm", tiny_llama_folder,
-               "--scheme", "uniform", "--max-length", 128, "--resume")
+    again = run_script("02_weight.py", "--input", partial, "--output", uniform, "--ref-rm", tiny_llama_folder,
+                       "--scheme", "uniform", "--max-length", 128, "--resume")
+    assert f"resuming: {len(rows)} rows already scored, 0 to go" in again.stderr
     assert [r["weight"] for r in read(uniform)] == [1.0] * len(rows)
