@@ -23,6 +23,16 @@ from common.io import cache_dir
 
 log = logging.getLogger(__name__)
 
+
+def _no_cpu_fallback_warning(record):
+    """DeepSpeed warns that it found no GPU whenever it is imported on a CPU machine (transformers' save_pretrained
+    imports it through accelerate): where torch sees no GPU that is expected, and each stage's manifest records
+    its device; the warning stays where a GPU is visible."""
+    return torch.cuda.is_available() or "unable to detect it" not in record.getMessage()
+
+
+logging.getLogger("DeepSpeed").addFilter(_no_cpu_fallback_warning)  # DeepSpeed's logger keeps it when it loads
+
 SMOLLM2 = "smollm2-135m-instruct"
 MINILM = "minilm-l6"
 ALIASES = (SMOLLM2, MINILM)
@@ -308,6 +318,10 @@ def load_policy(name, dtype=None, device="cpu"):
     return model.to(device).eval()
 
 
+def _no_load_report(record):
+    return "LOAD REPORT" not in record.getMessage()
+
+
 def load_reward_model(name, dtype=None, device="cpu", tokenizer=None, allow_new_head=False):
     """A scalar RM: AutoModelForSequenceClassification with one label.
 
@@ -318,15 +332,15 @@ def load_reward_model(name, dtype=None, device="cpu", tokenizer=None, allow_new_
     from common.io import DataError
 
     # transformers prints a LOAD REPORT table of every weight the checkpoint lacks; a fresh head is checked and
-    # said in words below (refused, or one line where training starts from a backbone)
+    # said in words below (refused, or one line where training starts from a backbone). Only that table is
+    # dropped: a higher level on this logger would switch on transformers' tensor-parallel plan warnings.
     report = logging.getLogger("transformers.modeling_utils")
-    level = report.level
-    report.setLevel(logging.ERROR)
+    report.addFilter(_no_load_report)
     try:
         model, info = _from_pretrained(AutoModelForSequenceClassification.from_pretrained, name, num_labels=1,
                                        dtype=dtype or torch.float32, output_loading_info=True)
     finally:
-        report.setLevel(level)
+        report.removeFilter(_no_load_report)
     fresh = list(info.get("missing_keys") or []) + [str(k) for k in info.get("mismatched_keys") or []]
     if fresh and _load_custom_head(model, name, fresh):
         fresh = []

@@ -76,7 +76,11 @@ class RMFormat:
         return ids
 
     def response_ids(self, response):
-        return text_ids(self.tokenizer, " " + response if self.kind == "plain" else response)
+        return self.responses_ids([response])[0]
+
+    def responses_ids(self, responses):
+        """The response ids of many responses, in one batched tokenizer call (the same ids one by one)."""
+        return text_ids(self.tokenizer, [" " + r if self.kind == "plain" else r for r in responses])
 
     def cut(self, response, t):
         """The text of the first t response tokens (the whole response when t >= its length)."""

@@ -365,3 +365,20 @@ def test_a_prompt_longer_than_the_policy_keeps_its_tail(plain_models):
     assert got[-1]["stats"]["prompt_tokens_cut"] == 127 - 34
     with pytest.raises(ValueError, match="no room for a prompt"):
         Search(pol, "greedy", max_new_tokens=40)
+
+
+@pytest.mark.parametrize("method,knobs", [("cbs", dict(beam=2, successors=3, chunk=3, top_p=0.9, top_k=50)),
+                                          ("argsg", dict(k=4)), ("cards", dict(max_segment=3, min_segment=1,
+                                                                               reward_threshold=0.0))])
+def test_no_vocabulary_sized_tensor_leaves_the_device(policy, decoder_rm, monkeypatch, method, knobs):
+    """Sampling runs where the logits are: every tensor the engine brings to the CPU or reads as numbers is
+    smaller than the vocabulary (uniforms go to the device, token ids and scores come back; on the CPU these
+    calls cost nothing, on a GPU each is a copy)."""
+    moved = []
+    for name in ("cpu", "tolist", "numpy"):
+        def spy(self, *args, _original=getattr(torch.Tensor, name), **kwargs):
+            moved.append(self.numel())
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    Search(policy, method, decoder_rm, max_new_tokens=6, seed=1, **knobs).run(PROMPTS)
+    assert moved and max(moved) < len(policy.tokenizer)

@@ -15,15 +15,21 @@ accepted tokens (L tokens, once). A method may also decide inside a round (`deci
 grown so far are scored and the method stops some of them (`prune`); a stopped chain is fed no further, so
 the policy's work shrinks with it. A decoder RM that shares the policy's tokenizer keeps its own cache the
 same way, each chain token fed once however often it is scored, so scoring K candidates of L tokens costs
-K*L new tokens. Any other RM gets decoded text (the text path), batched.
+K*L new tokens; it holds each prompt's kept tail when inputs grow longer than the RM's max length, so both
+paths cut by the one rule of common/rewards.py (`RMWindow`). Any other RM gets decoded text (the text path),
+batched.
 
 Sampling draws one uniform number per token from a generator seeded by (seed, prompt id, and the
 coordinates the method gives: round, lineage, chain, step), so results do not depend on batch size or
 composition. Compute is counted per prompt: a token counts once for each time a
 model computes it (a prompt encoded once and copied to W beams or N samples counts once).
 
-The search itself (sampling, ranking, bookkeeping) runs on the CPU in fp32 whatever the models' device and
-precision: only forwards and heads run there, so a sampled token depends on the logits alone.
+Where things run. Forwards, heads and sampling run on the models' device: the policy's next-token logits stay
+there (fp32 whatever the model's precision), each token's uniform (drawn on the CPU from its coordinates) goes
+there, filtering, softmax, cumulative sum and search run there in fp32, and only token ids come back; no
+[rows x vocab] tensor leaves the device. RM scores (one number per candidate, fp32) come to the CPU, where the
+methods rank and the bookkeeping (chains, masks, lineages) runs. On the CPU the tokens are the literal
+reference's; on a GPU a token depends on its logits and its uniform, up to the device's rounding in the sums.
 """
 import math
 import os
@@ -67,12 +73,13 @@ def filter_logits(logits, temperature=1.0, top_p=1.0, top_k=0):
 
 
 def pick_tokens(logits, us, method):
-    """Argmax (us is None) or inverse-CDF sampling with the given uniforms, one per row."""
+    """Argmax (us is None) or inverse-CDF sampling with the given uniforms, one per row, on the logits' device
+    in fp32: only the uniforms go there and the token ids come back."""
     if us is None:
         return logits.argmax(-1)
     probs = torch.softmax(filter_logits(logits, method.temperature, method.top_p, method.top_k), dim=-1)
     cdf = probs.cumsum(-1)
-    u = torch.as_tensor(us, dtype=cdf.dtype).unsqueeze(-1) * cdf[..., -1:]
+    u = torch.as_tensor(us, dtype=cdf.dtype, device=cdf.device).unsqueeze(-1) * cdf[..., -1:]
     return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=logits.shape[-1] - 1)
 
 
@@ -96,8 +103,8 @@ class TreeCache:
         from transformers import DynamicCache
 
         self.model, self.base = model, model.base_model
-        device = next(model.parameters()).device
-        self.head = lambda h: head(h.to(device)).float().cpu()
+        self.device = next(model.parameters()).device
+        self.head = lambda h: head(h.to(self.device)).float()  # fp32, on the model's device
         self.cache = DynamicCache(config=model.config)
         self.owner = torch.as_tensor(owner, dtype=torch.long)
         self.tokens = torch.zeros(int(self.owner.max()) + 1 if len(owner) else 0, dtype=torch.long)
@@ -114,7 +121,7 @@ class TreeCache:
 
     @torch.no_grad()
     def feed(self, tokens, valid, seg, n_chains=1):
-        """Feed [R, Q] tokens; returns hidden states [R, Q, H]."""
+        """Feed [R, Q] tokens; returns hidden states [R, Q, H] (on the model's device)."""
         R, Q = tokens.shape
         if self.key_valid is None:
             self.key_valid = torch.zeros(R, 0, dtype=torch.bool)
@@ -144,7 +151,7 @@ class TreeCache:
         allowed[:, torch.arange(Q), S + torch.arange(Q)] = True  # every query sees itself: no empty row
         dtype = next(self.model.parameters()).dtype
         mask = torch.zeros(R, 1, Q, S + Q, dtype=dtype).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
-        device = next(self.model.parameters()).device
+        device = self.device
         out = self.base(input_ids=tokens.to(device), attention_mask=mask.to(device),
                         position_ids=pos.to(device), past_key_values=self.cache, use_cache=True)
         # Shared columns come first in a call; they extend the shared region (chains are cropped later).
@@ -156,7 +163,7 @@ class TreeCache:
         self.key_valid, self.key_seg = key_valid, key_seg
         self.calls += 1
         self.tokens.index_add_(0, self.owner, valid.long().sum(1))
-        return out.last_hidden_state.cpu()
+        return out.last_hidden_state
 
     def drop_chains(self):
         extra = self.length - self.shared_len
@@ -169,7 +176,7 @@ class TreeCache:
 
     def select_rows(self, index):
         index = torch.as_tensor(index, dtype=torch.long)
-        self.cache.batch_select_indices(index.to(next(self.model.parameters()).device))
+        self.cache.batch_select_indices(index.to(self.device))
         self.key_valid, self.key_seg = self.key_valid[index], self.key_seg[index]
         self.n_shared = self.n_shared[index]
         self.owner = self.owner[index]
@@ -195,6 +202,12 @@ def pad_rows(seqs, pad_id, left=False):
             tokens[r, start:start + len(s)] = torch.tensor(s)
             valid[r, start:start + len(s)] = True
     return tokens, valid
+
+
+def at(values, rows, cols):
+    """values[rows[n], cols[n]], the indices made on the CPU (tensors or lists), values on any device."""
+    device = values.device
+    return values[torch.as_tensor(rows, device=device), torch.as_tensor(cols, device=device)]
 
 
 def last_valid(valid):
@@ -392,12 +405,20 @@ class Search:
         return any(s in tail for s in self.stop_strings)
 
     def response_text(self, tokens):
-        text = self.policy.tokenizer.decode(tokens, skip_special_tokens=True)
-        for s in self.stop_strings:
-            cut = text.find(s)
-            if cut >= 0:
-                text = text[:cut]
-        return text.strip()
+        return self.response_texts([tokens])[0]
+
+    def response_texts(self, token_lists):
+        """The reply of each token list: decoded (one batched call), cut before the first stop string, stripped."""
+        if not token_lists:
+            return []
+        texts = []
+        for text in self.policy.tokenizer.batch_decode(token_lists, skip_special_tokens=True):
+            for s in self.stop_strings:
+                cut = text.find(s)
+                if cut >= 0:
+                    text = text[:cut]
+            texts.append(text.strip())
+        return texts
 
     # -- the run ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -416,7 +437,7 @@ class Search:
         policy_cache = TreeCache(pol.model, lm_head(pol.model), range(B))
         tokens, valid = pad_rows(prompt_ids, self.pad, left=True)
         hidden = policy_cache.feed(tokens, valid, torch.full_like(tokens, -1))
-        last_logits = policy_cache.head(hidden[torch.arange(B), last_valid(valid)])
+        last_logits = policy_cache.head(at(hidden, torch.arange(B), last_valid(valid)))  # on the policy's device
 
         rm_cache, prompt_scores, window = None, None, None
         rm_calls, rm_tokens_text = 0, [0] * B
@@ -428,7 +449,7 @@ class Search:
                 rm_ids = [window.cached_prompt(b) + pre[:window.cap[b]] for b, pre in enumerate(prefills)]
                 t, v = pad_rows(rm_ids, self.pad, left=True)
                 h = rm_cache.feed(t, v, torch.full_like(t, -1))
-                scores0 = self.rm.to_search(rm_cache.head(h[torch.arange(B), last_valid(v)])[:, 0].float())
+                scores0 = self.rm.to_search(rm_cache.head(at(h, torch.arange(B), last_valid(v)))[:, 0].cpu())
                 fresh = [(b, pre) for b, pre in enumerate(prefills) if window.whole_prompt(b, len(pre))]
                 for (b, _), s in zip(fresh, self._whole_prompt_scores(rm_cache, window, fresh)):
                     scores0[b] = s
@@ -448,7 +469,7 @@ class Search:
         if W > 1:
             parents = [b for b in range(B) for _ in range(W)]
             policy_cache.select_rows(parents)
-            last_logits = last_logits[torch.tensor(parents)]
+            last_logits = last_logits[torch.tensor(parents, device=last_logits.device)]
             if rm_cache is not None:
                 rm_cache.select_rows(parents)
             rows = [Row(prompt=b, lineage=s, tokens=list(rows[b].tokens), score=rows[b].score)
@@ -463,8 +484,8 @@ class Search:
                 tokens, valid = pad_rows(pending, self.pad)
                 hidden = policy_cache.feed(tokens, valid, torch.full_like(tokens, -1))
                 has = valid.any(1)
-                fresh = policy_cache.head(hidden[torch.arange(R), last_valid(valid).clamp(min=0)])
-                last_logits = torch.where(has[:, None], fresh, last_logits)
+                fresh = policy_cache.head(at(hidden, torch.arange(R), last_valid(valid).clamp(min=0)))
+                last_logits = torch.where(has[:, None].to(fresh.device), fresh, last_logits)
             # 2. grow K candidate chains of up to L tokens per row (the method may stop some on the way);
             # 3. score them (a finished row's candidates score as the row)
             scorer = self._scorer(rm_cache, window, rows, pending, prompts, rm_tokens_text)
@@ -484,7 +505,7 @@ class Search:
             parents = [c.parent for c in choice]
             if parents != list(range(R)):
                 policy_cache.select_rows(parents)
-                last_logits = last_logits[torch.tensor(parents)]
+                last_logits = last_logits[torch.tensor(parents, device=last_logits.device)]
                 if rm_cache is not None:
                     rm_cache.select_rows(parents)
             pending = [c.accepted for c in choice]
@@ -496,10 +517,11 @@ class Search:
         results = []
         seconds = time.perf_counter() - t0
         device = next(pol.model.parameters()).device
+        candidates = self.response_texts([t for _, t in last_round]) if self.keep_candidates else []
         for b, p in enumerate(prompts):
             best = method.answer([r for r in rows if r.prompt == b], batch, b)
             rm_tokens = rm_tokens_text[b] if rm_cache is None else int(rm_cache.tokens[b])
-            extra = {"candidates": [self.response_text(t) for q, t in last_round if q == b]} \
+            extra = {"candidates": [c for (q, _), c in zip(last_round, candidates) if q == b]} \
                 if self.keep_candidates else {}
             response = self.response_text(best.tokens)
             if self.rm is None:
@@ -576,14 +598,14 @@ class Search:
         budget = [self.max_new_tokens - (len(r.tokens) - batch.prefill_len[r.prompt]) for r in rows]
         decisions = set(method.decision_points(L)) if scorer is not None else set()
         if method.proposal == "top_k":
-            lp = torch.log_softmax(last_logits.float(), -1)
-            top = torch.topk(lp, K, dim=-1)
+            top = torch.topk(torch.log_softmax(last_logits.float(), -1), K, dim=-1)
+            values, indices = top.values.cpu(), top.indices.cpu().tolist()  # [R, K]: small
             for i, r in enumerate(rows):
                 if r.finished:
                     continue
                 for j in range(K):
-                    self._append(chains, done, stopped, i, j, int(top.indices[i, j]), budget[i], r)
-                logp[i] = top.values[i]
+                    self._append(chains, done, stopped, i, j, indices[i][j], budget[i], r)
+                logp[i] = values[i]
             return Candidates(chains, done, logp)
         for step in range(L):
             active = [(i, j) for i in range(R) for j in range(K) if not stopped[i][j]]
@@ -599,14 +621,14 @@ class Search:
                     break
             flat = logits.reshape(R * K, -1)
             if method.checks_entropy(step):
-                ent = entropy(flat[torch.tensor([i * K + j for i, j in active])]).tolist()
+                ent = entropy(flat[torch.tensor([i * K + j for i, j in active], device=flat.device)]).tolist()
                 for (i, j), e in zip(active, ent):
                     if method.segment_ends(e):
                         stopped[i][j] = True  # segment boundary: this uncertain token opens the next one
                 active = [(i, j) for i, j in active if not stopped[i][j]]
                 if not active:
                     break
-            sel = flat[torch.tensor([i * K + j for i, j in active])]
+            sel = flat[torch.tensor([i * K + j for i, j in active], device=flat.device)]
             us = [batch.uniform(rows[i].prompt, *method.seed_coords(rows[i], batch.round_idx, j, step))
                   for i, j in active] if method.samples else None
             picked = pick_tokens(sel, us, method).tolist()
@@ -636,10 +658,11 @@ class Search:
             fed = cache.head(cache.feed(feed_tokens, feed_valid, seg, n_chains=K))
             if width == K and all(len(c) == K for c in columns):
                 logits = fed
-            else:
-                logits = torch.zeros(R, K, fed.shape[-1])
-                for (i, j), c in where.items():
-                    logits[i, j] = fed[i, c]
+            else:  # chain j of row i was fed in column where[i, j]
+                logits = torch.zeros(R, K, fed.shape[-1], device=fed.device)
+                rows_, chains_, cols_ = zip(*[(i, j, c) for (i, j), c in where.items()])
+                logits[torch.tensor(rows_, device=fed.device), torch.tensor(chains_, device=fed.device)] = \
+                    at(fed, rows_, cols_)
         return Candidates(chains, done, logp, dropped=dropped)
 
     def _append(self, chains, done, stopped, i, j, tok, budget, row):
@@ -688,14 +711,14 @@ class Search:
         prefix = torch.tensor([r.score if r.score is not None else float("nan") for r in rows])
         has_pending = valid[:, :P].any(1)
         if has_pending.any():
-            h = hidden[torch.arange(R), last_valid(valid[:, :P]).clamp(min=0)]
-            fresh = self.rm.to_search(cache.head(h)[:, 0].float())
+            h = at(hidden, torch.arange(R), last_valid(valid[:, :P]).clamp(min=0))
+            fresh = self.rm.to_search(cache.head(h)[:, 0].cpu())
             prefix = torch.where(has_pending, fresh, prefix)
         ends = [(i, j, P + j * L + len(new[i][j]) - 1) for i in range(R) for j in range(K) if new[i][j]]
         at_ends = {}
         if ends:
-            h = hidden[torch.tensor([e[0] for e in ends]), torch.tensor([e[2] for e in ends])]
-            vals = self.rm.to_search(cache.head(h)[:, 0].float())
+            h = at(hidden, [e[0] for e in ends], [e[2] for e in ends])
+            vals = self.rm.to_search(cache.head(h)[:, 0].cpu())
             at_ends = {(i, j): v for (i, j, _), v in zip(ends, vals.tolist())}
         # inputs that the rule reads beside the whole prompt (short responses to a long prompt): scored afresh
         fresh = [(i, None, rows[i].tokens) for i in range(R) if has_pending[i]] + \
@@ -728,7 +751,11 @@ class Search:
                                                batch_size=64))
 
     def _text_scores(self, items, prompts, rm_tokens):
-        examples = [self.rm.fmt.encode(prompts[b]["prompt"], self.response_text(t)) for b, t in items]
+        """Search rewards of (prompt b, response tokens) through their reply text, as 05 scores a reply: the
+        texts decoded in one batched call and tokenized for the RM in another."""
+        fmt = self.rm.fmt
+        replies = fmt.responses_ids(self.response_texts([t for _, t in items]))
+        examples = [fmt.encode(prompts[b]["prompt"], response_ids=ids) for (b, _), ids in zip(items, replies)]
         for (b, _), e in zip(items, examples):
             rm_tokens[b] += len(e["input_ids"])
         return self.rm.to_search(score_encoded(self.rm.model, examples, self.rm.tokenizer.pad_token_id,
