@@ -12,7 +12,13 @@ pairs (--batching length: similar lengths together, faster, less accurate); inpu
 input rule (docs/scoring.md), never dropped. AdamW, linear schedule with warm-up, 1 epoch.
 Defaults per model family: lr 5e-6 for decoder RMs (Gemma, Llama) and 1e-6 for DeBERTa (the paper's),
 5e-5 for small encoders (MiniLM: the standard reward trainer's setting; docs/results.md, parity table); grad-accum 16
-under DeepSpeed, 1 in plain mode.
+under DeepSpeed, 1 in plain mode. The optimizer steps every grad-accum micro-batches and at the end of each epoch.
+
+DeepSpeed: PyTorch's AdamW (configs/zero3.json: torch_adam, nothing to compile) and the same linear schedule as
+the plain path; every forward of the loss runs through the engine. On several ranks every rank does the same
+collective work, as ZeRO-3 needs: one padded forward per micro-batch (length groups only on one process), the
+same number of micro-batches (ranks short of one repeat a batch with weight 0), the same statistics and eval
+forwards. A rank left waiting longer than DEEPSPEED_TIMEOUT minutes (default 10) fails the run.
 
 Grouped training (decoder RMs): the score of a prefix y[:t] is the head at the position of its last token
 in one causal forward over (x, y), so all cut points of a pair share one forward of the chosen side and
@@ -25,14 +31,17 @@ Out: a Hugging Face folder (safetensors, tokenizer, config) for AutoModelForSequ
 train_log.jsonl (loss, lr, step, rows/s, rows per forward, real tokens/s), reward_stats.json (mean and std
 of the trained RM's scores of complete responses, for `04_decode.py --reward-norm std`) and, with --eval,
 held-out full-response accuracy and AR_RM-SC at --eval-prefix-lengths after each epoch (eval.json).
---save-steps writes a checkpoint that --resume continues from (same final weights as an uninterrupted run).
+A model already in the folder stays as it was until the new one is complete (the running log is
+train_log.jsonl.partial). --save-steps writes a checkpoint (OUTPUT/checkpoint) that --resume continues from
+(same final weights as an uninterrupted run); a resume checks every file of it against the SHA-256 its run
+recorded and loads tensors only (common/runtime.py).
 """
 import argparse
 import json
 import logging
 import math
 import os
-import shutil
+import sys
 import time
 
 import torch
@@ -46,7 +55,7 @@ from common.metrics import heldout_evaluation, reward_statistics
 from common.models import (device_setup, is_decoder_rm, load_reward_model, load_tokenizer, model_family,
                            model_identity, same_model)
 from common.rewards import BATCHING_WINDOWS, RMFormat, batch_loss, score, training_batches, training_units
-from common.runtime import Runtime, truncate_log
+from common.runtime import Runtime, check_checkpoint, find_checkpoint, rank_share, remove_checkpoints, truncate_log
 
 log = logging.getLogger("train")
 DEFAULT_LR = {"decoder": 5e-6, "deberta": 1e-6, "encoder": 5e-5}
@@ -54,8 +63,6 @@ DEFAULT_LR = {"decoder": 5e-6, "deberta": 1e-6, "encoder": 5e-5}
 FINGERPRINT_ARGS = ("lr", "epochs", "batch_size", "warmup_ratio", "weight_decay", "max_grad_norm", "max_length",
                     "limit", "seed", "grouping", "keep_dropout", "deepspeed", "grad_accum", "subset", "fraction",
                     "batching", "resolved_dtype")
-# the files of a finished run; removed when a new run starts in the folder
-FINAL_FILES = ("config.json", "model.safetensors", "manifest.json", "reward_stats.json", "eval.json")
 
 
 def parse_args():
@@ -196,11 +203,15 @@ def main():
     fingerprint = {"input": checksums.get(args.input) or args.input, "init": init_identity["weights_sha256"]
                    or init_identity["name"], **{k: getattr(args, k) for k in FINGERPRINT_ARGS}}
     ckpt = os.path.join(args.output, "checkpoint")
-    if args.resume and not os.path.exists(os.path.join(ckpt, "trainer_state.json")):
+    world = int(os.environ.get("WORLD_SIZE", 1)) if args.deepspeed else 1
+    resume_from = find_checkpoint(ckpt) if args.resume else None
+    if args.resume and resume_from is None:
         check_finished(args.output, fingerprint)  # a finished model: nothing to resume, or another run's
         if os.path.isfile(os.path.join(args.output, "config.json")):
             log.info("%s: already trained with these inputs and settings; nothing to do", args.output)
             return
+    # before any model loads: a checkpoint that is not this run's, or not as its run wrote it, is refused
+    resume_state = check_checkpoint(resume_from, fingerprint, world) if resume_from else None
     tokenizer = load_tokenizer(args.init)
     model = load_reward_model(args.init, tokenizer=tokenizer, allow_new_head=True)
     if not args.keep_dropout:
@@ -215,29 +226,29 @@ def main():
     eval_pairs = load_pairs(args.eval, args.data_dir)[: args.eval_limit] if args.eval else None
     prefix_lengths = args.eval_prefix_lengths
 
-    # Each rank takes every world-th batch; the optimizer steps once per grad_accum micro-batches.
-    world = int(os.environ.get("WORLD_SIZE", 1)) if args.deepspeed else 1
-    n_batches = len(training_batches(units, args.batch_size, args.seed, 0, BATCHING_WINDOWS[args.batching]))
-    micro_per_rank = math.ceil(n_batches / world)
-    steps_per_epoch = math.ceil(micro_per_rank / grad_accum)
-    total_steps = steps_per_epoch * args.epochs
+    # Each rank takes every world-th batch, padded to the same count on every rank (rank_share); the optimizer
+    # steps once per grad_accum micro-batches and at the end of each epoch.
+
+    def epoch_batches(epoch, rank):
+        return rank_share(training_batches(units, args.batch_size, args.seed, epoch, BATCHING_WINDOWS[args.batching]),
+                          rank, world)
+
+    total_steps = sum(math.ceil(len(epoch_batches(epoch, 0)[0]) / grad_accum) for epoch in range(args.epochs))
     rt = Runtime(args, model, total_steps, grad_accum, device, dtype)
     decoder = is_decoder_rm(rt.model)
     os.makedirs(args.output, exist_ok=True)
-    log_path = os.path.join(args.output, "train_log.jsonl")
+    # the log of the run in progress; it joins the model as train_log.jsonl when the model is saved (an earlier
+    # model in the folder stays as it was, its log too, until the new one is complete)
+    log_path = os.path.join(args.output, "train_log.jsonl.partial")
 
     state = {"epoch": 0, "micro": 0, "step": 0, "fingerprint": fingerprint}
-    if args.resume and os.path.exists(os.path.join(ckpt, "trainer_state.json")):
-        state = rt.load_checkpoint(ckpt, fingerprint)
-        log.info("resuming from %s at epoch %d, step %d", ckpt, state["epoch"], state["step"])
+    if resume_from:
+        state = rt.load_checkpoint(resume_from, resume_state, ckpt)
+        log.info("resuming from %s at epoch %d, step %d", resume_from, state["epoch"], state["step"])
         if rt.is_main:
             truncate_log(log_path, state["step"])
     elif rt.is_main and os.path.exists(log_path):
         os.remove(log_path)
-    if rt.is_main:  # training starts: the model of an earlier run in this folder is stale from now on
-        for name in FINAL_FILES:
-            if os.path.exists(os.path.join(args.output, name)):
-                os.remove(os.path.join(args.output, name))
     if rt.is_main:
         log.info("%d rows (%d of weight 0 skipped, %d truncated inputs), %s: %d forward sequences an epoch, "
                  "%d optimizer steps, lr %g, accum %d, world %d", n_rows, skipped_zero, fmt.truncated,
@@ -248,20 +259,21 @@ def main():
     eval_history, eval_scores, eval_prefix_scores, train_scores = [], None, None, []
     stopped = False
     for epoch in range(state["epoch"], args.epochs):
-        batches = training_batches(units, args.batch_size, args.seed, epoch, BATCHING_WINDOWS[args.batching])
-        batches = batches[rt.rank::rt.world]
+        batches, real = epoch_batches(epoch, rt.rank)
         rt.train()
         window = new_window()
         bar = tqdm(total=len(batches), initial=state["micro"], desc=f"epoch {epoch + 1}/{args.epochs}",
                    unit="batch", disable=not rt.is_main)
         for micro in range(state["micro"], len(batches)):
+            # one process: a forward per group of similar lengths; several: one padded forward on every rank
             with rt.autocast():
                 loss, counts = batch_loss(rt.model, [units[i] for i in batches[micro]], tokenizer.pad_token_id,
-                                          decoder, rt.device)
-            if not torch.isfinite(loss):
+                                          decoder, rt.device, length_grouped=rt.world == 1, padding=micro >= real,
+                                          forward=lambda batch, positions: rt.scores(batch, positions, decoder))
+            if not rt.all_true(torch.isfinite(loss)):
                 raise DataError(f"non-finite loss at epoch {epoch + 1}, micro-batch {micro}: stopping")
-            rt.backward(loss)
             boundary = (micro + 1) % grad_accum == 0 or micro + 1 == len(batches)
+            rt.backward(loss, boundary)
             lr = rt.step(boundary)
             window["loss"] += loss.item()
             window["n"] += 1
@@ -311,11 +323,12 @@ def main():
         if epoch + 1 < args.epochs:  # after the last epoch the final save follows: no checkpoint needed
             rt.save_checkpoint(ckpt, state)
 
-    if eval_scores is None and len(train_scores) * rt.world >= STATS_MIN_SCORES:
-        eval_scores = train_scores  # rank 0's share of the last steps (each rank sees its own batches)
+    train_scores = rt.gather(train_scores)  # every rank's, on every rank: all take the same path below
+    if eval_scores is None and len(train_scores) >= STATS_MIN_SCORES:
+        eval_scores = train_scores
         source = (f"{args.input} ({len(train_scores)} complete training replies, scored by the loss in the last "
                   f"{100 - int(100 * STATS_FROM_STEPS)}% of the training steps)")
-    elif eval_scores is None:  # a capped sample of the training pairs' complete responses
+    elif eval_scores is None:  # a capped sample of the training pairs' complete responses (every rank scores it)
         prompts, responses = training_responses(rows)
         with rt.autocast():
             eval_scores = score(rt.model, fmt, prompts, responses, args.batch_size)
@@ -331,12 +344,24 @@ def main():
     extra_files = {"reward_stats.json": stats, "manifest.json": manifest}
     if eval_history:
         extra_files["eval.json"] = eval_history[-1]
-    rt.save_model(args.output, tokenizer, extra_files)
-    if rt.is_main:
-        shutil.rmtree(ckpt, ignore_errors=True)
+    if log_file:
         log_file.close()
+    rt.save_model(args.output, tokenizer, extra_files, log_path)
+    if rt.is_main:
+        remove_checkpoints(ckpt)
         log.info("saved %s", args.output)
 
 
+def main_on_every_rank():
+    """Under a launcher every rank meets the same expected failure (the checks are the same or agreed): the first
+    rank says it in one line, the others end with the same exit status, quietly."""
+    try:
+        main()
+    except DataError:
+        if int(os.environ.get("RANK", "0")) == 0:
+            raise
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main_on_every_rank)

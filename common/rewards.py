@@ -588,11 +588,16 @@ def length_groups(lengths, overhead=FORWARD_OVERHEAD_TOKENS):
     return groups[::-1]
 
 
-def batch_loss(model, units, pad_id, decoder, device):
+def batch_loss(model, units, pad_id, decoder, device, length_grouped=True, padding=False, forward=None):
     """The weighted Bradley-Terry loss of a batch: -mean over its rows of w * log sigmoid(r_w - r_l).
 
-    The sequences of the batch go through the model in groups of similar length (`length_groups`). Returns
-    (loss, stats) with stats
+    length_grouped=True: the sequences of the batch go through the model in groups of similar length
+    (`length_groups`), as many forwards as the data asks for. False: one padded forward, whatever the data
+    (distributed ZeRO-3 gathers the parameters collectively at every forward, so every rank must run the same
+    number). padding=True: a batch that only keeps the ranks in step (its rows weigh 0: loss and gradient 0, no
+    rows or scores counted). forward(batch, positions): runs one forward and returns the scores there (default
+    `reward_at` on `model`; a training runtime passes its own, e.g. DeepSpeed's engine). Returns (loss, stats) with
+    stats
     {"rows", "forwards" (sequences), "tokens" (real tokens), "complete_scores" (the scores of the chosen and
     rejected replies of the batch's complete rows, as computed for the loss: reward statistics for free)}.
     """
@@ -612,17 +617,19 @@ def batch_loss(model, units, pad_id, decoder, device):
         complete += u.get("complete", [True] * len(u["weights"]))
     # The batch's sequences go through the model in groups of similar length (one forward each, the graph of
     # all kept for one backward): the same scores, loss and gradient as one padded forward, less padding.
+    forward = forward or (lambda batch, positions: reward_at(model, batch, positions, decoder))
     per_sequence, tokens = [None] * len(sequences), 0
-    for group in length_groups([len(seq["input_ids"]) for seq in sequences]):
+    lengths = [len(seq["input_ids"]) for seq in sequences]
+    for group in length_groups(lengths) if length_grouped else [list(range(len(sequences)))]:
         batch, offsets = collate([sequences[i] for i in group], pad_id, "right")
         batch = {k: v.to(device) for k, v in batch.items()}
         tokens += int(batch["attention_mask"].sum())
         if decoder:
             positions = [[o + q for q in reads[i]] for i, o in zip(group, offsets)]
-            scores = reward_at(model, batch, positions, decoder=True)
+            scores = forward(batch, positions)
         else:  # encoders read one score per sequence, at its end (their own pooling)
             last = torch.tensor([o + reads[i][-1] for i, o in zip(group, offsets)], device=device)
-            scores = reward_at(model, batch, last, decoder=False)[:, None].unbind(0)
+            scores = forward(batch, last)[:, None].unbind(0)
         for i, sc in zip(group, scores):
             per_sequence[i] = sc
     flat = torch.cat(per_sequence)
@@ -630,9 +637,11 @@ def batch_loss(model, units, pad_id, decoder, device):
     for r in reads:
         start.append(start[-1] + len(r))
     index = {side: torch.tensor([start[s] + j for s, j in picks[side]], device=flat.device) for side in picks}
-    w = torch.tensor(weights, device=flat.device, dtype=flat.dtype)
+    w = torch.tensor(weights, device=flat.device, dtype=flat.dtype) * (0.0 if padding else 1.0)
     r_chosen, r_rejected = flat[index["chosen"]], flat[index["rejected"]]
     loss = bradley_terry_loss(r_chosen, r_rejected, w)
+    if padding:
+        return loss, {"rows": 0, "forwards": 0, "tokens": 0, "complete_scores": []}
     keep = torch.tensor(complete, device=flat.device)
     scores = torch.cat([r_chosen[keep], r_rejected[keep]]).detach().float().cpu().tolist()
     return loss, {"rows": len(weights), "forwards": len(sequences), "tokens": tokens, "complete_scores": scores}

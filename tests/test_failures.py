@@ -181,7 +181,8 @@ def test_partial_generations_are_refused(tmp_path, models):
                              "--output", tmp_path / "p.json", check=False), "partial")
 
 
-# 6. a failed rerun leaves the earlier output as it was; a killed training run leaves no loadable stale model
+# 6. a failed or killed rerun leaves the earlier output as it was (a training run's model too, until its own is
+# complete)
 def test_failed_reruns_keep_earlier_outputs(tmp_path, models):
     out = tmp_path / "g.jsonl"
     common = ["--prompts", models["prompts"], "--policy", models["policy"], "--max-new-tokens", 3, "--output", out]
@@ -192,13 +193,19 @@ def test_failed_reruns_keep_earlier_outputs(tmp_path, models):
     data = write_jsonl(tmp_path / "t.jsonl", separable_pairs(16))
     rm = tmp_path / "rm"
     run_script("03_train.py", "--input", data, "--init", models["rm"], "--output", rm, "--lr", 1e-3)
-    assert os.path.exists(rm / "config.json")
-    run_script("03_train.py", "--input", data, "--init", models["rm"], "--output", rm, "--lr", 1e-3,
-               "--save-steps", 1, "--stop-after-steps", 1)  # a run killed after one step
-    assert not os.path.exists(rm / "config.json") and not os.path.exists(rm / "model.safetensors")
-    proc = run_script("05_evaluate.py", "metrics", "--generations", out, "--metrics", "reward", "--rm", rm,
-                      "--output", tmp_path / "m.json", check=False)
-    fails_cleanly(proc, "not a model folder")
+    finished = {name: (rm / name).read_bytes() for name in os.listdir(rm) if os.path.isfile(rm / name)}
+    assert {"config.json", "model.safetensors", "manifest.json", "train_log.jsonl"} <= set(finished)
+    rerun = ["03_train.py", "--input", data, "--init", models["rm"], "--output", rm, "--lr", 2e-3, "--save-steps", 1]
+    run_script(*rerun, "--stop-after-steps", 1)  # a rerun killed after one step
+    assert {name: (rm / name).read_bytes() for name in finished} == finished  # the earlier model, as it was
+    assert json.load(open(rm / "manifest.json"))["fingerprint"]["lr"] == 1e-3
+    assert os.path.exists(rm / "train_log.jsonl.partial") and os.path.exists(rm / "checkpoint")
+    run_script("05_evaluate.py", "metrics", "--generations", out, "--metrics", "reward", "--rm", rm,
+               "--output", tmp_path / "m.json")  # still a whole model
+    run_script(*rerun, "--resume")  # the rerun completes and its model replaces the earlier one
+    assert json.load(open(rm / "manifest.json"))["fingerprint"]["lr"] == 2e-3
+    assert (rm / "model.safetensors").read_bytes() != finished["model.safetensors"]
+    assert not {"checkpoint", "train_log.jsonl.partial", ".final.tmp"} & set(os.listdir(rm))
 
 
 # 7. output == input is refused and the input kept
@@ -558,3 +565,191 @@ def test_a_model_that_asks_to_run_its_own_code_is_refused(tmp_path, models):
                             env={**os.environ, **env, "SPPRM_TRUST_REMOTE_CODE": "1"})
     assert opt_in.returncode == 0, opt_in.stderr[-2000:]
     assert marker.read_text() == "ran"
+
+
+# 16. the third round of fault probes: checkpoints hold tensors only, survive a kill at any instant, and a rerun
+# keeps the finished model until its own is complete
+class _CreatesMarker:
+    """Unpickling this runs code: it opens (creates) the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _plant_payload(checkpoint, name, marker, forge):
+    """Replace a checkpoint file with a torch.save file whose unpickling would create `marker`; forge=True also
+    writes its SHA-256 into trainer_state.json, as an attacker who can write the folder could."""
+    import hashlib
+
+    import torch
+
+    path = os.path.join(checkpoint, name)
+    torch.save({"optimizer": _CreatesMarker(marker), "scheduler": {}}, path)
+    if forge:
+        state_path = os.path.join(checkpoint, "trainer_state.json")
+        state = json.load(open(state_path))
+        state["files"][name] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+        json.dump(state, open(state_path, "w"))
+
+
+def test_resume_loads_tensors_only_and_refuses_in_one_line(tmp_path, models):
+    """A checkpoint file that was changed (corrupt or a pickle payload) is refused by its SHA-256; with the
+    checksum forged too, by the classes its pickle names (read, never run); loading itself is weights-only even
+    where the caller asks otherwise (DeepSpeed does). One line each, nothing run, nothing written."""
+    import shutil
+
+    import torch
+
+    from common.runtime import weights_only_loads
+
+    data = write_jsonl(tmp_path / "t.jsonl", separable_pairs(16))
+    common = ["--input", data, "--init", models["rm"], "--lr", 1e-3, "--batch-size", 4, "--save-steps", 1]
+    run_script("03_train.py", *common, "--output", tmp_path / "cut", "--stop-after-steps", 1)
+    marker = tmp_path / "payload-ran"
+    for probe in ("corrupt", "forged"):
+        out = tmp_path / probe
+        shutil.copytree(tmp_path / "cut", out)
+        if probe == "corrupt":
+            with open(out / "checkpoint" / "optimizer.pt", "r+b") as f:
+                f.seek(100)
+                f.write(b"\0" * 64)
+        else:
+            _plant_payload(out / "checkpoint", "optimizer.pt", marker, forge=probe == "forged")
+        listing = sorted(os.listdir(out))
+        proc = run_script("03_train.py", *common, "--output", out, "--resume", check=False)
+        line = fails_cleanly(proc, str(out / "checkpoint" / "optimizer.pt"), "rerun without --resume")
+        assert ("names io.open" if probe == "forged" else "changed after the checkpoint was written") in line
+        assert not marker.exists() and sorted(os.listdir(out)) == listing
+    # the load itself: weights only, whatever weights_only the caller passes
+    with weights_only_loads(), pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(tmp_path / "forged" / "checkpoint" / "optimizer.pt", weights_only=False)
+    assert not marker.exists()
+    run_script("03_train.py", *common, "--output", tmp_path / "cut", "--resume")  # the untouched one resumes
+    assert os.path.exists(tmp_path / "cut" / "model.safetensors")
+
+
+def test_deepspeed_resume_loads_tensors_only(tmp_path, models):
+    """DeepSpeed (one CPU rank): a pickle payload in its model states with a forged checksum is refused in one
+    line and never unpickled; the untouched checkpoint resumes (DeepSpeed's own torch.load forced to weights only)
+    and ends where a one-process run ends. 24 pairs in batches of 4 with windows of 4: the epoch's second window
+    holds 2 micro-batches and steps too."""
+    import glob
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from test_train import run_deepspeed
+
+    data = write_jsonl(tmp_path / "t.jsonl", separable_pairs(24, seed=6))
+    common = ["--input", data, "--init", models["rm"], "--lr", 1e-3, "--batch-size", 4, "--grad-accum", 4,
+              "--save-steps", 1, "--log-steps", 1]
+    deepspeed = ["--deepspeed", os.path.join(ROOT, "configs", "zero3.json")]
+    run_deepspeed(1, *common, *deepspeed, "--output", tmp_path / "cut", "--stop-after-steps", 1)
+    shutil.copytree(tmp_path / "cut", tmp_path / "evil")
+    marker = tmp_path / "payload-ran"
+    states = glob.glob(str(tmp_path / "evil" / "checkpoint" / "state" / "*model_states.pt"))
+    assert len(states) == 1
+    _plant_payload(tmp_path / "evil" / "checkpoint", os.path.relpath(states[0], tmp_path / "evil" / "checkpoint"),
+                   marker, forge=True)
+    proc = run_deepspeed(1, *common, *deepspeed, "--output", tmp_path / "evil", "--resume", check=False)
+    fails_cleanly(proc, "model_states.pt: its pickle names io.open")
+    assert not marker.exists() and not os.path.exists(tmp_path / "evil" / "model.safetensors")
+    run_deepspeed(1, *common, *deepspeed, "--output", tmp_path / "cut", "--resume")
+    steps = [e["step"] for e in read(tmp_path / "cut" / "train_log.jsonl") if "loss" in e]
+    assert steps == [1, 2]
+    run_script("03_train.py", *common, "--output", tmp_path / "one", "--device", "cpu")
+    a, b = load_file(tmp_path / "cut" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
+    init = load_file(os.path.join(models["rm"], "model.safetensors"))
+    for k in a:  # two Adam steps of lr 1e-3 move a weight by up to 2e-3; the runs agree to float noise
+        assert (a[k] - b[k]).abs().max() <= 1e-4, (k, (a[k] - b[k]).abs().max())
+    assert max((b[k] - init[k]).abs().max() for k in b) > 1e-3
+
+
+class _Killed(BaseException):
+    pass
+
+
+def _kill_at(monkeypatch, n):
+    """From now on the n-th rename or removal (0-based) kills the process: it raises _Killed instead."""
+    import shutil
+
+    calls = [0]
+
+    def deadly(real):
+        def call(*args, **kwargs):
+            if calls[0] == n:
+                raise _Killed()
+            calls[0] += 1
+            return real(*args, **kwargs)
+        return call
+
+    for module, name in ((os, "replace"), (os, "remove"), (os, "rename"), (shutil, "rmtree")):
+        monkeypatch.setattr(module, name, deadly(getattr(module, name)))
+
+
+def test_a_kill_during_a_checkpoint_swap_loses_nothing(tmp_path, models, monkeypatch):
+    """A kill at every rename or removal of a checkpoint save leaves a complete checkpoint (the old or the new one)
+    that a resume finds, checks and loads; the load finishes the interrupted swap."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from common.models import load_reward_model
+    from common.runtime import Runtime, check_checkpoint, find_checkpoint
+
+    args = SimpleNamespace(deepspeed=None, lr=1e-3, weight_decay=0.0, warmup_ratio=0.0, max_grad_norm=1.0)
+    rt = Runtime(args, load_reward_model(models["rm"]), 10, 1, torch.device("cpu"), torch.float32)
+    fingerprint = {"input": "x"}
+    for n in range(40):
+        folder = str(tmp_path / f"kill{n}" / "checkpoint")
+        rt.save_checkpoint(folder, {"epoch": 0, "micro": 1, "step": 1, "fingerprint": fingerprint})
+        with monkeypatch.context() as m:
+            _kill_at(m, n)
+            try:
+                rt.save_checkpoint(folder, {"epoch": 0, "micro": 2, "step": 2, "fingerprint": fingerprint})
+                killed = False
+            except _Killed:
+                killed = True
+        path = find_checkpoint(folder)
+        state = check_checkpoint(path, fingerprint, 1)  # complete, every file as written
+        assert state["step"] in (1, 2) and (killed or (path == folder and state["step"] == 2))
+        assert rt.load_checkpoint(path, state, folder)["step"] == state["step"]
+        assert find_checkpoint(folder) == folder and check_checkpoint(folder, fingerprint, 1)["step"] == state["step"]
+        assert not os.path.exists(folder + ".old")
+        if not killed:
+            break
+    assert n > 5  # every rename and removal of the save was a kill point once
+
+
+def test_a_kill_during_the_final_swap_leaves_one_model_or_none(tmp_path, monkeypatch):
+    """The final save moves the new model's files in beside the earlier model's: at no instant does the folder
+    hold a config.json with files of the other run (the earlier model stays whole until the new one is complete,
+    and config.json moves last)."""
+    from common.runtime import swap_files_in
+
+    for n in range(40):
+        out = tmp_path / f"kill{n}"
+        (out / ".final.tmp").mkdir(parents=True)
+        for name in ("config.json", "model.safetensors", "manifest.json", "eval.json", "train_log.jsonl"):
+            (out / name).write_text("old")
+        for name in ("config.json", "model.safetensors", "manifest.json", "train_log.jsonl", "tokenizer.json"):
+            (out / ".final.tmp" / name).write_text("new")
+        with monkeypatch.context() as m:
+            _kill_at(m, n)
+            try:
+                swap_files_in(str(out / ".final.tmp"), str(out))
+                killed = False
+            except _Killed:
+                killed = True
+        files = {p.name: p.read_text() for p in out.iterdir() if p.is_file()}
+        if "config.json" in files:
+            run = files["config.json"]
+            assert all(files[k] == run for k in ("model.safetensors", "manifest.json", "train_log.jsonl")), files
+            assert ("eval.json" in files) == (run == "old") and ("tokenizer.json" in files) == (run == "new")
+        assert killed or (files.get("config.json") == "new" and not (out / ".final.tmp").exists())
+        if not killed:
+            break
+    assert n > 5
