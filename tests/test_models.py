@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -109,9 +110,24 @@ def test_a_fresh_rm_head_is_said_once_in_words_not_in_transformers_load_report(c
     with caplog.at_level(logging.INFO, logger="common.models"):
         load_reward_model("minilm-l6", allow_new_head=True)
     out, err = capfd.readouterr()
-    assert "LOAD REPORT" not in out + err and "MISSING" not in out + err
+    assert "LOAD REPORT" not in out + err and "MISSING" not in out + err and "not sharded" not in out + err
     said = [r.getMessage() for r in caplog.records if "fresh scalar head" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith("minilm-l6: starting from a backbone: a fresh scalar head (")
     with pytest.raises(DataError, match="not a trained reward model"):
         load_reward_model("minilm-l6")
-    assert logging.getLogger("transformers.modeling_utils").level == logging.NOTSET  # put back as it was
+    assert not logging.getLogger("transformers.modeling_utils").filters  # put back as it was
+
+
+def test_saving_an_rm_on_the_cpu_prints_no_deepspeed_gpu_warning(tmp_path):
+    """transformers' save_pretrained imports DeepSpeed (through accelerate), which warns on every CPU machine that
+    it found no GPU; a stage that saves an RM prints neither that nor the load report."""
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); from common.models import load_reward_model; "
+              "load_reward_model('minilm-l6', allow_new_head=True).save_pretrained(sys.argv[2])")
+    proc = subprocess.run([sys.executable, "-c", script, ROOT, str(tmp_path / "rm")], capture_output=True, text=True,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "rm" / "config.json").exists()
+    assert "unable to detect it" not in proc.stdout + proc.stderr and "LOAD REPORT" not in proc.stdout + proc.stderr
+    bare = subprocess.run([sys.executable, "-c", "from deepspeed.accelerator import get_accelerator; get_accelerator()"],
+                          capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert "unable to detect it" in bare.stdout + bare.stderr  # what the filter keeps out (DeepSpeed prints to stdout)
