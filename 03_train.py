@@ -244,8 +244,8 @@ def main():
     state = {"epoch": 0, "micro": 0, "step": 0, "fingerprint": fingerprint}
     if resume_from:
         state = rt.load_checkpoint(resume_from, resume_state, ckpt)
-        log.info("resuming from %s at epoch %d, step %d", resume_from, state["epoch"], state["step"])
         if rt.is_main:
+            log.info("resuming from %s at epoch %d, step %d", resume_from, state["epoch"], state["step"])
             truncate_log(log_path, state["step"])
     elif rt.is_main and os.path.exists(log_path):
         os.remove(log_path)
