@@ -6,12 +6,12 @@ that a complete one exists at every instant (the current one steps aside as chec
 in, then the old one goes); its trainer_state.json, written last, makes it complete and records the SHA-256 of
 every other file in it. A resume takes the newest complete one (an interrupted swap is finished), checks every
 file against those checksums and loads tensors only: torch.load with weights only, for DeepSpeed's own loads too
-(TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides its weights_only=False; its two small classes are allowed by name).
+(TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides its weights_only=False; its few own classes are allowed by name).
 Anything else is refused with one line before any file is unpickled.
 
 Distributed runs (DeepSpeed on several ranks): every rank must run the same collectives in the same order
 (ZeRO-3 gathers the parameters at every forward). The loop gives every rank the same number of micro-batches
-(`rank_share`), one forward each; the checks that stop a run are agreed between ranks."""
+(`rank_share`), one forward each; every rank makes the checks that stop a run, on the same data or agreed."""
 import contextlib
 import json
 import math
