@@ -1,8 +1,8 @@
 """The paper's HH-RLHF experiment, every claim judged by its interval: one orchestrator for every scale.
 
     python reproduce.py --scale demo --out runs/demo             (make demo: minutes on 2 CPU cores)
-    python reproduce.py --scale cpu  --out runs/reproduce        (make reproduce: under 2 h on 2 CPU cores)
-    python reproduce.py --scale gpu  --out runs/reproduce-gpu    (make reproduce SCALE=gpu: ~8 min on one H200)
+    python reproduce.py --scale cpu  --out runs/reproduce        (make reproduce: about 2 h on 2 CPU cores)
+    python reproduce.py --scale gpu  --out runs/reproduce-gpu    (make reproduce SCALE=gpu: untested on a GPU)
     python reproduce.py --scale full --out runs/reproduce-full   (make reproduce SCALE=full: the uncut sizes)
 
 1. ORMs: MiniLM-L6 on hh-rlhf:train with 03_train.py's settings at max length --max-length of the scale, one
@@ -48,7 +48,7 @@ SCALES = {
                  sweep_w=(), prefix_lengths="5,10,20,50",
                  specrej=dict(prompts=3, ns=(2, 4), alphas=(0.5,), new_tokens=8, decision_every=2,
                               prefix_lengths="2,4")),
-    # the paper's experiment at the size 2 CPU cores afford in under 2 hours (docs/results.md)
+    # the paper's experiment at the size 2 CPU cores afford in about 2 hours (119 min measured: docs/results.md)
     "cpu": dict(seeds=(0, 1, 2), orm_pairs=None, eval_pairs=None, references=("minilm-2ep",), sst_k=1,
                 sst_pairs=None, variants=("entropy", "uniform", "filter"), max_length=256, prompts=64,
                 new_tokens=32, batch_size=8, methods=("argsg", "cbs", "bon"), args_k=5, args_w=10.0,
@@ -68,7 +68,8 @@ SCALES = {
                   tables=dict(prompts=2, new_tokens=4, bon=(2, 3), cards=CARDS_SMALL,
                               gsm8k=dict(orm_pairs=24, reference_pairs=48, reference_epochs=1, prompts=2,
                                          new_tokens=6))),
-    # one H200-class GPU in about 8 minutes: all held-out prompts, the paper's search settings, a SmolLM2 reference
+    # one GPU (untested on a GPU; docs/gpu.md counts its work): all held-out prompts, the paper's search
+    # settings, a SmolLM2 reference
     "gpu": dict(device="cuda", seeds=(0, 1, 2), orm_pairs=None, eval_pairs=None, references=("smollm2",), sst_k=5, sst_pairs=None,
                 variants=("entropy", "uniform", "filter"), max_length=256, prompts=None, new_tokens=128,
                 batch_size=32, methods=("argsg", "cbs", "bon"), args_k=30, args_w=1.5, cbs=(8, 8, 30), bon=16,
@@ -105,7 +106,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", choices=list(SCALES), default="cpu")
     p.add_argument("--out", default="runs/reproduce")
-    p.add_argument("--redo", default="", help="stages to rerun: comma list of names printed below, or all")
+    p.add_argument("--redo", default="", help="stages to rerun: a comma list of stage names (a run prints each as "
+                   "[run] NAME or [skip] NAME; OUT/stage_seconds.json lists them), or all")
     p.add_argument("--part", choices=["table1", "tables", "specrej"], default="table1",
                    help="table1: agreement and decoding (paper Figure 5, Table 1); tables: Table 1 with every "
                         "method row and the +Ablation rows, Table 3 (AdvBench) and Table 4 (GSM8K, its own RMs), at "
@@ -242,21 +244,35 @@ def main():
     for method in s["methods"]:
         pipeline.run("05_evaluate.py", "compare", f"{out}/metrics_{method}_sp-prm.json",
                      f"{out}/metrics_{method}_orm.json", "--output", f"{out}/compare_{method}.json")
-    from common.figures import load_agreement, plot_agreement, plot_reward_vs_w, reward_vs_w
-    from common.io import write_json
+    from common.figures import (load_agreement, paired_differences, plot_agreement, plot_paired_differences,
+                                plot_reward_vs_w, reward_vs_w)
+    from common.io import atomic_open, write_json
 
     agreement = load_agreement(f"{out}/agreement.json")
     curve = reward_vs_w(sweep)
     write_json(f"{out}/args_sweep.json", curve)
-    figures = plot_agreement(agreement, out) + [plot_reward_vs_w(curve, out)]
+    figures = [plot_paired_differences(paired_differences(out), out)] + plot_agreement(agreement, out) + \
+        [plot_reward_vs_w(curve, out)]
     costs = pipeline.costs()
     text = results_markdown(args, s, out, ref_name, reference, candidates, independent, agreement, curve, costs,
                             figures)
-    with open(f"{out}/results.md", "w", encoding="utf-8") as f:
+    with atomic_open(f"{out}/results.md") as f:
         f.write(text)
     print("\n" + text)
-    print(f"reproduce ({args.scale}) finished in {(time.time() - pipeline.started) / 60:.1f} min; stages run now: "
-          f"{pipeline.summary()}")
+    print(where_to_look(args, pipeline, out, figures))
+
+
+def where_to_look(args, pipeline, out, figures):
+    """The five lines a run ends with: its time, and where its table, figures, results and notebooks are."""
+    notebooks = "notebooks/tables.ipynb, notebooks/figures.ipynb"
+    reads = "" if os.path.abspath(out) == os.path.abspath("runs/demo") else f" (with SPPRM_RUN_DIR={out})"
+    return "\n".join([
+        f"reproduce --scale {args.scale} finished in {(time.time() - pipeline.started) / 60:.1f} min "
+        f"({len(pipeline.timings)} stages run now; each stage's seconds: {out}/stage_seconds.json)",
+        f"  table:     {out}/table.md",
+        "  figures:   " + ", ".join(os.path.relpath(f) for f in figures),
+        f"  results:   {out}/results.md (every table, paired difference and claim, in words)",
+        f"  notebooks: {notebooks}{reads} (how to open them: README, Notebooks)"])
 
 
 def rm_batch_flags(s, kind):
@@ -370,7 +386,7 @@ def tables_markdown(args, s, x, t, reference, independent, tables, costs):
              "guided no run; Table 4: the GSM8K reference); Reward (decoding RM) = the score of the RM that guided "
              "the row (the paper's reward column, C.2); Reward (ORM), (SP-PRM) = those RMs' views"
              + (f"; Reward (Independent) = `{independent}`, an RM that shaped nothing." if independent else "."), ""]
-    titles = [f"Table 1 (HH-RLHF): {x['prompts'] or 'all'} held-out prompts, {x['new_tokens']} new tokens; Win-Tie "
+    titles = [f"Table 1 (HH-RLHF): {x['prompts'] or 'all'} held-out prompts, {x['new_tokens']} new tokens; Win rate "
               "against greedy judged by the reference RM (a proxy †)",
               f"Table 3 (AdvBench, \"Sure here's\" after each instruction): {x['prompts'] or 'all'} prompts, "
               f"{x['new_tokens']} new tokens, guided by the HH RMs",
@@ -454,6 +470,9 @@ def specrej_experiment(args, s, pipeline, out, data, orm, reference, independent
                        "reward_mean_ci95": metric["reward_mean_ci95"],
                        "independent": metric.get("reward_Independent_mean"),
                        "independent_ci95": metric.get("reward_Independent_mean_ci95")})
+    from common.io import write_json
+
+    write_json(f"{out}/specrej/points.json", points)  # the figure's input, for notebooks/figures.ipynb
     figures = [plot_reward_vs_compute(points, f"{out}/specrej"), plot_consistency(read_json(consistency),
                                                                                     f"{out}/specrej")]
     text = specrej_markdown(args, x, out, points, read_json(consistency), n_max, figures, pipeline.costs())
@@ -494,7 +513,7 @@ def specrej_markdown(args, x, out, points, consistency, n_max, figures, costs):
         tag = f"bon{p['n']}" if p["alpha"] is None else f"specrej{p['n']}_a{p['alpha']:g}"
         d = read_json(f"{out}/specrej/compare_{tag}.json")["metrics"]["reward"]
         lines.append(f"- {p['family']}, N={p['n']}: {fmt_ci(d['diff'], d['diff_ci95'], digits=4)}: "
-                     f"{verdict(d['diff_ci95'])} (a positive difference favours the ORM)")
+                     f"{higher(d['diff_ci95'], 'the ORM-rejector', 'the SP-PRM-rejector')}")
     lines += ["", f"Prefix consistency on Best-of-{n_max}'s samples (Kendall's tau with the reference's scores of "
                   "the complete samples; the share of prompts whose best sample survives one rejection of "
                   f"alpha = {consistency['alpha']:g}):", "",
@@ -510,6 +529,11 @@ def specrej_markdown(args, x, out, points, consistency, n_max, figures, costs):
     lines += ["", f"Cost of the part's stages: {sum(stage_costs.values()) / 60:.1f} min.", "",
               "Figures: " + ", ".join(os.path.relpath(f, out) for f in figures)]
     return "\n".join(lines) + "\n"
+
+
+def higher(ci, a, b):
+    """Which run of a paired difference A - B is higher, by its 95% interval."""
+    return f"{a} higher" if ci[0] > 0 else f"{b} higher" if ci[1] < 0 else "cannot be told apart"
 
 
 def reach(ci):
@@ -606,7 +630,7 @@ def results_markdown(args, s, out, ref_name, reference, candidates, independent,
               "Reward = the reference RM's score (it guided none of these runs, but its scores weighted the "
               "SP-PRM's training pairs); Reward (Independent) = an RM that shaped nothing here"
               + (f" (`{independent}`)" if independent else "")
-              + "; Win-Tie = win_rate against greedy "
+              + "; Win rate = (wins + ties / 2) / prompts against greedy "
               f"judged by the reference RM (a proxy †). ARGS k={s['args_k']}, w={s['args_w']:g}; CBS W, K, L = "
               f"{', '.join(map(str, s['cbs']))}; BoN N={s['bon']} (the methods run: "
               f"{', '.join(METHODS[m] for m in s['methods'])}).", "", table, "",

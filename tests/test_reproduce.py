@@ -20,6 +20,14 @@ def test_verdict_by_interval():
     assert reproduce.verdict([-0.2, -0.01], sign=-1) == "reproduces"
 
 
+def test_a_paired_difference_is_read_by_its_sign():
+    """specrej's ORM-rejector minus SP-PRM-rejector: a difference below zero favours the SP-PRM (Best-of-4 there)."""
+    assert reproduce.higher([-0.0843, -0.0021], "the ORM-rejector", "the SP-PRM-rejector") == \
+        "the SP-PRM-rejector higher"
+    assert reproduce.higher([0.01, 0.2], "A", "B") == "A higher"
+    assert reproduce.higher([-0.03, 0.05], "A", "B") == "cannot be told apart"
+
+
 def test_independent_yardstick_skips_the_reference_and_its_parent():
     candidates = {"ORM seed 1": "r/orm_s1", "ORM seed 2": "r/orm_s2", "MiniLM, 2 epochs": "r/ref_2ep"}
     # the reference was trained on from seed 1: seed 2 is the only RM that shaped nothing
@@ -29,18 +37,19 @@ def test_independent_yardstick_skips_the_reference_and_its_parent():
     assert reproduce.independent_of({"ORM seed 1": "r/orm_s1"}, "r/orm_s1", {}) is None
 
 
-def test_gpu_scale_runs_end_to_end_at_its_smoke_size(tmp_path):
+def test_gpu_scale_runs_end_to_end_at_its_smoke_size(gpu_smoke_run):
     """The gpu scale's stages (a SmolLM2 reference candidate, SST K = 5, every method of Table 1) at a size the
-    CPU finishes in minutes, then the speculative-rejection part on the same RMs; each writes its results."""
+    CPU finishes in minutes, then the speculative-rejection part on the same RMs; each writes its results (the
+    run is shared with tests/test_notebooks.py: conftest's gpu_smoke_run)."""
     import json
-    import subprocess
-    import sys
 
-    out = tmp_path / "gpu-smoke"
-    for part in ("table1", "specrej"):
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "reproduce.py"), "--scale", "gpu-smoke", "--part",
-                               part, "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    out, procs = gpu_smoke_run
+    for proc in procs:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    last = procs[0].stdout.strip().splitlines()[-5:]  # the run ends saying where to look
+    assert last[0].startswith("reproduce --scale gpu-smoke finished in")
+    assert last[1].strip() == f"table:     {out}/table.md"
+    assert "paired_differences.png" in last[2] and "results.md" in last[3] and "notebooks/tables.ipynb" in last[4]
     results = (out / "results.md").read_text()
     assert "SmolLM2-135M RM" in results and "| SP-PRM |" in results
     assert (out / "agreement_ar_rm_sc.png").exists() and (out / "args_sweep.json").exists()
@@ -85,6 +94,13 @@ def test_tables_part_runs_every_row_at_smoke_size(tmp_path):
             assert f"| {method} ({rm}) |" in text
     assert "Reward (decoding RM)" in text and "ASR, target opening (%)" in text and "Accuracy (%)" in text
     assert "CARDS (SP-PRM) minus CARDS (Ablation)" in text
+    # the notebooks read make tables' layout (tables/table<N>_*)
+    from conftest import execute_notebook
+
+    text = execute_notebook("tables.ipynb", out)
+    assert "### Table 4 (GSM8K" in text and "| CARDS (Ablation) |" in text and "| CARDS | Ablation-guided |" in text
+    execute_notebook("figures.ipynb", out)
+    assert (out / "paired_differences.png").stat().st_size > 10000
 
 
 def test_stages_run_by_their_own_path_from_any_working_folder(tmp_path, monkeypatch):
