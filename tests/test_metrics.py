@@ -19,13 +19,16 @@ def test_diversity_by_hand():
     assert diversity("one two three four") == 1.0
 
 
-def test_the_args_authors_diversity_beside_the_papers(tmp_path):
+def test_the_args_authors_diversity_beside_the_papers(tmp_path, monkeypatch):
     """diversity_args is the ARGS authors' compute_diversity: unique / (total + 1) n-grams over nltk word tokens,
     case kept; on a reply without a repeat the paper's (C.2) gives 1.0 and theirs less."""
     import json
 
+    import importlib.util
+    import sys
+
     from common.metrics import args_words, diversity_args
-    from conftest import run_script
+    from conftest import ROOT
 
     reply = "I find the weather great and kind."
     assert args_words(reply) == ["I", "find", "the", "weather", "great", "and", "kind", "."]
@@ -40,8 +43,13 @@ def test_the_args_authors_diversity_beside_the_papers(tmp_path):
     gen = tmp_path / "gen.jsonl"
     gen.write_text("".join(json.dumps({"id": f"p{i}", "prompt": "Hi?", "response": r, "method": "greedy"}) + "\n"
                            for i, r in enumerate([reply, "a b a b"])))
-    run_script("05_evaluate.py", "metrics", "--generations", gen, "--metrics", "diversity,diversity_args",
-               "--output", tmp_path / "m.json", "--allow-train-overlap")
+    spec = importlib.util.spec_from_file_location("evaluate", f"{ROOT}/05_evaluate.py")  # as its command line runs
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    monkeypatch.setattr(sys, "argv", ["05_evaluate.py", "metrics", "--generations", str(gen), "--metrics",
+                                      "diversity,diversity_args", "--output", str(tmp_path / "m.json"),
+                                      "--allow-train-overlap"])
+    evaluate.main()
     m = json.load(open(tmp_path / "m.json"))
     assert m["diversity"] == pytest.approx((1.0 + 2 / 3) / 2)
     assert m["diversity_args"] == pytest.approx((5 / 8 + 1 / 6) / 2) and len(m["diversity_args_ci95"]) == 2

@@ -118,16 +118,21 @@ def test_a_fresh_rm_head_is_said_once_in_words_not_in_transformers_load_report(c
     assert not logging.getLogger("transformers.modeling_utils").filters  # put back as it was
 
 
-def test_saving_an_rm_on_the_cpu_prints_no_deepspeed_gpu_warning(tmp_path):
+def test_deepspeeds_no_gpu_warning_is_kept_out_on_a_cpu_machine():
     """transformers' save_pretrained imports DeepSpeed (through accelerate), which warns on every CPU machine that
-    it found no GPU; a stage that saves an RM prints neither that nor the load report."""
-    script = ("import sys; sys.path.insert(0, sys.argv[1]); from common.models import load_reward_model; "
-              "load_reward_model('minilm-l6', allow_new_head=True).save_pretrained(sys.argv[2])")
-    proc = subprocess.run([sys.executable, "-c", script, ROOT, str(tmp_path / "rm")], capture_output=True, text=True,
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (tmp_path / "rm" / "config.json").exists()
-    assert "unable to detect it" not in proc.stdout + proc.stderr and "LOAD REPORT" not in proc.stdout + proc.stderr
-    bare = subprocess.run([sys.executable, "-c", "from deepspeed.accelerator import get_accelerator; get_accelerator()"],
-                          capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert "unable to detect it" in bare.stdout + bare.stderr  # what the filter keeps out (DeepSpeed prints to stdout)
+    it found no GPU: common.models keeps that record out of DeepSpeed's logger where torch sees no GPU, and only
+    that one."""
+    import logging
+
+    import deepspeed.accelerator.real_accelerator as real
+
+    import common.models  # noqa: F401 (the filter is set when it loads)
+
+    assert "we were unable to detect it." in open(real.__file__, encoding="utf-8").read()  # what DeepSpeed logs
+    message = "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it."
+
+    def record(text):
+        return logging.LogRecord("DeepSpeed", logging.WARNING, real.__file__, 213, text, None, None)
+    ds = logging.getLogger("DeepSpeed")
+    assert not torch.cuda.is_available()  # the CPU tests hide any GPU
+    assert not ds.filter(record(message)) and ds.filter(record("Setting ds_accelerator to cuda (auto detect)"))
