@@ -13,8 +13,8 @@ not fetched again behind the user's back (something changed it; on a machine off
 the message says to delete it and run `make data`.
 
 Hub files are read from $SPPRM_HUB_MIRROR/<repo>/<file> when that variable is set (a local copy laid out as
-the hub: offline machines, tests), else downloaded with huggingface_hub. Other files come from the pinned
-commit of their repository.
+the hub: offline machines, tests), else downloaded with huggingface_hub. Other files come from a pinned commit of
+their repository (AdvBench from its main branch: no commit is pinned, and the checksum refuses another version).
 """
 import contextlib
 import csv
