@@ -45,7 +45,7 @@ endif
 demo: setup
 	$(PY) reproduce.py --scale demo --out runs/demo
 
-# The paper's HH-RLHF experiment at this machine's size (under 2 h on 2 cores; resumable); SCALE=full: uncut
+# The paper's HH-RLHF experiment at this machine's size (about 2 h on 2 cores, 119 min measured; resumable); SCALE=full: uncut
 # SCALE=gpu: all held-out prompts with the paper's search settings on one GPU (docs/gpu.md: its counted work);
 # SCALE=gpu-smoke: the gpu scale's stages at a size that finishes in minutes. GPU scales run with --device cuda
 reproduce: setup
