@@ -265,7 +265,7 @@ def main():
 
     with ResumableJsonlWriter(out_path, key="id", resume=args.resume) as writer:
         todo = [p for p in mine if p["id"] not in writer.done and p["id"] not in done_before]
-        if args.resume:
+        if args.resume and len(todo) < len(mine):  # a first run has nothing to resume
             log.info("rank %d: %d prompts already decoded, %d to go", rank, len(mine) - len(todo), len(todo))
         # the bar closes before an error line is printed (it would be drawn again after it)
         with tqdm(total=len(todo), desc=f"{method.name} (rank {rank})", unit="prompt", disable=rank != 0) as bar:

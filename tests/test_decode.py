@@ -36,7 +36,8 @@ def decode(folders, out, *extra):
 
 def test_output_rows_and_resume_after_a_kill(folders, tmp_path):
     full = tmp_path / "full.jsonl"
-    decode(folders, full)
+    first = decode(folders, full, "--resume")
+    assert "already decoded" not in first.stderr  # a first run has nothing to resume, and does not say so
     rows = read(full)
     assert [r["id"] for r in rows] == [f"p{i}" for i in range(6)]
     for r in rows:
@@ -49,7 +50,8 @@ def test_output_rows_and_resume_after_a_kill(folders, tmp_path):
     with open(full) as f:
         lines = f.readlines()
     cut.write_text("".join(lines[:3]) + lines[3][:20])
-    decode(folders, cut, "--resume")
+    resumed = decode(folders, cut, "--resume")
+    assert "rank 0: 3 prompts already decoded, 3 to go" in resumed.stderr
     again = read(cut)
     assert sorted(r["id"] for r in again) == [f"p{i}" for i in range(6)]
     assert {r["id"]: r["response"] for r in again} == {r["id"]: r["response"] for r in rows}
