@@ -10,12 +10,15 @@ Prompt sets: hh-rlhf:heldout, hh-helpful, advbench (--advbench-prefill starts th
 tldr, gsm8k, mt-bench (first turns), or a JSONL with "id" and "prompt".
 Prompts that the RM was trained on (its manifest.json names its training pairs) are refused unless
 --allow-train-overlap.
-A decoder RM sharing the policy's tokenizer is scored on its own KV cache (--rm-path auto/cached); any other
-RM through decoded text (text). Out: one row per prompt {"id","prompt","response","method","params","rm",
-"policy","stats"}, appended and flushed one by one to OUTPUT.partial (OUTPUT.shardR-of-W.jsonl per rank), merged
-into OUTPUT when every prompt is done; --resume continues from the row files of the killed run, whatever its
-number of ranks (it refuses rows made with another method, settings, policy, RM or prompt set) and skips ids
-already written. Ranks wait for the slowest at the end over gloo, for as long as it takes.
+A decoder RM sharing the policy's tokenizer is scored on its own KV cache (--rm-path auto/cached); any other RM
+through decoded text (text). Both cut an input longer than the RM's --max-length by the rule of docs/scoring.md; a
+prompt that does not fit the policy's positions beside --max-new-tokens keeps its last tokens. Each row's stats say
+reward_input_truncated and prompt_tokens_cut; the manifest counts them. Out: one row per prompt
+{"id","prompt","response","method","params","rm","policy","stats"}, appended and flushed one by one to
+OUTPUT.partial (OUTPUT.shardR-of-W.jsonl per rank), merged into OUTPUT when every prompt is done; --resume
+continues from the row files of the killed run, whatever its number of ranks (it refuses rows made with another
+method, settings, policy, RM or prompt set) and skips ids already written. Ranks wait for the slowest at the end
+over gloo, for as long as it takes.
 """
 import argparse
 import datetime
