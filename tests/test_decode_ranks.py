@@ -10,14 +10,10 @@ import sys
 import pytest
 
 from conftest import ROOT, run_script, save_tiny_rm, write_jsonl
+from test_decode import read
 from test_search import save_tiny_policy
 
 N_PROMPTS = 7  # odd: the ranks' shares differ in size as well as in length
-
-
-def read(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")
