@@ -65,6 +65,7 @@ class Method:
     uses_rm = True          # needs a reward model
     samples = True          # tokens are drawn with seeded uniforms (else argmax)
     proposal = "chains"     # "chains": K chains of up to L tokens; "top_k": the K most likely next tokens
+    serves = False          # runs on a serving backend (served.py: sampled chains, no per-token distribution)
     knobs = ()
 
     def __init__(self, **values):
@@ -234,6 +235,7 @@ class CBS(Method):
     K sampled successors of L tokens each per beam, keep the top W by r. It starts from W copies of the
     prompt, each beam slot drawing its own samples, so the first round ranks W * K candidates."""
     name = "cbs"
+    serves = True
     knobs = (Knob("beam", positive_int, 8, "beams W"), Knob("successors", positive_int, 8, "successors K per beam"),
              Knob("chunk", positive_int, 30, "chunk length L")) + SAMPLING
 
@@ -249,6 +251,7 @@ class CBS(Method):
 class TBS(CBS):
     """Token-level beam search: CBS with L = 1."""
     name = "tbs"
+    serves = False  # token-level: a request per token gains nothing from a server
     knobs = (Knob("beam", positive_int, 8, "beams W"),
              Knob("successors", positive_int, 8, "successors K per beam")) + SAMPLING
 
@@ -260,6 +263,7 @@ class TBS(CBS):
 class BestOfN(Method):
     """Best-of-N: N complete samples, the best by r (Algorithm 3 with W = 1, K = N, L = the token budget)."""
     name = "bon"
+    serves = True
     knobs = (Knob("n", positive_int, 16, "samples N"),) + SAMPLING
 
     def shape(self, max_new_tokens):
@@ -395,6 +399,7 @@ class SpeculativeRejection(BestOfN):
     least one); the answer is the best finished sample. Sample j draws the tokens of Best-of-N's sample j, so
     with alpha 0 it is Best-of-N."""
     name = "specrej"
+    serves = True
     knobs = (Knob("n", positive_int, 16, "samples N"),
              Knob("alpha", fraction, 0.5, "share of the samples in play rejected at each decision point"),
              Knob("decision_every", positive_int, 32, "new tokens L between decision points")) + SAMPLING
