@@ -74,9 +74,10 @@ def parse_args():
     p.add_argument("--allow-train-overlap", action="store_true",
                    help="decode prompts that the RM was trained on (refused by default: see its manifest)")
     g = p.add_argument_group("method knobs (each method reads its own; unset: the method's default)")
-    for knob in method_knobs():
-        g.add_argument("--" + knob.name.replace("_", "-"), type=knob.type, default=None, choices=knob.choices,
-                       help=f"{knob.help} ({', '.join(m for m, c in REGISTRY.items() if knob.name in c.knob_names())})")
+    for knob in method_knobs():  # a knob's older name is an alias of its flag
+        users = ", ".join(m for m, c in REGISTRY.items() if knob.name in c.__dataclass_fields__)
+        g.add_argument(*knob.flags, dest=knob.name, type=knob.type, default=None, choices=knob.choices,
+                       help=f"{knob.help} ({users})")
     args = p.parse_args()
     try:  # the method's own knobs, checked before any model loads
         args.search_method = make_method(args.method, **{k.name: getattr(args, k.name) for k in method_knobs()})
@@ -89,9 +90,12 @@ def methods_help():
     """The registered methods, each with its knobs and their defaults, from the classes themselves."""
     import textwrap
 
+    from common.search import knobs as knobs_of
+
     lines = ["methods:"]
     for name, cls in REGISTRY.items():
-        knobs = ", ".join(f"--{k.name.replace('_', '-')} {k.default}" for k in cls.knobs) or "none"
+        knobs = ", ".join(f"{k.flags[0]} {repr(k.default) if isinstance(k.default, str) else k.default}"
+                          for k in knobs_of(cls)) or "none"
         text = " ".join((cls.__doc__ or "").split()) + f" Knobs: {knobs}."
         lines.append(textwrap.fill(text, 110, initial_indent=f"  {name:9s}", subsequent_indent=" " * 11,
                                    break_on_hyphens=False))

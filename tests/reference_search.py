@@ -67,6 +67,10 @@ class Reference:
             return self.plain(p, prompt_ids, prefill)
         if m in ("cbs", "tbs", "bon"):
             return self.chunk_beam(p, prompt_ids, prefill, *self.method.shape(self.max_new_tokens))
+        if m == "stepbeam":  # CBS whose chunks end after the step delimiter (or at max_step tokens)
+            delimiter = self.method.delimiter
+            return self.chunk_beam(p, prompt_ids, prefill, self.method.beam, self.method.k, self.method.max_step,
+                                   step_ends=lambda chain: delimiter in self.tok.decode(chain, skip_special_tokens=True))
         if m == "specrej":
             return self.speculative_rejection(p, prompt_ids, prefill)[0]
         raise ValueError(f"no literal reference for {m}")
@@ -76,7 +80,7 @@ class Reference:
         n0 = len(response)
         for round_idx in range(self.max_new_tokens):
             us = [uniform(self.seed, key, round_idx, 0, 0, 0)] if self.method.name == "sample" else None
-            tok = int(pick_tokens(self.logits(prompt_ids, response)[None], us, self.method)[0])
+            tok = int(pick_tokens(self.logits(prompt_ids, response)[None], us, self.method.sampling)[0])
             if tok in self.policy.eos_ids:
                 break
             response.append(tok)
@@ -101,8 +105,9 @@ class Reference:
             if self.ends(response, len(response) - n0):
                 return response
 
-    def chunk_beam(self, p, prompt_ids, prefill, W, K, L):
-        """CBS (TBS: L = 1; Best-of-N: W = 1, K = N, L = max tokens): keep the top-W of W*K chunks by r."""
+    def chunk_beam(self, p, prompt_ids, prefill, W, K, L, step_ends=None):
+        """CBS (TBS: L = 1; Best-of-N: W = 1, K = N, L = max tokens): keep the top-W of W*K chunks by r. With
+        step_ends, a chunk also ends as soon as step_ends(chunk) holds (step beam search: a delimiter)."""
         key, n0 = prompt_key(p["id"]), len(prefill)
         start = {"tokens": list(prefill), "done": False, "score": self.reward(p["prompt"], list(prefill))}
         # Algorithm 3: H starts with W copies of the prompt (Best-of-N: W = 1)
@@ -117,9 +122,11 @@ class Reference:
                 for j in range(K):
                     chain, done = [], False
                     for step in range(L):
+                        if step_ends is not None and chain and step_ends(chain):
+                            break
                         us = [uniform(self.seed, key, round_idx, slot, j, step)]
                         tok = int(pick_tokens(self.logits(prompt_ids, beam["tokens"] + chain)[None], us,
-                                              self.method)[0])
+                                              self.method.sampling)[0])
                         if tok in self.policy.eos_ids:
                             done = True
                             break
@@ -152,7 +159,7 @@ class Reference:
                         break
                     n_new = len(s["tokens"]) - n0
                     us = [uniform(self.seed, key, 0, 0, s["lineage"], n_new)]
-                    tok = int(pick_tokens(self.logits(prompt_ids, s["tokens"])[None], us, self.method)[0])
+                    tok = int(pick_tokens(self.logits(prompt_ids, s["tokens"])[None], us, self.method.sampling)[0])
                     if tok in self.policy.eos_ids:
                         s["done"] = True
                         break

@@ -44,7 +44,7 @@ import torch
 from common.io import DEFAULT_MAX_LENGTH
 from common.metrics import require_finite_scores
 from common.rewards import RMFormat, score_encoded, score_head, text_ids
-from common.search.methods import Row, make_method
+from common.search.methods import Method, Row, Run, make_method
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -72,12 +72,12 @@ def filter_logits(logits, temperature=1.0, top_p=1.0, top_k=0):
     return logits
 
 
-def pick_tokens(logits, us, method):
-    """Argmax (us is None) or inverse-CDF sampling with the given uniforms, one per row, on the logits' device
-    in fp32: only the uniforms go there and the token ids come back."""
+def pick_tokens(logits, us, sampling):
+    """Argmax (us is None) or inverse-CDF sampling by the Sampling settings with the given uniforms, one per row,
+    on the logits' device in fp32: only the uniforms go there and the token ids come back."""
     if us is None:
         return logits.argmax(-1)
-    probs = torch.softmax(filter_logits(logits, method.temperature, method.top_p, method.top_k), dim=-1)
+    probs = torch.softmax(filter_logits(logits, sampling.temperature, sampling.top_p, sampling.top_k), dim=-1)
     cdf = probs.cumsum(-1)
     u = torch.as_tensor(us, dtype=cdf.dtype, device=cdf.device).unsqueeze(-1) * cdf[..., -1:]
     return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=logits.shape[-1] - 1)
@@ -324,12 +324,10 @@ class RMWindow:
 # ------------------------------------------------------------------------------------------ the loop
 
 def search_params(method, max_new_tokens, seed, has_rm, normalize, stats):
-    """What a run's rows record: the method's knobs (after the RM's statistics set its defaults), the budget
-    and seed, and for RM-guided methods whether rewards were normalised (the switch that acted) and with
-    which statistics."""
-    if has_rm:
-        method.bind(normalize, stats)
-    out = method.params()
+    """What a run's rows record: the method's knobs (with the defaults the RM's reward settings give), the
+    budget and seed, and for RM-guided methods whether rewards were normalised (the switch that acted) and
+    with which statistics."""
+    out = method.params(bool(normalize), stats) if has_rm else method.params()
     if method.uses_rm and has_rm:
         out["reward_norm"] = "std" if normalize else "none"
         if normalize:
@@ -352,16 +350,43 @@ class Candidates:
 
 @dataclass
 class Batch:
-    """What a method may read while it chooses: the round, the prompts' seeds and prefills, its own state."""
+    """What a method may read while it chooses: the round, its own state (Method.start), and the uniform number
+    at any coordinates of a prompt (seeded by the run's seed and the prompt's id)."""
     seed: int
     keys: list
-    prefill_len: list
-    max_new_tokens: int
     state: dict
     round_idx: int = 0
 
     def uniform(self, b, *coords):
         return uniform(self.seed, self.keys[b], *coords)
+
+
+class NextTokens:
+    """What `Method.stop_chain` may read of the next token of each growing chain (`[n]`: the n-th), computed
+    for all of them at once on first use: `.entropy`."""
+
+    def __init__(self, flat_logits, index):
+        self.flat_logits, self.index, self._entropy = flat_logits, index, None
+
+    def __getitem__(self, n):
+        return _NextToken(self, n)
+
+    def entropies(self):
+        if self._entropy is None:
+            index = torch.tensor(self.index, device=self.flat_logits.device)
+            self._entropy = entropy(self.flat_logits[index]).tolist()
+        return self._entropy
+
+
+class _NextToken:
+    __slots__ = ("all", "n")
+
+    def __init__(self, all_, n):
+        self.all, self.n = all_, n
+
+    @property
+    def entropy(self):
+        return self.all.entropies()[self.n]
 
 
 class Search:
@@ -377,8 +402,8 @@ class Search:
         self.keep_candidates = keep_candidates  # also return the last round's candidates (Best-of-N: the N samples)
         if self.method.uses_rm and rm is None:
             raise ValueError(f"method {self.method.name} needs a reward model (--rm)")
-        if rm is not None:
-            self.method.bind(rm.normalize, rm.stats)
+        self.method.bind(Run(max_new_tokens, rm is not None and rm.normalize, rm.stats if rm is not None else None,
+                             lambda ids: policy.tokenizer.decode(ids, skip_special_tokens=True)))
         self.cached_rm = rm is not None and (
             rm_path == "cached" or (rm_path == "auto" and rm.shares_tokens_with(policy)))
         if rm_path == "cached" and rm is not None and not rm.shares_tokens_with(policy):
@@ -439,7 +464,7 @@ class Search:
         hidden = policy_cache.feed(tokens, valid, torch.full_like(tokens, -1))
         last_logits = policy_cache.head(at(hidden, torch.arange(B), last_valid(valid)))  # on the policy's device
 
-        rm_cache, prompt_scores, window = None, None, None
+        rm_cache, window = None, None
         rm_calls, rm_tokens_text = 0, [0] * B
         if self.rm is not None:
             if self.cached_rm:
@@ -460,9 +485,7 @@ class Search:
             require_finite_scores(scores0, self.rm.name, [f"prompt id {p['id']!r}" for p in prompts])
             for r, s in zip(rows, scores0.tolist()):
                 r.score = s
-            prompt_scores = scores0.tolist()
-        batch = Batch(self.seed, [prompt_key(p["id"]) for p in prompts], [len(pre) for pre in prefills],
-                      self.max_new_tokens, method.new_batch(B, prompt_scores))
+        batch = Batch(self.seed, [prompt_key(p["id"]) for p in prompts], method.start(rows))
 
         # Rows start as W copies of the prompt (Algorithm 3's H, or N samples); each copy has its own
         # lineage, so it draws its own samples. The prompt is encoded once and its cache rows copied.
@@ -489,7 +512,8 @@ class Search:
             # 2. grow K candidate chains of up to L tokens per row (the method may stop some on the way);
             # 3. score them (a finished row's candidates score as the row)
             scorer = self._scorer(rm_cache, window, rows, pending, prompts, rm_tokens_text)
-            cand = self._grow(rows, last_logits, policy_cache, batch, K, L, scorer)
+            budget = [self.max_new_tokens - (len(r.tokens) - len(prefills[r.prompt])) for r in rows]
+            cand = self._grow(rows, last_logits, policy_cache, batch, K, L, budget, scorer)
             if scorer is not None:
                 cand.scores = scorer(cand)
                 for i, r in enumerate(rows):
@@ -541,7 +565,7 @@ class Search:
                     "rm_calls": (rm_cache.calls if rm_cache is not None else rm_calls) if self.rm else 0,
                     "rm_tokens": rm_tokens if self.rm else 0,
                     "rm_path": ("cached" if rm_cache is not None else "text") if self.rm else None,
-                    "new_tokens": len(best.tokens) - batch.prefill_len[b],
+                    "new_tokens": len(best.tokens) - len(prefills[b]),
                     # truncation: prompt tokens the policy did not see; whether the reward's RM input was cut
                     "prompt_tokens_cut": cut[b], "reward_input_truncated": reward_cut,
                     "rounds": batch.round_idx, **method.record(batch, b),
@@ -586,52 +610,63 @@ class Search:
             return out.clone()
         return score
 
-    # -- step 2 -------------------------------------------------------------------------------------
-    def _grow(self, rows, last_logits, cache, batch, K, L, scorer=None):
+    # -- step 2: candidates, by the method's proposal ------------------------------------------------------
+    def _grow(self, rows, last_logits, cache, batch, K, L, budget, scorer=None):
+        """budget[i]: the new tokens row i may still add."""
+        if self.method.proposal == "top_k":
+            return self._top_tokens(rows, last_logits, K, budget)
+        return self._chains(rows, last_logits, cache, batch, K, L, budget, scorer)
+
+    def _top_tokens(self, rows, last_logits, K, budget):
+        """The K most likely next tokens of each row, as chains of one token, with their log-probabilities."""
+        chains = [[[] for _ in range(K)] for _ in rows]
+        done, stopped = [[r.finished] * K for r in rows], [[r.finished] * K for r in rows]
+        top = torch.topk(torch.log_softmax(last_logits.float(), -1), K, dim=-1)
+        logp, indices = top.values.cpu(), top.indices.cpu().tolist()  # [R, K]: small
+        for i, r in enumerate(rows):
+            if r.finished:
+                logp[i] = 0.0
+                continue
+            for j in range(K):
+                self._append(chains, done, stopped, i, j, indices[i][j], budget[i], r)
+        return Candidates(chains, done, logp)
+
+    def _chains(self, rows, last_logits, cache, batch, K, L, budget, scorer):
+        """K chains of up to L tokens per row, each token drawn by the method's sampling (argmax without), fed
+        to the policy's cache as the tree of its row. A chain ends with the response (EOS, a stop string, the
+        budget), where the method's `stop_chain` says (a segment boundary), or at a decision point, where the
+        chains are scored and the method's `prune` stops some (they are fed no further)."""
         method, R = self.method, len(rows)
+        sampling = method.sampling
         chains = [[[] for _ in range(K)] for _ in rows]
         done = [[r.finished] * K for r in rows]      # chain ended the response (EOS, stop, budget)
         stopped = [[r.finished] * K for r in rows]   # chain ended (also: a segment boundary, a rejection)
-        dropped = [[False] * K for _ in rows]        # stopped by the method inside the round
+        dropped = [[False] * K for _ in rows]        # stopped by the method's prune inside the round
         logp = torch.zeros(R, K)
         logits = last_logits[:, None, :].expand(R, K, last_logits.shape[-1])
-        budget = [self.max_new_tokens - (len(r.tokens) - batch.prefill_len[r.prompt]) for r in rows]
         decisions = set(method.decision_points(L)) if scorer is not None else set()
-        if method.proposal == "top_k":
-            top = torch.topk(torch.log_softmax(last_logits.float(), -1), K, dim=-1)
-            values, indices = top.values.cpu(), top.indices.cpu().tolist()  # [R, K]: small
-            for i, r in enumerate(rows):
-                if r.finished:
-                    continue
-                for j in range(K):
-                    self._append(chains, done, stopped, i, j, indices[i][j], budget[i], r)
-                logp[i] = values[i]
-            return Candidates(chains, done, logp)
+        ends_chains = type(method).stop_chain is not Method.stop_chain
         for step in range(L):
             active = [(i, j) for i in range(R) for j in range(K) if not stopped[i][j]]
-            if not active:
-                break
-            if step in decisions:  # score what has grown; the method stops some chains
+            if active and step in decisions:  # score what has grown; the method stops some chains
                 partial = Candidates(chains, done, logp, dropped=dropped)
                 partial.scores = scorer(partial)
                 for i, j in method.prune(rows, partial, batch):
                     dropped[i][j] = stopped[i][j] = True
                 active = [(i, j) for i, j in active if not stopped[i][j]]
-                if not active:
-                    break
             flat = logits.reshape(R * K, -1)
-            if method.checks_entropy(step):
-                ent = entropy(flat[torch.tensor([i * K + j for i, j in active], device=flat.device)]).tolist()
-                for (i, j), e in zip(active, ent):
-                    if method.segment_ends(e):
-                        stopped[i][j] = True  # segment boundary: this uncertain token opens the next one
+            if active and ends_chains:
+                next_tokens = NextTokens(flat, [i * K + j for i, j in active])
+                for n, (i, j) in enumerate(active):
+                    if method.stop_chain(rows[i], chains[i][j], step, next_tokens[n]):
+                        stopped[i][j] = True
                 active = [(i, j) for i, j in active if not stopped[i][j]]
-                if not active:
-                    break
+            if not active:
+                break
             sel = flat[torch.tensor([i * K + j for i, j in active], device=flat.device)]
-            us = [batch.uniform(rows[i].prompt, *method.seed_coords(rows[i], batch.round_idx, j, step))
-                  for i, j in active] if method.samples else None
-            picked = pick_tokens(sel, us, method).tolist()
+            us = [batch.uniform(rows[i].prompt, batch.round_idx, rows[i].lineage, j, step)
+                  for i, j in active] if sampling is not None else None
+            picked = pick_tokens(sel, us, sampling).tolist()
             going = []
             for (i, j), tok in zip(active, picked):
                 if self._append(chains, done, stopped, i, j, tok, budget[i], rows[i]) and step + 1 < L:
@@ -640,30 +675,33 @@ class Search:
                     stopped[i][j] = True
             if not going:
                 break
-            # feed the chains that go on (one token each) to get their next-token logits: one column per
-            # chain not dropped (a dropped chain takes no more room or work)
-            columns = [[j for j in range(K) if not dropped[i][j]] for i in range(R)]
-            width = max(1, max(len(c) for c in columns))
-            feed_tokens = torch.full((R, width), self.pad, dtype=torch.long)
-            feed_valid = torch.zeros((R, width), dtype=torch.bool)
-            seg = torch.zeros((R, width), dtype=torch.long)
-            where = {}
-            for i, cols in enumerate(columns):
-                for c, j in enumerate(cols):
-                    seg[i, c] = j
-                    where[i, j] = c
-            for i, j, tok in going:
-                feed_tokens[i, where[i, j]] = tok
-                feed_valid[i, where[i, j]] = True
-            fed = cache.head(cache.feed(feed_tokens, feed_valid, seg, n_chains=K))
-            if width == K and all(len(c) == K for c in columns):
-                logits = fed
-            else:  # chain j of row i was fed in column where[i, j]
-                logits = torch.zeros(R, K, fed.shape[-1], device=fed.device)
-                rows_, chains_, cols_ = zip(*[(i, j, c) for (i, j), c in where.items()])
-                logits[torch.tensor(rows_, device=fed.device), torch.tensor(chains_, device=fed.device)] = \
-                    at(fed, rows_, cols_)
+            logits = self._feed_chains(cache, going, R, K)
         return Candidates(chains, done, logp, dropped=dropped)
+
+    def _feed_chains(self, cache, going, R, K):
+        """Feed the next token of each chain that goes on (row i, chain j, token) to the policy's cache, one
+        column per such chain (a chain that ended takes no more room or work); their next-token logits
+        [R, K, V] (rows of chains that ended: zeros, never read)."""
+        width = [0] * R
+        where = []
+        for i, j, _ in going:
+            where.append(width[i])
+            width[i] += 1
+        Q = max(width)
+        feed_tokens = torch.full((R, Q), self.pad, dtype=torch.long)
+        feed_valid = torch.zeros((R, Q), dtype=torch.bool)
+        seg = torch.zeros((R, Q), dtype=torch.long)
+        rows_, chains_, toks_ = zip(*going)
+        rows_t, cols_t = torch.tensor(rows_), torch.tensor(where)
+        feed_tokens[rows_t, cols_t] = torch.tensor(toks_)
+        feed_valid[rows_t, cols_t] = True
+        seg[rows_t, cols_t] = torch.tensor(chains_)
+        fed = cache.head(cache.feed(feed_tokens, feed_valid, seg, n_chains=K))
+        if Q == K and len(going) == R * K:  # every chain went on, in order
+            return fed
+        logits = torch.zeros(R, K, fed.shape[-1], device=fed.device)
+        logits[rows_t.to(fed.device), torch.tensor(chains_, device=fed.device)] = at(fed, rows_t, cols_t)
+        return logits
 
     def _append(self, chains, done, stopped, i, j, tok, budget, row):
         """Add a token to chain j of row i; False when the response ends there (EOS, stop string, budget)."""

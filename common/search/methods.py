@@ -1,21 +1,23 @@
-"""The search methods: one small class each, registered by name. The engine (engine.py) runs any of them.
+"""The search methods: one small dataclass each, registered by name. The engine (engine.py) runs any of them.
 
-A method says
-- its knobs (`Knob`: flag, type, default, help): 04_decode.py builds its flags from them;
-- its shape: rows per prompt W, candidates K per row, chain length L (`shape`);
-- how candidates are proposed: K sampled (or greedy) chains of up to L tokens, or the K most likely next
-  tokens (`proposal = "top_k"`), with an optional end of a chain before an uncertain token (`segment_ends`);
-- which uniform number draws each sampled token (`seed_coords`): a row carries a stable lineage id, so
-  dropping or re-ranking rows never changes which samples are drawn;
-- which candidates it keeps or accepts each round (`choose`), and which row is the answer (`answer`).
-The engine owns the caches, the sampling, the scoring and the records.
+A method's fields are its knobs (`knob`: type, default, help; 04_decode.py builds its flags from them). It says
+- its shape: rows per prompt W, candidates K per row, chain length L (`shape`), and how candidates are
+  proposed (`proposal`): K chains of up to L tokens, sampled with its `sampling` settings (None: argmax), or
+  the K most likely next tokens (`proposal = "top_k"`);
+- where a chain ends inside a round (`stop_chain`: an uncertain next token, a step delimiter), and which
+  chains it stops at its decision points (`decision_points`, `prune`);
+- which candidates it keeps or accepts each round (`choose`), which row is the answer (`answer`), and what it
+  records (`record`). Its state lives in the method: settings of the run (`bind`, once), of a batch (`start`).
+The engine owns the caches, the sampling (a row carries a stable lineage id, so dropping or re-ranking rows
+never changes which samples are drawn), the scoring and the records.
 
-Adding a method: subclass `Method`, give it a `name`, its knobs and `choose` (plus whatever else differs
-from the defaults), decorate it with `@register`, and test it against a literal loop in
+Adding a method: a `@register`ed dataclass subclass of `Method` with a `name`, its knobs as fields, its
+`shape` and `choose` (plus whatever else differs from the defaults), tested against a literal loop in
 tests/reference_search.py.
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
+from typing import ClassVar
 
 from common.io import finite_float, fraction, non_negative_int, positive_float, positive_int, probability
 
@@ -27,13 +29,59 @@ def register(cls):
     return cls
 
 
+def knob(default, type, help, choices=None, aliases=()):
+    """A method's setting, as a dataclass field: its flag is --name with dashes; `aliases` are older names that
+    still work (flags, keyword arguments) and that `params` still records, so rows written before read alike."""
+    return field(default=default, metadata={"type": type, "help": help, "choices": choices, "aliases": tuple(aliases)})
+
+
 @dataclass(frozen=True)
 class Knob:
-    name: str              # attribute; the flag is --name with dashes
+    """A knob as 04_decode.py's flags see it."""
+    name: str
     type: object           # argparse type (checks the value before any model loads)
     default: object
     help: str = ""
     choices: tuple = None
+    aliases: tuple = ()
+
+    @property
+    def flags(self):
+        return tuple("--" + n.replace("_", "-") for n in (self.name,) + self.aliases)
+
+
+def knobs(method):
+    """The knobs of a method class (or instance): its own in field order, then the sampling knobs."""
+    own = [Knob(f.name, f.metadata["type"], f.default, f.metadata["help"], f.metadata["choices"],
+                f.metadata["aliases"]) for f in fields(method) if "type" in f.metadata and f.default is not MISSING]
+    return sorted(own, key=lambda k: k.name in _SAMPLING)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a sampled token is drawn from the next-token distribution."""
+    temperature: float = 1.0
+    top_p: float = 1.0      # nucleus mass
+    top_k: int = 0          # among the top k tokens (0: all)
+
+
+_SAMPLING = {"temperature": (positive_float, "sampling temperature"),
+             "top_p": (probability, "nucleus sampling mass"),
+             "top_k": (non_negative_int, "sample among the top k tokens (0: all)")}
+
+
+def sampling_knob(name, default):
+    """One of the three sampling knobs, with a method's own default (its type and help are the same everywhere)."""
+    return knob(default, *_SAMPLING[name])
+
+
+@dataclass(frozen=True)
+class Run:
+    """What a method may know of the run it is bound to (`Method.bind`, once per run)."""
+    max_new_tokens: int
+    normalize: bool = False     # the search sees (r - mean) / std
+    stats: dict = None          # the RM's reward statistics {"mean", "std"}, or None
+    decode: object = None       # token ids -> text (the policy's tokenizer, special tokens skipped)
 
 
 @dataclass
@@ -55,58 +103,47 @@ class Choice:
     accepted: list
 
 
-SAMPLING = (Knob("temperature", positive_float, 1.0, "sampling temperature"),
-            Knob("top_p", probability, 1.0, "nucleus sampling mass"),
-            Knob("top_k", non_negative_int, 0, "sample among the top k tokens (0: all)"))
-
-
+@dataclass
 class Method:
-    name = None
-    uses_rm = True          # needs a reward model
-    samples = True          # tokens are drawn with seeded uniforms (else argmax)
-    proposal = "chains"     # "chains": K chains of up to L tokens; "top_k": the K most likely next tokens
-    serves = False          # runs on a serving backend (served.py: sampled chains, no per-token distribution)
-    knobs = ()
+    name: ClassVar[str] = None
+    uses_rm: ClassVar[bool] = True          # needs a reward model
+    serves: ClassVar[bool] = False          # runs on a serving backend (served.py: sampled chains, no per-token distribution)
+    proposal: ClassVar[str] = "chains"      # "chains": K chains of up to L tokens; "top_k": the K most likely next tokens
 
-    def __init__(self, **values):
-        known = {k.name: k for k in self.knobs}
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ValueError(f"method {self.name}: no knob {', '.join(unknown)} (it has {', '.join(known) or 'none'})")
-        for name, knob in known.items():
-            value = values.get(name)
-            setattr(self, name, knob.default if value is None else value)
-        self.validate()
-
-    @classmethod
-    def knob_names(cls):
-        return {k.name for k in cls.knobs}
-
-    def validate(self):
-        """Raise ValueError for settings that cannot work together."""
+    @property
+    def sampling(self):
+        """The Sampling that draws its tokens, or None: the most likely token (argmax)."""
+        return None
 
     def shape(self, max_new_tokens):
         """(rows W per prompt, candidates K per row, chain length L)."""
         return 1, 1, 1
 
-    def params(self):
-        """The settings that matter for this method (recorded with every generation)."""
-        return {k.name: getattr(self, k.name) for k in self.knobs}
-
     def check_vocabulary(self, size):
         """Raise ValueError when the method cannot run on a vocabulary of `size` tokens."""
+        if self.proposal == "top_k" and self.shape(1)[1] > size:
+            raise ValueError(f"--k {self.shape(1)[1]}: more candidates than the policy's vocabulary ({size} tokens)")
 
-    def bind(self, normalize, stats):
-        """Settings that come from the reward model: whether its rewards are normalised, and its reward
-        statistics {"mean", "std"} or None (called before the first batch)."""
+    def params(self, normalize=None, stats=None):
+        """The settings that act (recorded with every generation; an alias under its old name too). With an RM,
+        `normalize` and `stats` are its reward settings, from which a method may take defaults."""
+        out = {}
+        for k in knobs(self):
+            for name in (k.name,) + k.aliases:
+                out[name] = getattr(self, k.name)
+        return out
 
-    def new_batch(self, n_prompts, prompt_scores):
-        """The method's state for one batch (prompt_scores: r(x) of each prompt, or None)."""
+    def bind(self, run):
+        """Settings of the run (a Run), before its first batch; raise ValueError when they cannot work."""
+
+    def start(self, rows):
+        """The method's state for one batch, from each prompt's first row (its prefill, r(x) when scored)."""
         return {}
 
-    def seed_coords(self, row, round_idx, chain, step):
-        """What picks the uniform number of token `step` of candidate chain `chain` of `row` this round."""
-        return round_idx, row.lineage, chain, step
+    def stop_chain(self, row, chain, step, next_token):
+        """True when `chain` of `row` ends before its token `step` (a segment boundary: what follows opens the
+        next round). next_token.entropy: the entropy of that token's distribution."""
+        return False
 
     def decision_points(self, L):
         """Steps of a round (0 < step < L) at which the chains grown so far are scored and `prune` may stop
@@ -116,14 +153,6 @@ class Method:
     def prune(self, rows, partial, batch):
         """[(row, chain)] to stop, given partial.chains / done / dropped and partial.scores ([R, K]) so far."""
         return []
-
-    def checks_entropy(self, step):
-        """True when the next token's entropy may end a chain at this step (segment methods)."""
-        return False
-
-    def segment_ends(self, entropy):
-        """True when a chain stops before a token of this next-token entropy."""
-        return False
 
     def choose(self, rows, cand, batch):
         """[Choice] for the next round. cand.chains[i][j] (tokens), cand.done[i][j] (the response ended),
@@ -143,6 +172,18 @@ class Method:
         return {}
 
 
+@dataclass
+class Sampled(Method):
+    """A method whose tokens are drawn (each with its own seeded uniform) by its sampling knobs."""
+    temperature: float = sampling_knob("temperature", 1.0)
+    top_p: float = sampling_knob("top_p", 1.0)
+    top_k: int = sampling_knob("top_k", 0)
+
+    @property
+    def sampling(self):
+        return Sampling(self.temperature, self.top_p, self.top_k)
+
+
 def take(i, r, cand, j):
     """The row grown by candidate j of row i."""
     chain = cand.chains[i][j]
@@ -154,50 +195,54 @@ def unchanged(i, r):
     return Choice(i, r, [])
 
 
+def take_first(rows, cand):
+    return [unchanged(i, r) if r.finished else take(i, r, cand, 0) for i, r in enumerate(rows)]
+
+
 # ------------------------------------------------------------------------------------------ plain decoding
 
 @register
+@dataclass
 class Greedy(Method):
     """The most likely next token, one at a time."""
     name = "greedy"
     uses_rm = False
-    samples = False
 
     def choose(self, rows, cand, batch):
-        return [unchanged(i, r) if r.finished else take(i, r, cand, 0) for i, r in enumerate(rows)]
+        return take_first(rows, cand)
 
 
 @register
-class Sample(Greedy):
+@dataclass
+class Sample(Sampled):
     """Ancestral sampling (temperature, top-p, top-k)."""
     name = "sample"
-    samples = True
-    knobs = SAMPLING
+    uses_rm = False
+
+    def choose(self, rows, cand, batch):
+        return take_first(rows, cand)
 
 
 # ------------------------------------------------------------------------------------------ ARGS
 
+K_HELP = "candidates K per row (ARGS: the top-k next tokens by LM likelihood; CBS, TBS, step beam: successors per beam)"
+
+
 @register
+@dataclass
 class ARGS(Method):
     """ARGS-greedy (Khanov et al., 2024; the paper's Algorithm 2): for the top-k next tokens v by LM
     likelihood, score(v) = log p(v | x) + w * r([x, v]); take the argmax."""
     name = "argsg"
-    samples = False
     proposal = "top_k"
-    knobs = (Knob("k", positive_int, 30, "ARGS candidates (top-k by LM likelihood)"),
-             Knob("w", finite_float, 1.5, "ARGS reward weight"))
+    k: int = knob(30, positive_int, K_HELP)
+    w: float = knob(1.5, finite_float, "ARGS reward weight")
 
     def shape(self, max_new_tokens):
         return 1, self.k, 1
 
-    def check_vocabulary(self, size):
-        if self.k > size:
-            raise ValueError(f"--k {self.k}: more candidates than the policy's vocabulary ({size} tokens)")
-
     def choose(self, rows, cand, batch):
-        import torch
-
-        best = [int(torch.argmax(cand.logp[i] + self.w * cand.scores[i])) for i in range(len(rows))]
+        best = (cand.logp + self.w * cand.scores).argmax(-1).tolist()
         return [unchanged(i, r) if r.finished else take(i, r, cand, best[i]) for i, r in enumerate(rows)]
 
 
@@ -209,6 +254,7 @@ def top_w(rows, cand, W, K):
     out, by_prompt = [], {}
     for i, r in enumerate(rows):
         by_prompt.setdefault(r.prompt, []).append(i)
+    scores = cand.scores.tolist()
     for b in sorted(by_prompt):
         ranked = []
         for i in by_prompt[b]:
@@ -217,7 +263,7 @@ def top_w(rows, cand, W, K):
                 ranked.append((r.score, r.lineage * K, i, None))
                 continue
             for j in range(K):
-                ranked.append((float(cand.scores[i, j]), r.lineage * K + j, i, j))
+                ranked.append((scores[i][j], r.lineage * K + j, i, j))
         ranked.sort(key=lambda c: (-c[0], c[1]))
         for slot, (s, _, i, j) in enumerate(ranked[:W]):
             r = rows[i]
@@ -229,42 +275,67 @@ def top_w(rows, cand, W, K):
     return out
 
 
+@dataclass
+class BeamSearch(Sampled):
+    """W beams, K sampled successors per beam, keep the top W by r (the successors' length: `shape`)."""
+    beam: int = knob(8, positive_int, "beams W")
+    k: int = knob(8, positive_int, K_HELP, aliases=("successors",))
+
+    def choose(self, rows, cand, batch):
+        return top_w(rows, cand, self.beam, self.k)
+
+
 @register
-class CBS(Method):
+@dataclass
+class CBS(BeamSearch):
     """Chunk-level beam search (Zhou et al., 2024, weak-to-strong search; the paper's Algorithm 3): W beams,
     K sampled successors of L tokens each per beam, keep the top W by r. It starts from W copies of the
     prompt, each beam slot drawing its own samples, so the first round ranks W * K candidates."""
     name = "cbs"
     serves = True
-    knobs = (Knob("beam", positive_int, 8, "beams W"), Knob("successors", positive_int, 8, "successors K per beam"),
-             Knob("chunk", positive_int, 30, "chunk length L")) + SAMPLING
+    chunk: int = knob(30, positive_int, "chunk length L")
 
     def shape(self, max_new_tokens):
-        return self.beam, self.successors, self.chunk
-
-    def choose(self, rows, cand, batch):
-        W, K, _ = self.shape(None)
-        return top_w(rows, cand, W, K)
+        return self.beam, self.k, self.chunk
 
 
 @register
-class TBS(CBS):
+@dataclass
+class TBS(BeamSearch):
     """Token-level beam search: CBS with L = 1."""
     name = "tbs"
     serves = False  # token-level: a request per token gains nothing from a server
-    knobs = (Knob("beam", positive_int, 8, "beams W"),
-             Knob("successors", positive_int, 8, "successors K per beam")) + SAMPLING
 
     def shape(self, max_new_tokens):
-        return self.beam, self.successors, 1
+        return self.beam, self.k, 1
 
 
 @register
-class BestOfN(Method):
+@dataclass
+class StepBeam(BeamSearch):
+    """Step-level beam search (as in step-level PRM search): CBS whose successors are reasoning steps, each
+    ending after the delimiter (a blank line by default) or at max_step tokens."""
+    name = "stepbeam"
+    delimiter: str = knob("\n\n", str, "text that ends a step (step beam)")
+    max_step: int = knob(64, positive_int, "longest step, in tokens (step beam)")
+
+    def shape(self, max_new_tokens):
+        return self.beam, self.k, self.max_step
+
+    def bind(self, run):
+        self._decode = run.decode
+
+    def stop_chain(self, row, chain, step, next_token):
+        return bool(chain) and self.delimiter in self._decode(chain)
+
+
+@register
+@dataclass
+class BestOfN(Sampled):
     """Best-of-N: N complete samples, the best by r (Algorithm 3 with W = 1, K = N, L = the token budget)."""
     name = "bon"
     serves = True
-    knobs = (Knob("n", positive_int, 16, "samples N"),) + SAMPLING
+    n: int = knob(16, positive_int, "samples N")
 
     def shape(self, max_new_tokens):
         return 1, self.n, max_new_tokens
@@ -300,27 +371,26 @@ def cards_accepts(rule, r, u, r_prefix=None, threshold=None, beta=0.7):
 
 
 @register
-class CARDS(Method):
+@dataclass
+class CARDS(Sampled):
     """CARDS (Li et al., 2024, Cascade Reward Sampling): a segment grows from min_segment tokens until the next
     token's entropy reaches tau_u or it has max_segment tokens; it is accepted by the rule (soft: with
     probability min(1, exp((r - tau(t)) / beta))), else resampled; after max_retries rejections the best
     attempt so far is taken."""
     name = "cards"
-    knobs = (Knob("cards_rule", str, "soft", "soft/hard: CARDS' adaptive threshold; prefix: r >= r(prefix)",
-                  CARDS_RULES),
-             Knob("entropy_threshold", positive_float, 7.0, "tau_u: a segment ends before a token this uncertain"),
-             Knob("reward_threshold", finite_float, None, "r*, CARDS' target reward (default: one std above the "
-                                                         "RM's mean: 1.0 with --reward-norm std)"),
-             Knob("cards_alpha", fraction, 0.5, "r_0 = (1 - alpha) r(x) + alpha r*"),
-             Knob("cards_beta", positive_float, 0.7, "soft acceptance temperature"),
-             Knob("min_segment", positive_int, 4, "tokens before the entropy cut may end a segment"),
-             Knob("max_segment", positive_int, 64, "longest segment"),
-             Knob("max_retries", non_negative_int, 20, "rejections of a segment before the best attempt is taken"),
-             Knob("temperature", positive_float, 0.7, "sampling temperature"),
-             Knob("top_p", probability, 1.0, "nucleus sampling mass"),
-             Knob("top_k", non_negative_int, 40, "sample among the top k tokens (0: all)"))
+    cards_rule: str = knob("soft", str, "soft/hard: CARDS' adaptive threshold; prefix: r >= r(prefix)", CARDS_RULES)
+    entropy_threshold: float = knob(7.0, positive_float, "tau_u: a segment ends before a token this uncertain")
+    reward_threshold: float = knob(None, finite_float, "r*, CARDS' target reward (default: one std above the "
+                                                       "RM's mean: 1.0 with --reward-norm std)")
+    cards_alpha: float = knob(0.5, fraction, "r_0 = (1 - alpha) r(x) + alpha r*")
+    cards_beta: float = knob(0.7, positive_float, "soft acceptance temperature")
+    min_segment: int = knob(4, positive_int, "tokens before the entropy cut may end a segment")
+    max_segment: int = knob(64, positive_int, "longest segment")
+    max_retries: int = knob(20, non_negative_int, "rejections of a segment before the best attempt is taken")
+    temperature: float = sampling_knob("temperature", 0.7)   # CARDS' own sampling defaults
+    top_k: int = sampling_knob("top_k", 40)
 
-    def validate(self):
+    def __post_init__(self):
         if self.cards_rule not in CARDS_RULES:
             raise ValueError(f"unknown CARDS rule {self.cards_rule!r}; choose from {CARDS_RULES}")
         if self.min_segment > self.max_segment:
@@ -329,34 +399,42 @@ class CARDS(Method):
     def shape(self, max_new_tokens):
         return 1, 1, self.max_segment
 
-    def bind(self, normalize, stats):
-        """r* by default: one standard deviation above the RM's mean reward (1.0 in normalised units)."""
+    def target(self, normalize, stats):
+        """r*: given, else one standard deviation above the RM's mean reward (1.0 in normalised units); the
+        prefix rule needs none."""
         if self.cards_rule == "prefix" or self.reward_threshold is not None:
-            return
+            return self.reward_threshold
         if normalize:
-            self.reward_threshold = 1.0
-        elif stats is not None:
-            self.reward_threshold = stats["mean"] + stats["std"]
-        else:
-            raise ValueError(f"CARDS' {self.cards_rule} rule needs a target reward r*: give --reward-threshold R, "
-                             "or --reward-norm std, or reward statistics (reward_stats.json beside the RM, or "
-                             "--reward-stats FILE)")
+            return 1.0
+        if stats is not None:
+            return stats["mean"] + stats["std"]
+        raise ValueError(f"CARDS' {self.cards_rule} rule needs a target reward r*: give --reward-threshold R, "
+                         "or --reward-norm std, or reward statistics (reward_stats.json beside the RM, or "
+                         "--reward-stats FILE)")
 
-    def new_batch(self, n_prompts, prompt_scores):
-        return {"r_prompt": prompt_scores, "tried": [0] * n_prompts}
+    def params(self, normalize=None, stats=None):
+        out = super().params()
+        if normalize is not None:  # with an RM: the target that acts
+            out["reward_threshold"] = self.target(normalize, stats)
+        return out
 
-    def checks_entropy(self, step):
-        return step >= max(1, self.min_segment)
+    def bind(self, run):
+        self.r_star, self.max_new_tokens = self.target(run.normalize, run.stats), run.max_new_tokens
 
-    def segment_ends(self, entropy):
-        return entropy >= self.entropy_threshold
+    def start(self, rows):
+        return {"r_prompt": [r.score for r in rows], "prefill": [len(r.tokens) for r in rows],
+                "tried": [0] * len(rows)}
+
+    def stop_chain(self, row, chain, step, next_token):
+        # the uncertain token opens the next segment
+        return step >= max(1, self.min_segment) and next_token.entropy >= self.entropy_threshold
 
     def accepts(self, row, chain, s, batch):
-        threshold = self.reward_threshold
+        threshold = self.r_star
         if self.cards_rule != "prefix":
-            t = len(row.tokens) + len(chain) - batch.prefill_len[row.prompt]
-            threshold = cards_threshold(batch.state["r_prompt"][row.prompt], self.reward_threshold,
-                                        self.cards_alpha, t, batch.max_new_tokens)
+            t = len(row.tokens) + len(chain) - batch.state["prefill"][row.prompt]
+            threshold = cards_threshold(batch.state["r_prompt"][row.prompt], self.r_star, self.cards_alpha, t,
+                                        self.max_new_tokens)
         u = batch.uniform(row.prompt, batch.round_idx, row.lineage, "accept", 0) if self.cards_rule == "soft" else None
         return cards_accepts(self.cards_rule, s, u, r_prefix=row.score, threshold=threshold, beta=self.cards_beta)
 
@@ -392,6 +470,7 @@ class CARDS(Method):
 # ------------------------------------------------------------------------------------------ speculative rejection
 
 @register
+@dataclass
 class SpeculativeRejection(BestOfN):
     """Speculative rejection (Sun et al., 2024, Fast Best-of-N Decoding via Speculative Rejection): Best-of-N's
     N samples, but every L new tokens the m samples still in play are ranked by the RM's current score (a live
@@ -400,9 +479,8 @@ class SpeculativeRejection(BestOfN):
     with alpha 0 it is Best-of-N."""
     name = "specrej"
     serves = True
-    knobs = (Knob("n", positive_int, 16, "samples N"),
-             Knob("alpha", fraction, 0.5, "share of the samples in play rejected at each decision point"),
-             Knob("decision_every", positive_int, 32, "new tokens L between decision points")) + SAMPLING
+    alpha: float = knob(0.5, fraction, "share of the samples in play rejected at each decision point")
+    decision_every: int = knob(32, positive_int, "new tokens L between decision points")
 
     def decision_points(self, L):
         return range(self.decision_every, L, self.decision_every)
@@ -410,11 +488,12 @@ class SpeculativeRejection(BestOfN):
     def kept(self, m):
         return max(1, math.ceil(round((1 - self.alpha) * m, 9)))
 
-    def new_batch(self, n_prompts, prompt_scores):
-        return {"kept": [[] for _ in range(n_prompts)]}
+    def start(self, rows):
+        return {"kept": [[] for _ in rows]}
 
     def prune(self, rows, partial, batch):
         stop = []
+        scores = partial.scores.tolist()
         for i, r in enumerate(rows):
             if r.finished:
                 continue
@@ -422,7 +501,7 @@ class SpeculativeRejection(BestOfN):
             if all(partial.done[i][j] for j in in_play):  # nothing left to decide
                 continue
             keep = self.kept(len(in_play))
-            ranked = sorted(in_play, key=lambda j: (-float(partial.scores[i, j]), j))
+            ranked = sorted(in_play, key=lambda j: (-scores[i][j], j))
             stop += [(i, j) for j in ranked[keep:]]
             batch.state["kept"][r.prompt].append(keep)
         return stop
@@ -431,12 +510,13 @@ class SpeculativeRejection(BestOfN):
         """The best of the samples that finished: those still in play, and those that had finished when a
         later decision dropped them."""
         out = []
+        scores = cand.scores.tolist()
         for i, r in enumerate(rows):
             if r.finished:
                 out.append(unchanged(i, r))
                 continue
             pool = [j for j in range(self.n) if not cand.dropped[i][j] or cand.done[i][j]]
-            out.append(take(i, r, cand, min(pool, key=lambda j: (-float(cand.scores[i, j]), j))))
+            out.append(take(i, r, cand, min(pool, key=lambda j: (-scores[i][j], j))))
         return out
 
     def record(self, batch, b):
@@ -446,17 +526,28 @@ class SpeculativeRejection(BestOfN):
 # ------------------------------------------------------------------------------------------ registry helpers
 
 def method_knobs():
-    """Every knob of every method, once (methods that share a knob name share its flag)."""
+    """Every knob of every method, once: methods that share a knob name share its flag (and its aliases)."""
     seen = {}
     for cls in REGISTRY.values():
-        for knob in cls.knobs:
-            seen.setdefault(knob.name, knob)
+        for k in knobs(cls):
+            old = seen.get(k.name)
+            if old is None:
+                seen[k.name] = k
+            elif set(k.aliases) - set(old.aliases):
+                seen[k.name] = Knob(old.name, old.type, old.default, old.help, old.choices,
+                                    old.aliases + tuple(a for a in k.aliases if a not in old.aliases))
     return list(seen.values())
 
 
 def make_method(name, **values):
-    """The method `name` with the given knob values (None: its default); other methods' knobs are ignored."""
+    """The method `name` with the given knob values (None: its default; a knob's old name works as its own);
+    other methods' knobs are ignored."""
     if name not in REGISTRY:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(REGISTRY)}")
     cls = REGISTRY[name]
-    return cls(**{k: v for k, v in values.items() if k in cls.knob_names()})
+    own = {}
+    for k in knobs(cls):
+        for given in (k.name,) + k.aliases:
+            if values.get(given) is not None:
+                own[k.name] = values[given]
+    return cls(**own)
