@@ -1,16 +1,60 @@
 """Running the numbered scripts as stages of a pipeline (reproduce.py): a stage whose output and
 manifest exist is skipped, so a killed or failed pipeline resumes where it stopped. A rerun refuses an output
-that another command made (other settings), and reruns a stage whose input was remade after its output."""
+that another command made (other settings), and reruns a stage whose input was remade after its output.
+
+A run is a list of `Stage` records (script, output, settings, method); `command` is the one place their command
+lines are spelled: a setting's name with dashes is its flag, a method's knobs are its 04_decode.py flags."""
 import json
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 from common.io import write_json
 
 # the stages that load models and take --device
 MODEL_STAGES = ("02_weight.py", "03_train.py", "04_decode.py", "05_evaluate.py")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of a run. With a name it is a stage (skipped when its output exists); without, a step run every
+    time (tables, comparisons)."""
+    script: str                   # a script and its subcommand: "05_evaluate.py metrics"
+    output: str                   # its --output
+    settings: dict                # flag (with underscores) -> value: None leaves it out, True is a bare flag, a
+    name: str = None              # tuple repeats the flag once a value
+    method: tuple = None          # (method name, {knob: value}): --method and the knobs' flags
+    inputs: tuple = ()            # positional arguments after the script
+
+
+def command(stage):
+    """The command line of a stage (strings)."""
+    cmd = [*stage.script.split(), *stage.inputs]
+    settings = {**(method_settings(*stage.method) if stage.method else {}), **stage.settings, "output": stage.output}
+    for key, value in settings.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            cmd.append(flag)
+        elif isinstance(value, tuple):
+            for v in value:
+                cmd += [flag, str(v)]
+        elif value is not None:
+            cmd += [flag, str(value)]
+    return cmd
+
+
+def method_settings(name, knobs):
+    """--method NAME and the given knobs, checked against the method's own (the names its params() records, which
+    04_decode.py turns into flags); a value the method cannot run with is refused here, before any stage runs."""
+    from common.search import make_method
+
+    known = make_method(name, **knobs).params()
+    unknown = sorted(set(knobs) - set(known))
+    if unknown:
+        raise ValueError(f"method {name} has no knob {', '.join(unknown)} (it has {', '.join(known) or 'none'})")
+    return {"method": name, **knobs}
 
 
 class Pipeline:
@@ -36,8 +80,8 @@ class Pipeline:
             cmd += ["--device", self.device]
         if self.done(output) and name not in self.redo and "all" not in self.redo:
             made_by = read_record(self.commands_path).get(name)
-            if made_by is not None and made_by != cmd:
-                then, now = first_difference(made_by, cmd)
+            if made_by is not None and canonical(made_by) != canonical(cmd):
+                then, now = first_difference(canonical(made_by), canonical(cmd))
                 print(f"error: {self.name}: stage {name}: {output} was made with other settings (then {then}, now "
                       f"{now}); rerun with --redo {name} to replace it, or use another --out",
                       file=sys.stderr)
@@ -59,6 +103,16 @@ class Pipeline:
         if self.cost_path:
             write_json(self.cost_path, {**self.costs(), name: round(time.time() - t0, 1)})
         self._record(name, cmd)
+
+    def run_stages(self, stages):
+        """Run a list of stages in order; a plain function in the list is a step of this process."""
+        for st in stages:
+            if callable(st):
+                st()
+            elif st.name:
+                self.stage(st.name, st.output, *command(st))
+            else:
+                self.run(*command(st))
 
     def _record(self, name, cmd):
         if self.commands_path:
@@ -100,6 +154,22 @@ def input_paths(args):
         if os.path.exists(path):
             paths.append(path)
     return paths
+
+
+def canonical(cmd):
+    """A command with its flags in name order, each flag's occurrences (and values) in their own order: argparse
+    reads `--a 1 --b 2` as `--b 2 --a 1`, so the same settings written in another order are the same command
+    (a rerun after the command lines were reordered skips its finished stages)."""
+    head, groups, last = [], {}, None
+    for token in cmd:
+        if token.startswith("--"):
+            last = groups.setdefault(token, [])
+            last.append([token])
+        elif last is None:
+            head.append(token)  # the script, its subcommand and positional arguments
+        else:
+            last[-1].append(token)
+    return head + [token for flag in sorted(groups) for occurrence in groups[flag] for token in occurrence]
 
 
 def first_difference(a, b):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from common.pipeline import Pipeline, first_difference
+from common.pipeline import Pipeline, Stage, canonical, command, first_difference
 
 # a stage script: copies --input (if any) to --output with a manifest, and counts its runs
 STAGE = textwrap.dedent("""
@@ -90,3 +90,31 @@ def test_first_difference():
     assert first_difference(["a", "--k", "5"], ["a", "--k", "6"]) == ("'5'", "'6'")
     assert first_difference(["a"], ["a", "--x", "1"]) == ("nothing", "'--x 1'")
     assert first_difference(["a", "--x", "1"], ["a"]) == ("'--x 1'", "nothing")
+
+
+def test_the_same_settings_in_another_order_skip_and_a_changed_value_is_refused(workdir):
+    """Commands are compared as argparse reads them: flags in any order (a repeated flag's values keep theirs)."""
+    d = workdir
+    cmd = [d / "stage.py", "--text", "hello", "--output", d / "a.txt", "--count", d / "count_a"]
+    pipeline(d).stage("a", str(d / "a.txt"), *cmd)
+    pipeline(d).stage("a", str(d / "a.txt"), cmd[0], *cmd[5:], *cmd[3:5], *cmd[1:3])  # reordered: skipped
+    assert runs(d / "count_a") == 1
+    assert canonical(["s.py", "x", "--rm", "A", "--k", "1", "--rm", "B"]) == ["s.py", "x", "--k", "1", "--rm", "A",
+                                                                            "--rm", "B"]
+    assert canonical(["s.py", "--rm", "A", "--rm", "B"]) != canonical(["s.py", "--rm", "B", "--rm", "A"])
+    assert canonical(["s.py", "--resume", "--k", "1"]) == canonical(["s.py", "--k", "1", "--resume"])
+
+
+def test_a_stage_command_is_built_from_its_settings_and_method():
+    st = Stage("04_decode.py", "out/gen.jsonl", name="decode", method=("cbs", {"beam": 2, "successors": 2}),
+               settings=dict(prompts="hh-rlhf:heldout", limit=None, resume=True, max_new_tokens=24,
+                             extra_rm=("ORM=a", "SP-PRM=b")))
+    assert command(st) == ["04_decode.py", "--method", "cbs", "--beam", "2", "--successors", "2", "--prompts",
+                           "hh-rlhf:heldout", "--resume", "--max-new-tokens", "24", "--extra-rm", "ORM=a",
+                           "--extra-rm", "SP-PRM=b", "--output", "out/gen.jsonl"]
+    table = Stage("05_evaluate.py table", "out/t.md", inputs=("m1.json", "m2.json"), settings={})
+    assert command(table) == ["05_evaluate.py", "table", "m1.json", "m2.json", "--output", "out/t.md"]
+    with pytest.raises(ValueError, match="method argsg has no knob successors"):
+        command(Stage("04_decode.py", "o", {}, method=("argsg", {"successors": 2})))
+    with pytest.raises(ValueError):  # a value the method refuses (CARDS: min_segment above max_segment)
+        command(Stage("04_decode.py", "o", {}, method=("cards", {"min_segment": 9, "max_segment": 4})))
