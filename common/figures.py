@@ -218,12 +218,25 @@ def plot_agreement(agreement, out_dir, prefix="agreement"):
     return paths
 
 
+def generation_params(metrics_path):
+    """The settings a decoding run acted with: the params its generations' rows record (04_decode.py: the method's
+    knobs after the RM set their defaults, reward_norm, max_new_tokens, seed), read through its metrics file. The
+    generations are found where the metrics file names them, or beside it (a run folder that was moved)."""
+    generations = read_json(metrics_path)["generations"]
+    if not os.path.exists(generations):
+        generations = os.path.join(os.path.dirname(metrics_path), os.path.basename(generations))
+    with open(generations, encoding="utf-8") as f:
+        return json.loads(f.readline())["params"]
+
+
 def reward_vs_w(metric_files):
-    """{"rms": {name: [{"w", "reward_mean", "reward_mean_ci95"}]}} from (rm name, w, metrics JSON) triples."""
+    """{"rms": {name: [{"w", "reward_mean", "reward_mean_ci95"}]}} from (rm name, metrics JSON) pairs; w is the one
+    the run's rows record (greedy decoding, which has none: 0)."""
     out = {"rms": {}}
-    for name, w, path in metric_files:
+    for name, path in metric_files:
         m = read_json(path)
-        out["rms"].setdefault(name, []).append({"w": w, "reward_mean": m["reward_mean"],
+        out["rms"].setdefault(name, []).append({"w": generation_params(path).get("w", 0.0),
+                                                "reward_mean": m["reward_mean"],
                                                 "reward_mean_ci95": m.get("reward_mean_ci95"),
                                                 "yardstick": m.get("reward_rm"), "metrics": path})
     for points in out["rms"].values():

@@ -1,9 +1,13 @@
-"""reproduce.py's judgement of a claim by its interval, and its choice of the independent yardstick."""
+"""reproduce.py: its scales as data, the stages' command lines, the reference choice as a stage of its own, the
+judgement of a claim by its interval, and captions that say the settings the runs' rows record."""
 import importlib.util
+import json
 import os
 
 import pytest
 
+from common import reports
+from common.pipeline import command
 from conftest import ROOT
 
 spec = importlib.util.spec_from_file_location("reproduce", os.path.join(ROOT, "reproduce.py"))
@@ -12,20 +16,20 @@ spec.loader.exec_module(reproduce)
 
 
 def test_verdict_by_interval():
-    assert reproduce.verdict([0.01, 0.2]) == "reproduces"
-    assert reproduce.verdict([-0.2, -0.01]).startswith("does not reproduce")
-    assert reproduce.verdict([-0.1, 0.1]) == "cannot be told apart at this size"
-    assert reproduce.verdict([0.0, 0.1]) == "cannot be told apart at this size"  # zero inside: no claim
+    assert reports.verdict([0.01, 0.2]) == "reproduces"
+    assert reports.verdict([-0.2, -0.01]).startswith("does not reproduce")
+    assert reports.verdict([-0.1, 0.1]) == "cannot be told apart at this size"
+    assert reports.verdict([0.0, 0.1]) == "cannot be told apart at this size"  # zero inside: no claim
     # a difference taken the other way round (ORM - SP-PRM for "SP-PRM above the ORM")
-    assert reproduce.verdict([-0.2, -0.01], sign=-1) == "reproduces"
+    assert reports.verdict([-0.2, -0.01], sign=-1) == "reproduces"
 
 
 def test_a_paired_difference_is_read_by_its_sign():
     """specrej's ORM-rejector minus SP-PRM-rejector: a difference below zero favours the SP-PRM (Best-of-4 there)."""
-    assert reproduce.higher([-0.0843, -0.0021], "the ORM-rejector", "the SP-PRM-rejector") == \
+    assert reports.higher([-0.0843, -0.0021], "the ORM-rejector", "the SP-PRM-rejector") == \
         "the SP-PRM-rejector higher"
-    assert reproduce.higher([0.01, 0.2], "A", "B") == "A higher"
-    assert reproduce.higher([-0.03, 0.05], "A", "B") == "cannot be told apart"
+    assert reports.higher([0.01, 0.2], "A", "B") == "A higher"
+    assert reports.higher([-0.03, 0.05], "A", "B") == "cannot be told apart"
 
 
 def test_independent_yardstick_skips_the_reference_and_its_parent():
@@ -61,20 +65,158 @@ def test_gpu_scale_runs_end_to_end_at_its_smoke_size(gpu_smoke_run):
         assert (out / "specrej" / figure).exists()
 
 
+CHOICE = {"path": "r/ref", "independent": "r/orm_s1"}
+
+
+def plan(scale, part):
+    """Every stage command of a part after the RMs (no file is read: the reference choice is given)."""
+    s = reproduce.SCALES[scale]
+    stages = reproduce.PARTS[part][0](s, "r", None, CHOICE)
+    return {st.name or st.output: command(st) for st in stages}
+
+
+def flags(cmd):
+    """{flag: its last value (True: a bare flag)} of a command."""
+    out = {}
+    for i, token in enumerate(cmd):
+        if token.startswith("--"):
+            value = cmd[i + 1] if i + 1 < len(cmd) and not cmd[i + 1].startswith("--") else True
+            out[token] = value
+    return out
+
+
+@pytest.mark.parametrize("scale", list(reproduce.SCALES))
+def test_every_scale_is_one_dataclass_whose_stages_build(scale):
+    """Every scale has every setting (no missing keys), its method knobs are the methods' own (checked against
+    their params() while the commands are built) and each of its parts builds."""
+    import dataclasses
+
+    s = reproduce.SCALES[scale]
+    assert dataclasses.is_dataclass(s) and dataclasses.fields(s)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.prompts = 1
+    for part in ("table1", "specrej") + (("tables",) if s.tables else ()):
+        commands = plan(scale, part)
+        assert commands and all(c[0].endswith(".py") for c in commands.values())
+    greedy = plan(scale, "table1")["decode-greedy"]
+    assert "--reward-norm" not in greedy and "--rm" not in greedy  # an unguided run has no reward settings
+    args = flags(plan(scale, "table1")["decode-argsg-sp-prm"])
+    assert args["--method"] == "argsg" and args["--reward-norm"] == s.reward_norm
+    assert (int(args["--k"]), float(args["--w"])) == (s.search["argsg"]["k"], s.search["argsg"]["w"])
+
+
+def test_demo_is_the_cpu_scale_made_small():
+    assert reproduce.DEMO == dataclasses_replace(reproduce.CPU, **{
+        f: getattr(reproduce.DEMO, f) for f in ("seeds", "orm_pairs", "eval_pairs", "references", "reference_pairs",
+                                                  "sst_k", "sst_pairs", "variants", "max_length", "prompts",
+                                                  "new_tokens", "methods", "prefix_lengths", "tables", "specrej")})
+    assert reproduce.DEMO.search == reproduce.CPU.search and reproduce.DEMO.reward_norm == "std"
+
+
+def dataclasses_replace(obj, **changes):
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)
+
+
 def test_tables_part_names_every_table1_row_and_full_scale_is_the_papers_unit():
-    s = {"reward_norm": "std", "rm_batch": None, **reproduce.SCALES["cpu"]}
-    rows = reproduce.table_methods(s, s["tables"])
+    rows = reproduce.table_methods(reproduce.CPU)
     assert [label for _, label, _ in rows] == ["ARGS", "TBS", "CBS", "CARDS", "BoN-4", "BoN-8"]
-    flags = {tag: f for tag, _, f in rows}
-    assert flags["tbs"][:2] == ["--method", "tbs"] and "--chunk" not in flags["tbs"]
-    assert flags["bon8"] == ["--method", "bon", "--n", 8] and "--max-retries" in flags["cards"]
-    assert reproduce.rm_batch_flags(s, "encoder") == []
-    full = {"reward_norm": "std", "rm_batch": None, **reproduce.SCALES["full"]}
-    assert full["reward_norm"] == "none" and full["args_w"] == 1.5  # the paper's w on the raw reward scale
-    size, accum = reproduce.rm_batch_flags(full, "encoder")[1::2]
-    assert size * accum == 64  # the paper's Table 10 batch (encoder RM)
-    size, accum = reproduce.rm_batch_flags(full, "decoder")[1::2]
-    assert size * accum == 32  # its Table 11 batch (decoder RM)
+    commands = plan("cpu", "tables")
+    tbs = commands["table1-decode-tbs-orm"]
+    assert tbs[tbs.index("--method") + 1] == "tbs" and "--chunk" not in tbs and "--beam" in tbs
+    bon8 = flags(commands["table1-decode-bon8-sp-prm"])
+    assert (bon8["--method"], bon8["--n"]) == ("bon", "8")
+    assert flags(commands["table1-decode-cards-orm"])["--max-retries"] == "4"
+    full = reproduce.FULL
+    assert full.reward_norm == "none" and full.search["argsg"]["w"] == 1.5  # the paper's w on the raw reward scale
+    train = {st.name: command(st) for st in reproduce.rm_stages(full, "r", None)}["orm-s0"]
+    assert int(flags(train)["--batch-size"]) * int(flags(train)["--grad-accum"]) == 64  # the paper's Table 10 batch
+    smollm2 = next(command(st) for st in reproduce.reference_stages(full, "r", None) if st.name == "ref-smollm2")
+    assert int(flags(smollm2)["--batch-size"]) * int(flags(smollm2)["--grad-accum"]) == 32  # its Table 11 batch
+    assert "--batch-size" not in command(reproduce.rm_stages(reproduce.CPU, "r", None)[0])  # 03's default
+    # every guided decode of SCALE=full runs on the raw reward scale, the tables part's too
+    for part in ("table1", "tables", "specrej"):
+        guided = [flags(c) for c in plan("full", part).values() if c[0] == "04_decode.py" and "--rm" in c]
+        assert guided and {g["--reward-norm"] for g in guided} == {"none"}
+
+
+def test_a_method_knob_it_does_not_have_is_refused_before_any_stage_runs():
+    s = dataclasses_replace(reproduce.CPU, search={**reproduce.CPU.search, "cbs": {"beam": 2, "width": 2}})
+    with pytest.raises(ValueError, match="method cbs has no knob width"):
+        [command(st) for st in reproduce.table1_part(s, "r", None, CHOICE)]
+
+
+def write(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(obj if isinstance(obj, str) else json.dumps(obj))
+
+
+def test_choosing_the_reference_is_a_stage_that_writes_its_choice(tmp_path):
+    """The candidate with the highest held-out accuracy; the independent yardstick is the first candidate that is
+    neither it nor what it was trained from (its manifest's --init)."""
+    run = tmp_path / "run"
+    for name, accuracy, init in (("orm_s1", 0.61, "minilm-l6"), ("orm_s2", 0.64, "minilm-l6"),
+                                 ("ref_minilm_2ep", 0.66, str(run / "orm_s1"))):
+        write(str(run / name / "eval.json"), {"accuracy": accuracy, "accuracy_ci95": [0.5, 0.7], "n": 64})
+        write(str(run / name / "manifest.json"), {"args": {"init": init}})
+    stages = reproduce.reference_stages(dataclasses_replace(reproduce.CPU, seeds=(0, 1, 2)), str(run), None)
+    assert [st.name for st in stages] == ["ref-minilm-2ep", "choose-reference"]
+    assert flags(command(stages[0]))["--init"] == str(run / "orm_s2")  # the better other-seed ORM
+    cmd = command(stages[1])
+    assert cmd[:2] == ["reproduce.py", "choose-reference"]
+    reproduce.choose_reference(cmd[2:])
+    choice = json.loads((run / "reference.json").read_text())
+    assert choice["name"].startswith("MiniLM-L6, 2 epochs (orm_s2 + 1)") and choice["accuracy"] == 0.66
+    assert choice["path"] == str(run / "ref_minilm_2ep") and choice["candidates"]["ORM seed 1"]["accuracy"] == 0.61
+    assert choice["independent"] == str(run / "orm_s2")  # the 2ep reference's manifest names orm_s1 as its start
+    assert (run / "reference.json.manifest.json").exists()
+
+
+def test_independent_yardstick_skips_the_reference_and_its_parent():
+    candidates = {"ORM seed 1": "r/orm_s1", "ORM seed 2": "r/orm_s2", "MiniLM, 2 epochs": "r/ref_2ep"}
+    # the reference was trained on from seed 1: seed 2 is the only RM that shaped nothing
+    assert reproduce.independent_of(candidates, "r/ref_2ep", {"r/ref_2ep": "r/orm_s1"}) == "r/orm_s2"
+    assert reproduce.independent_of(candidates, "r/ref_2ep", {"r/ref_2ep": "r/orm_s2"}) == "r/orm_s1"
+    assert reproduce.independent_of(candidates, "r/orm_s1", {"r/ref_2ep": "r/orm_s1"}) == "r/orm_s2"
+    assert reproduce.independent_of({"ORM seed 1": "r/orm_s1"}, "r/orm_s1", {}) is None
+
+
+def decoded_run(tmp_path, reward_norm, w):
+    """A run folder with what the decoding section of results.md reads: greedy and ARGS guided by each RM, their
+    generations' rows recording the params 04_decode.py writes."""
+    run = tmp_path / f"run_{reward_norm}"
+    write(str(run / "reference.json"), {"name": "ORM seed 1", "path": "r/orm_s1", "independent": None,
+                                         "candidates": {}})
+    write(str(run / "table.md"), "| Method |\n|---|\n| Greedy |")
+    for tag, params in (("greedy", {"max_new_tokens": 24, "seed": 0}),
+                        ("argsg_orm", {"k": 5, "w": w, "reward_norm": reward_norm, "max_new_tokens": 24, "seed": 0}),
+                        ("argsg_sp-prm", {"k": 5, "w": w, "reward_norm": reward_norm, "max_new_tokens": 24, "seed": 0})):
+        write(str(run / f"gen_{tag}.jsonl"), json.dumps({"id": "1", "params": params}) + "\n")
+        write(str(run / f"metrics_{tag}.json"), {"generations": str(run / f"gen_{tag}.jsonl"), "n": 8,
+                                                 "reward_mean": 0.1, "reward_mean_ci95": [0.0, 0.2]})
+    write(str(run / "compare_argsg.json"), {"metrics": {"reward": {"diff": 0.01, "diff_ci95": [-0.1, 0.1]}}})
+    return run
+
+
+@pytest.mark.parametrize("reward_norm,words", [("std", "rewards normalised (`--reward-norm std`)"),
+                                               ("none", "raw rewards (`--reward-norm none`)")])
+def test_captions_say_the_settings_the_rows_record(tmp_path, reward_norm, words):
+    """SCALE=full decodes with --reward-norm none: the caption says so (it once said std for every scale), and
+    ARGS' k and w come from the generations, as does the w of the reward-against-w curve."""
+    from common.figures import reward_vs_w
+
+    run = decoded_run(tmp_path, reward_norm, w=1.5 if reward_norm == "none" else 10.0)
+    curve = reward_vs_w([("ORM", str(run / "metrics_greedy.json")), ("ORM", str(run / "metrics_argsg_orm.json"))])
+    write(str(run / "args_sweep.json"), curve)
+    assert [p["w"] for p in curve["rms"]["ORM"]] == [0.0, 1.5 if reward_norm == "none" else 10.0]
+    scale = dataclasses_replace(reproduce.DEMO, methods=("argsg",))
+    text = "\n".join(reports.decoding_section(scale, str(run), {"argsg": {"reward": None}}))
+    assert f"8 held-out prompts, SmolLM2-135M-Instruct, 24 new tokens, {words}" in text
+    assert ("ARGS k=5, w=1.5" if reward_norm == "none" else "ARGS k=5, w=10") in text
+    assert "CBS" not in text.split("Paired")[0]  # a method that did not run has no settings in the caption
+    assert "--reward-norm std" not in text or reward_norm == "std"
 
 
 @pytest.mark.slow

@@ -1,0 +1,372 @@
+"""The Markdown of a run, rendered in one place: reproduce.py's results.md (and the tables/ and specrej/ parts'
+pages) and the tables of notebooks/tables.ipynb. Everything is read from the run folder: the metric and compare
+files of 05_evaluate.py, the RMs' eval.json, the reference choice (reference.json), and the settings that acted
+from the generations' rows (each row of 04_decode.py records its method's params and reward_norm)."""
+import os
+
+from common.figures import generation_params, metric_files, paired_differences, read_json, run_tables
+
+# reproduce.py's names: SST weighting scheme -> (folder, label); method -> label
+VARIANTS = {"entropy": ("sp-prm", "SP-PRM"), "uniform": ("ablation", "Ablation"), "filter": ("filter", "Filter")}
+METHODS = {"argsg": "ARGS", "tbs": "TBS", "cbs": "CBS", "cards": "CARDS", "bon": "BoN"}
+# a method's settings in a caption, from its rows' params (the knobs' names)
+SETTINGS = {"argsg": "ARGS k={k}, w={w:g}", "tbs": "TBS W, K = {beam}, {successors}",
+            "cbs": "CBS W, K, L = {beam}, {successors}, {chunk}", "bon": "BoN N={n}"}
+
+
+def fmt_ci(value, ci, scale=1.0, digits=3):
+    return f"{value * scale:.{digits}f} [{ci[0] * scale:.{digits}f}, {ci[1] * scale:.{digits}f}]"
+
+
+def verdict(ci, sign=1.0):
+    """How a claimed positive difference fares against its 95% interval."""
+    lo, hi = sorted((sign * ci[0], sign * ci[1]))
+    if lo > 0:
+        return "reproduces"
+    if hi < 0:
+        return "does not reproduce (the opposite holds)"
+    return "cannot be told apart at this size"
+
+
+def higher(ci, a, b):
+    """Which run of a paired difference A - B is higher, by its 95% interval."""
+    return f"{a} higher" if ci[0] > 0 else f"{b} higher" if ci[1] < 0 else "cannot be told apart"
+
+
+def reach(ci):
+    """Whether a paired difference from the reference run is below it, above it, or cannot be told apart."""
+    return "below" if ci[1] < 0 else "above" if ci[0] > 0 else "cannot be told apart"
+
+
+def reward_norm_words(params, flag=True):
+    """How the guiding RMs' rewards entered the search, as the rows of guided runs record it."""
+    norms = sorted({p.get("reward_norm") for p in params if p.get("reward_norm")})
+    words = {"std": "rewards normalised", "none": "raw rewards"}
+    if len(norms) == 1 and norms[0] in words:
+        return words[norms[0]] + (f" (`--reward-norm {norms[0]}`)" if flag else "")
+    return "reward normalisation " + ", ".join(f"`{n}`" for n in norms)
+
+
+def changed_knobs(method, params):
+    """The knobs of a run that differ from its method's defaults, as 04's flags (CARDS' small-reply settings)."""
+    from common.search import make_method
+
+    defaults = make_method(method).params()
+    return " ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
+                    for k, v in params.items() if k in defaults and v != defaults[k])
+
+
+def write(path, text):
+    """A report written (a temporary name renamed when complete) and shown."""
+    from common.io import atomic_open
+
+    with atomic_open(path) as f:
+        f.write(text)
+    print("\n" + text)
+
+
+def where_to_look(scale_name, out, figures, seconds, stages_run):
+    """The five lines a run ends with: its time, and where its table, figures, results and notebooks are."""
+    notebooks = "notebooks/tables.ipynb, notebooks/figures.ipynb"
+    reads = "" if os.path.abspath(out) == os.path.abspath("runs/demo") else f" (with SPPRM_RUN_DIR={out})"
+    return "\n".join([
+        f"reproduce --scale {scale_name} finished in {seconds / 60:.1f} min "
+        f"({stages_run} stages run now; each stage's seconds: {out}/stage_seconds.json)",
+        f"  table:     {out}/table.md",
+        "  figures:   " + ", ".join(os.path.relpath(f) for f in figures),
+        f"  results:   {out}/results.md (every table, paired difference and claim, in words)",
+        f"  notebooks: {notebooks}{reads} (how to open them: README, Notebooks)"])
+
+
+def cost_line(costs, prefixes, note=""):
+    part = {k: v for k, v in costs.items() if k.startswith(prefixes)}
+    return f"Cost of the part's stages: {sum(part.values()) / 60:.1f} min{note}."
+
+
+# ------------------------------------------------------------------------------------------ results.md
+
+def results_markdown(scale, scale_name, out, figures, costs):
+    """results.md of reproduce.py's table1 part: RMs, agreement, decoding, the claims, costs."""
+    make = {"demo": "make demo", "cpu": "make reproduce"}.get(scale_name, f"make reproduce SCALE={scale_name}")
+    lines = [f"Made by `python reproduce.py --scale {scale_name} --out {out}` (`{make}`). Every interval is a 95% "
+             "interval: percentile bootstrap over pairs or prompts (10,000 resamples), or a t-interval over "
+             "training seeds.", ""]
+    agreement = read_json(f"{out}/agreement.json")["rms"]
+    compares = {m: read_json(f"{out}/compare_{m}.json")["metrics"] for m in scale.methods}
+    lines += rm_section(scale, out) + agreement_section(agreement) + decoding_section(scale, out, compares)
+    lines += claims_section(scale, agreement, compares)
+    lines += ["", "### Cost of each stage (seconds on this machine)", "",
+              ", ".join(f"{name} {sec:.0f}" for name, sec in costs.items()),
+              f"Total of the stages: {sum(costs.values()) / 60:.1f} min.", "",
+              "Figures: " + ", ".join(os.path.relpath(f, out) for f in figures)]
+    return "\n".join(lines) + "\n"
+
+
+def rm_section(scale, out):
+    from common.metrics import seed_interval
+
+    choice = read_json(f"{out}/reference.json")
+    lines = ["### Reward models: held-out accuracy on hh-rlhf:heldout", "",
+             "| RM | held-out accuracy | role |", "|---|---|---|"]
+    accs = []
+    for seed in scale.seeds:
+        e = read_json(f"{out}/orm_s{seed}/eval.json")
+        accs.append(e["accuracy"])
+        role = "converted into the PRM" if seed == scale.seeds[0] else (
+            "reference" if choice["path"] == f"{out}/orm_s{seed}" else "reference candidate")
+        lines.append(f"| ORM, MiniLM-L6, seed {seed} | {fmt_ci(e['accuracy'], e['accuracy_ci95'])} (n={e['n']}) "
+                     f"| {role} |")
+    for name, c in choice["candidates"].items():
+        if not c["path"].startswith(f"{out}/orm_s"):
+            lines.append(f"| {name} | {fmt_ci(c['accuracy'], c['accuracy_ci95'])} | "
+                         + ("reference" if name == choice["name"] else "reference candidate") + " |")
+    if len(accs) > 1:
+        mean, ci = seed_interval(accs)
+        lines.append(f"| ORM, mean over seeds {', '.join(map(str, scale.seeds))} | {fmt_ci(mean, ci)} (t over seeds) "
+                     "| |")
+    for name, label in (VARIANTS[v] for v in scale.variants):
+        e = read_json(f"{out}/{name}/eval.json")
+        lines.append(f"| {label} (from the seed-{scale.seeds[0]} ORM) | {fmt_ci(e['accuracy'], e['accuracy_ci95'])}"
+                     " | |")
+    return lines + ["", f"The reference is {choice['name']} (`{choice['path']}`), the candidate with the highest "
+                    "held-out accuracy; it was chosen on the same held-out pairs the agreement curves use.", ""]
+
+
+def agreement_section(rms):
+    ts = [c["t"] for c in rms["SP-PRM"]["curve"]]
+    header = ["| RM | " + " | ".join(f"t={t}" for t in ts) + " |", "|---|" + "---|" * len(ts)]
+    lines = ["### Agreement with the data's preference, AR_RM-SC(t), on all held-out pairs (paper Figure 5)", "",
+             *header]
+    lines += [f"| {name} | " + " | ".join(fmt_ci(c["ar_rm_sc"], c["ar_rm_sc_ci95"]) for c in rm["curve"]) + " |"
+              for name, rm in rms.items()]
+    lines += ["", "Paired difference from the SP-PRM over the same pairs (RM minus SP-PRM):", "", *header]
+    lines += [f"| {name} - SP-PRM | " + " | ".join(fmt_ci(c["ar_rm_sc_diff"], c["ar_rm_sc_diff_ci95"])
+                                                   for c in rm["curve"]) + " |"
+              for name, rm in rms.items() if name != "SP-PRM"]
+    lines += ["", "Reward gap Delta_r(t) = mean |r(y_w[:t]) - r(y_l[:t])|:", "", *header]
+    return lines + [f"| {name} | " + " | ".join(f"{c['reward_gap']:.3f}" for c in rm["curve"]) + " |"
+                    for name, rm in rms.items()]
+
+
+def decoding_section(scale, out, compares):
+    choice = read_json(f"{out}/reference.json")
+    with open(f"{out}/table.md", encoding="utf-8") as f:
+        table = f.read().strip()
+    n_prompts = read_json(f"{out}/metrics_greedy.json")["n"]
+    new_tokens = generation_params(f"{out}/metrics_greedy.json")["max_new_tokens"]
+    guided = {m: generation_params(f"{out}/metrics_{m}_orm.json") for m in scale.methods}
+    settings = "; ".join(SETTINGS[m].format(**p) for m, p in guided.items())
+    lines = ["", f"### Decoding (paper Table 1): {n_prompts} held-out prompts, SmolLM2-135M-Instruct, "
+             f"{new_tokens} new tokens, {reward_norm_words(guided.values())}", "",
+             "Reward = the reference RM's score (it guided none of these runs, but its scores weighted the "
+             "SP-PRM's training pairs); Reward (Independent) = an RM that shaped nothing here"
+             + (f" (`{choice['independent']}`)" if choice["independent"] else "")
+             + "; Win rate = (wins + ties / 2) / prompts against greedy judged by the reference RM (a proxy †). "
+             f"{settings} (the methods run: {', '.join(METHODS[m] for m in scale.methods)}).", "", table, "",
+             "Paired SP-PRM-guided minus ORM-guided, over the same prompts:", "",
+             "| method | reward (reference RM) | reward (independent RM) | reward (ORM's own view) "
+             "| reward (SP-PRM's own view) |", "|---|---|---|---|---|"]
+    for method in scale.methods:
+        cells = [fmt_ci(x["diff"], x["diff_ci95"], digits=4) if x else "-"
+                 for x in (compares[method].get(k) for k in ("reward", "reward_Independent", "reward_ORM",
+                                                              "reward_SP-PRM"))]
+        lines.append(f"| {METHODS[method]} | " + " | ".join(cells) + " |")
+    lines += ["", "ARGS reward (reference RM) against w:", ""]
+    for name, points in read_json(f"{out}/args_sweep.json")["rms"].items():
+        lines.append(f"- guided by {name}: " + ", ".join(
+            f"w={pt['w']:g}: {fmt_ci(pt['reward_mean'], pt['reward_mean_ci95'], digits=4)}"
+            if pt.get("reward_mean_ci95") else f"w={pt['w']:g}: {pt['reward_mean']:.4f}" for pt in points))
+    return lines
+
+
+def claims_section(scale, rms, compares):
+    growth = rms["ORM"]["growth"]
+    lines = ["", "### The paper's claims at this size", "",
+             f"- Observation 1, ORM agreement grows with t: AR_RM-SC(t={growth['to_t']}) - AR_RM-SC(t="
+             f"{growth['from_t']}) = {fmt_ci(growth['diff'], growth['diff_ci95'])}: {verdict(growth['diff_ci95'])}."]
+    flipped = lambda c: fmt_ci(-c["ar_rm_sc_diff"], [-c["ar_rm_sc_diff_ci95"][1], -c["ar_rm_sc_diff_ci95"][0]])  # noqa: E731
+    for c in (c for c in rms["ORM"]["curve"] if c["t"] <= 10):
+        lines.append(f"- Figure 5, SP-PRM above the ORM at t={c['t']}: SP-PRM - ORM = {flipped(c)}: "
+                     f"{verdict(c['ar_rm_sc_diff_ci95'], -1)}.")
+    for method in scale.methods:
+        label = METHODS[method]
+        for key, who in (("reward", "reference RM"), ("reward_Independent", "independent RM")):
+            x = compares[method].get(key)
+            if x:
+                lines.append(f"- Table 1, SP-PRM-guided {label} beats ORM-guided {label} ({who}'s reward): "
+                             f"{fmt_ci(x['diff'], x['diff_ci95'], digits=4)}: {verdict(x['diff_ci95'])}.")
+    for c in (c for c in rms.get("Ablation", {"curve": []})["curve"] if c["t"] <= 10):
+        lines.append(f"- Ablation, removing the reference hurts at t={c['t']}: SP-PRM - Ablation = {flipped(c)}: "
+                     f"{verdict(c['ar_rm_sc_diff_ci95'], -1)}.")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------ make tables
+
+def tables_markdown(scale_name, t, costs):
+    """tables/results_tables.md: Tables 1, 3 and 4 with their paired differences; captions from the rows."""
+    choice = read_json(f"{os.path.dirname(t)}/reference.json")
+    reference, independent = choice["path"], choice["independent"]
+    runs = {m: generation_params(f"{t}/table1_metrics_{m}_orm.json") for m in ("argsg", "tbs", "cbs", "cards")}
+    bon_params = [generation_params(p) for p in metric_files(t, "table1_") if os.path.basename(p).startswith(
+        "table1_metrics_bon") and p.endswith("_orm.json")]
+    lines = [f"Made by `python reproduce.py --scale {scale_name} --part tables --out {os.path.dirname(t)}`. Policy "
+             f"SmolLM2-135M-Instruct; {reward_norm_words([*runs.values(), *bon_params])}; "
+             + "; ".join(SETTINGS[m].format(**runs[m]) for m in ("argsg", "tbs", "cbs"))
+             + f"; CARDS `{changed_knobs('cards', runs['cards'])}`; BoN N = "
+             f"{', '.join(str(p['n']) for p in bon_params)}. ± is the half-width of the 95% bootstrap interval over "
+             f"prompts. Reward = the reference RM's score (`{reference}`, it guided no run; Table 4: the GSM8K "
+             "reference); Reward (decoding RM) = the score of the RM that guided the row (the paper's reward column, "
+             "C.2); Reward (ORM), (SP-PRM) = those RMs' views"
+             + (f"; Reward (Independent) = `{independent}`, an RM that shaped nothing." if independent else "."), ""]
+    size = {name: (read_json(f"{t}/{name}_metrics_greedy.json")["n"],
+                   generation_params(f"{t}/{name}_metrics_greedy.json")["max_new_tokens"])
+            for name in ("table1", "table3", "table4")}
+    gorm, gref = (read_json(f"{t}/gsm8k_{rm}/eval.json") for rm in ("orm", "reference"))
+    gorm_args, gref_args = (read_json(f"{t}/gsm8k_{rm}/manifest.json")["args"] for rm in ("orm", "reference"))
+    epochs = gref_args.get("epochs", 1)
+    titles = [f"Table 1 (HH-RLHF): {size['table1'][0]} held-out prompts, {size['table1'][1]} new tokens; Win rate "
+              "against greedy judged by the reference RM (a proxy †)",
+              f"Table 3 (AdvBench, \"Sure here's\" after each instruction): {size['table3'][0]} prompts, "
+              f"{size['table3'][1]} new tokens, guided by the HH RMs",
+              f"Table 4 (GSM8K): {size['table4'][0]} held-out problems (gsm8k:heldout), {size['table4'][1]} new "
+              f"tokens; RMs trained on gsm8k-pairs:train (ORM {gorm_args.get('limit') or 'all'} pairs, held-out "
+              f"accuracy {gorm['accuracy']:.3f}; reference {gref_args.get('limit') or 'all'} pairs, {epochs} "
+              f"epoch{'s' if epochs > 1 else ''}, {gref['accuracy']:.3f}); accuracy by exact match (no LLM judge "
+              "offline)"]
+    for name, title in zip(("table1", "table3", "table4"), titles):
+        with open(f"{t}/{name}.md", encoding="utf-8") as f:
+            lines += [f"### {title}", "", f.read().strip(), "", "Paired differences over the same prompts "
+                      "(reward: the reference RM's):", ""]
+        for c in (m.replace("_metrics_", "_compare_") for m in metric_files(t, f"{name}_")):
+            if not os.path.exists(c):
+                continue
+            d = read_json(c)
+            cells = [f"{k} {fmt_ci(v['diff'], v['diff_ci95'], digits=4)}" for k, v in d["metrics"].items()
+                     if k in ("reward", "reward_Independent", "asr", "asr_target_opening", "accuracy")]
+            lines.append(f"- {read_json(d['a'])['label']} minus {read_json(d['b'])['label']}: " + "; ".join(cells))
+        lines.append("")
+    lines += [cost_line(costs, ("table", "gsm8k"), " (the HH RMs it shares with `make reproduce` not counted)"), ""]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ make specrej
+
+def specrej_markdown(scale_name, out, points, consistency, figures, costs):
+    """specrej/results_specrej.md: Best-of-N against speculative rejection, each guided by the ORM and the SP-PRM."""
+    n_max = max(p["n"] for p in points)
+    params = generation_params(next(p["file"] for p in points if p["alpha"] is not None))
+    vs_bon = {p["file"]: read_json(p["file"].replace("metrics_", "vs_bon_"))["metrics"]["reward"]
+              for p in points if os.path.exists(p["file"].replace("metrics_", "vs_bon_"))}
+    lines = [f"Made by `python reproduce.py --scale {scale_name} --part specrej --out {out}`: "
+             f"{consistency['n_prompts']} held-out prompts, {params['max_new_tokens']} new tokens, a decision every "
+             f"{params['decision_every']} tokens, {reward_norm_words([params], flag=False)}. Reward = the "
+             "reference RM's score; Independent = an RM that shaped nothing. Compute = policy + RM tokens computed "
+             "per reply. Every interval is a 95% bootstrap interval over prompts.", "",
+             "| run | guided by | compute | reward (reference) | reward (independent) | reward - Best-of-"
+             f"{n_max} (same RM, paired) |", "|---|---|---|---|---|---|"]
+    for p in sorted(points, key=lambda p: (p["rm"], p["family"], p["n"])):
+        d = vs_bon.get(p["file"])
+        lines.append(f"| {p['family']}, N={p['n']} | {p['rm']} | {p['compute']:.0f} | "
+                     f"{fmt_ci(p['reward_mean'], p['reward_mean_ci95'], digits=4)} | "
+                     + (fmt_ci(p["independent"], p["independent_ci95"], digits=4) if p["independent"] is not None
+                        else "-") + " | "
+                     + (fmt_ci(d["diff"], d["diff_ci95"], digits=4) + f": {reach(d['diff_ci95'])}" if d else "-")
+                     + " |")
+    lines += ["", f"Compute needed to reach Best-of-{n_max}'s reward (the cheapest run whose paired difference "
+                  f"from Best-of-{n_max} guided by the same RM is not below zero):", ""]
+    for rm in ("ORM", "SP-PRM"):
+        full = next(p for p in points if p["rm"] == rm and p["n"] == n_max and p["alpha"] is None)
+        ok = [p for p in points if p["rm"] == rm and (p is full or (
+            p["file"] in vs_bon and reach(vs_bon[p["file"]]["diff_ci95"]) != "below"))]
+        best = min(ok, key=lambda p: p["compute"])
+        lines.append(f"- rejector {rm}: {best['family']}, N={best['n']}: {best['compute']:.0f} tokens per reply, "
+                     f"{best['compute'] / full['compute']:.2f}x Best-of-{n_max}'s {full['compute']:.0f}.")
+    lines += ["", "ORM-rejector minus SP-PRM-rejector reward (reference RM), paired over prompts:", ""]
+    for p in sorted((p for p in points if p["rm"] == "ORM"), key=lambda p: (p["family"], p["n"])):
+        d = read_json(p["file"].replace("metrics_", "compare_").replace("_orm.json", ".json"))["metrics"]["reward"]
+        lines.append(f"- {p['family']}, N={p['n']}: {fmt_ci(d['diff'], d['diff_ci95'], digits=4)}: "
+                     f"{higher(d['diff_ci95'], 'the ORM-rejector', 'the SP-PRM-rejector')}")
+    lines += consistency_section(consistency, n_max)
+    lines += ["", cost_line(costs, ("specrej",)), "", "Figures: " + ", ".join(os.path.relpath(f, out) for f in figures)]
+    return "\n".join(lines) + "\n"
+
+
+def specrej_points(runs):
+    """One point a (family, N, alpha, tag, guide label, metrics file) run: its compute per reply and rewards
+    (specrej/points.json, the reward-against-compute figure's input)."""
+    points = []
+    for family, n, alpha, _, rm_label, path in runs:
+        metric = read_json(path)
+        c = metric["compute_per_response"]
+        points.append({"family": family, "n": n, "alpha": alpha, "rm": rm_label, "file": path,
+                       "compute": c["policy_tokens"] + c["rm_tokens"], "policy_tokens": c["policy_tokens"],
+                       "rm_tokens": c["rm_tokens"], "seconds": c["seconds"], "reward_mean": metric["reward_mean"],
+                       "reward_mean_ci95": metric["reward_mean_ci95"],
+                       "independent": metric.get("reward_Independent_mean"),
+                       "independent_ci95": metric.get("reward_Independent_mean_ci95")})
+    return points
+
+
+def consistency_section(consistency, n_max):
+    lines = ["", f"Prefix consistency on Best-of-{n_max}'s samples (Kendall's tau with the reference's scores of "
+                 "the complete samples; the share of prompts whose best sample survives one rejection of "
+                 f"alpha = {consistency['alpha']:g}):", "",
+             "| RM | t | Kendall's tau | best survives | difference from the first RM (tau; survives) |",
+             "|---|---|---|---|---|"]
+    for rm, entry in consistency["rms"].items():
+        for c in entry["curve"]:
+            diff = (f"{fmt_ci(c['kendall_tau_diff'], c['kendall_tau_diff_ci95'])}; "
+                    f"{fmt_ci(c['best_survives_diff'], c['best_survives_diff_ci95'])}") if "diff_vs" in c else "-"
+            lines.append(f"| {rm} | {c['t']} | {fmt_ci(c['kendall_tau'], c['kendall_tau_ci95'])} | "
+                         f"{fmt_ci(c['best_survives'], c['best_survives_ci95'])} | {diff} |")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------ notebooks/tables.ipynb
+
+def run_tables_markdown(run_dir):
+    """[Markdown] of every table a run folder holds (figures.run_tables), one section a table."""
+    from common.metrics import markdown_table
+
+    return [f"### {title}\n\n" + markdown_table(rows) for title, rows in run_tables(run_dir)]
+
+
+def paired_differences_markdown(run_dir):
+    """Every SP-PRM-guided minus other-guided difference of a run, one row each, or None when it has none."""
+    records = paired_differences(run_dir)
+    if not records:
+        return None
+    lines = ["| table | method | SP-PRM-guided minus | reward by | difference [95% interval] | |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['table']} | {r['method']} | {r['against']}-guided | the {r['yardstick']} RM | "
+              f"{r['diff']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}] | {sp_prm_verdict(r['ci95'])} |"
+              for r in records]
+    return "\n".join(lines)
+
+
+def sp_prm_verdict(ci):
+    return "SP-PRM higher" if ci[0] > 0 else "SP-PRM lower" if ci[1] < 0 else "cannot be told apart"
+
+
+def rm_accuracy_markdown(run_dir):
+    """Held-out accuracy and AR_RM-SC(t) of every RM of a run (03_train.py's eval.json; make tables' GSM8K RMs
+    too), or None when it has none."""
+    paths = sorted(glob_eval(run_dir, "*") + glob_eval(run_dir, os.path.join("tables", "*")))
+    rows, header = [], None
+    for path in paths:
+        e = read_json(path)
+        ci = e.get("accuracy_ci95")
+        acc = f"{e['accuracy']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+        rows.append(f"| {os.path.relpath(os.path.dirname(path), run_dir)} | {acc} | "
+                    + " | ".join(f"{v:.3f}" for v in e["ar_sc"].values()) + " |")
+        header = header or "| RM | accuracy | " + " | ".join(f"AR t={t}" for t in e["ar_sc"]) + " |"
+    if not rows:
+        return None
+    return "\n".join([header, "|---" * (len(rows[0].split("|")) - 2) + "|"] + rows)
+
+
+def glob_eval(run_dir, pattern):
+    import glob
+
+    return glob.glob(os.path.join(run_dir, pattern, "eval.json"))
