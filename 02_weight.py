@@ -26,11 +26,12 @@ import torch
 from tqdm import tqdm
 
 from common.data import read_rows
-from common.io import (DEFAULT_MAX_LENGTH, DataError, ResumableJsonlWriter, add_device_args, add_max_length_arg,
+from common.io import (DataError, ResumableJsonlWriter, add_device_args, add_max_length_arg,
                        check_output_differs, input_checksums, positive_float, positive_int, read_jsonl, run_main,
                        write_jsonl, write_manifest)
 from common.losses import DEFAULT_ENTROPY_FLOOR, reference_weights
-from common.models import device_setup, load_reward_model, load_tokenizer, model_identity, trained_max_length
+from common.models import (device_fields, device_setup, dtype_name, load_reward_model, load_tokenizer, model_identity,
+                           rm_max_length)
 from common.rewards import RMFormat, score, score_prefixes
 
 log = logging.getLogger("weight")
@@ -127,17 +128,17 @@ def main():
     checksums = input_checksums([args.input])
     rows = load_partial(args.input)
     reference = model_identity(args.ref_rm)
-    args.max_length = args.max_length or trained_max_length(args.ref_rm, DEFAULT_MAX_LENGTH)
+    max_length = rm_max_length(args.ref_rm, args.max_length)
     # a score depends on the input rule and, off fp32, on the precision it was computed in
-    rule = args.max_length if args.rm_format == "open" else (args.max_length, "closed")
+    rule = max_length if args.rm_format == "open" else (max_length, "closed")
     if dtype != torch.float32:
-        rule = [rule, args.resolved_dtype]
+        rule = [rule, dtype_name(dtype)]
     keys = [score_key(reference, rule, r) for r in rows]
 
     tokenizer = load_tokenizer(args.ref_rm)
     model = load_reward_model(args.ref_rm, tokenizer=tokenizer, device=device, dtype=dtype).eval()
     try:
-        fmt = RMFormat(tokenizer, model, max_length=args.max_length, closed=args.rm_format == "closed")
+        fmt = RMFormat(tokenizer, model, max_length=max_length, closed=args.rm_format == "closed")
     except ValueError as e:
         raise DataError(f"--rm-format {args.rm_format}: {e}") from None
 
@@ -181,7 +182,8 @@ def main():
                                        for side in ("chosen", "rejected")),
                "scheme": args.scheme}
     write_manifest(args.output, args, inputs={**checksums, args.ref_rm: reference["weights_sha256"]},
-                   extra={"summary": summary, "reference": reference})
+                   extra={"summary": summary, "reference": reference},
+                   resolved={"max_length": max_length, **device_fields(device, dtype)})
     log.info("%s", summary)
 
 

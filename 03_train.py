@@ -42,27 +42,26 @@ import logging
 import math
 import os
 import sys
-import time
 
 import torch
-from tqdm import tqdm
 
 from common.data import load_pairs
-from common.io import (DataError, add_device_args, add_max_length_arg, check_output_differs, dumps, fraction,
+from common.io import (DataError, add_device_args, add_max_length_arg, check_output_differs, fraction,
                        input_checksums, make_manifest, non_negative_float, non_negative_int, positive_float,
                        positive_int, prefix_lengths, probability, run_main)
-from common.metrics import heldout_evaluation, reward_statistics
-from common.models import (device_setup, is_decoder_rm, load_reward_model, load_tokenizer, model_family,
-                           model_identity, same_model)
-from common.rewards import BATCHING_WINDOWS, RMFormat, batch_loss, score, training_batches, training_units
-from common.runtime import Runtime, check_checkpoint, find_checkpoint, rank_share, remove_checkpoints, truncate_log
+from common.metrics import heldout_evaluation
+from common.models import (device_fields, device_setup, dtype_name, is_decoder_rm, load_reward_model, load_tokenizer,
+                           model_family, model_identity, same_model)
+from common.ranks import launcher_rank
+from common.rewards import BATCHING_WINDOWS, RMFormat, batch_loss, training_units
+from common.runtime import Resume, Runtime, TrainSettings
 
 log = logging.getLogger("train")
 DEFAULT_LR = {"decoder": 5e-6, "deberta": 1e-6, "encoder": 5e-5}
-# what a checkpoint must share with the run that resumes it
-FINGERPRINT_ARGS = ("lr", "epochs", "batch_size", "warmup_ratio", "weight_decay", "max_grad_norm", "max_length",
-                    "limit", "seed", "grouping", "keep_dropout", "deepspeed", "grad_accum", "subset", "fraction",
-                    "batching", "resolved_dtype")
+# what a checkpoint must share with the run that resumes it (besides the input, the starting model, the lr as it
+# acts and the dtype)
+FINGERPRINT_ARGS = ("epochs", "batch_size", "warmup_ratio", "weight_decay", "max_grad_norm", "max_length", "limit",
+                    "seed", "grouping", "keep_dropout", "deepspeed", "grad_accum", "subset", "fraction", "batching")
 
 
 def parse_args():
@@ -129,24 +128,6 @@ def check_reference(args, init_identity):
     return reference
 
 
-def check_finished(output, fingerprint):
-    """--resume into a folder that holds a finished model (no checkpoint left): refused, changing nothing, unless
-    that model was made from the same input, starting model and settings."""
-    manifest = os.path.join(output, "manifest.json")
-    if not os.path.isfile(os.path.join(output, "config.json")) or not os.path.isfile(manifest):
-        return
-    with open(manifest, encoding="utf-8") as f:
-        made = json.load(f).get("fingerprint")
-    if made is None:
-        raise DataError(f"{output}: holds a finished model whose manifest does not say what it was trained from; "
-                        "rerun without --resume to replace it, or give another --output")
-    differs = [k for k in sorted(set(made) | set(fingerprint)) if made.get(k) != fingerprint.get(k)]
-    if differs:
-        raise DataError(f"{output}: holds a finished model made with other inputs or settings ("
-                        + ", ".join(f"{k}: {made.get(k)!r} then, {fingerprint.get(k)!r} now" for k in differs)
-                        + "); rerun without --resume to replace it, or give another --output")
-
-
 def load_rows(args):
     stats = {}
     rows = load_pairs(args.input, args.data_dir, stats=stats, subset=args.subset, fraction=args.fraction,
@@ -166,190 +147,87 @@ def disable_dropout(model):
             module.p = 0.0
 
 
-def new_window():
-    return {"loss": 0.0, "n": 0, "rows": 0, "forwards": 0, "tokens": 0, "t0": time.time()}
+def train_settings(args):
+    """The settings as they act: lr by model family and grad-accum by DeepSpeed where not given."""
+    return TrainSettings(
+        lr=args.lr if args.lr is not None else DEFAULT_LR[model_family(args.init)],
+        grad_accum=args.grad_accum or (16 if args.deepspeed else 1), weight_decay=args.weight_decay,
+        warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, batch_size=args.batch_size,
+        epochs=args.epochs, seed=args.seed, batching_window=BATCHING_WINDOWS[args.batching], deepspeed=args.deepspeed,
+        save_steps=args.save_steps, log_steps=args.log_steps, stop_after_steps=args.stop_after_steps)
 
 
-# Without --eval, reward_stats.json comes from the scores the loss computed anyway: the complete replies of
-# the last quarter of the training steps (the linear schedule has brought the lr to a quarter of its peak by
-# then, so the model barely moves). Too few of them (a file of cuts) and a capped sample is scored instead.
-STATS_FROM_STEPS = 0.75
-STATS_MIN_SCORES = 64
-STATS_SAMPLE_PAIRS = 128
+def fingerprint_of(args, settings, checksums, init_identity, dtype):
+    """What a checkpoint, or a finished model resumed into, must share with this run."""
+    return {"input": checksums.get(args.input) or args.input, "init": init_identity["weights_sha256"]
+            or init_identity["name"], "lr": settings.lr, **{k: getattr(args, k) for k in FINGERPRINT_ARGS},
+            "resolved_dtype": dtype_name(dtype)}
 
 
-def training_responses(rows, limit=STATS_SAMPLE_PAIRS):
-    """Complete (prompt, response) of the training rows: rows marked complete, else all rows (pairs file)."""
-    complete = [r for r in rows if r.get("complete", True)]
-    pairs = complete[:limit]
-    return [p["prompt"] for p in pairs] * 2, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+def load_model(args):
+    """The starting model, its tokenizer and the RM input format; dropout off unless --keep-dropout."""
+    tokenizer = load_tokenizer(args.init)
+    model = load_reward_model(args.init, tokenizer=tokenizer, allow_new_head=True)
+    if not args.keep_dropout:
+        disable_dropout(model)
+    return tokenizer, model, RMFormat(tokenizer, model, max_length=args.max_length)
 
 
 def main():
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    family = model_family(args.init)
-    args.lr = args.lr if args.lr is not None else DEFAULT_LR[family]
-    grad_accum = args.grad_accum or (16 if args.deepspeed else 1)
+    settings = train_settings(args)
     torch.manual_seed(args.seed)
     device, dtype = device_setup(args)
-
     # under a launcher only the first rank writes the folder (and holds its lock)
-    check_output_differs(args.output, args.input, folder=True, claim=int(os.environ.get("RANK", "0")) == 0)
+    check_output_differs(args.output, args.input, folder=True, claim=launcher_rank() == 0)
     checksums = input_checksums([args.input, args.eval])
     init_identity = model_identity(args.init)
     reference = check_reference(args, init_identity)
     rows = load_rows(args)
-    fingerprint = {"input": checksums.get(args.input) or args.input, "init": init_identity["weights_sha256"]
-                   or init_identity["name"], **{k: getattr(args, k) for k in FINGERPRINT_ARGS}}
-    ckpt = os.path.join(args.output, "checkpoint")
-    world = int(os.environ.get("WORLD_SIZE", 1)) if args.deepspeed else 1
-    resume_from = find_checkpoint(ckpt) if args.resume else None
-    if args.resume and resume_from is None:
-        check_finished(args.output, fingerprint)  # a finished model: nothing to resume, or another run's
-        if os.path.isfile(os.path.join(args.output, "config.json")):
-            log.info("%s: already trained with these inputs and settings; nothing to do", args.output)
-            return
-    # before any model loads: a checkpoint that is not this run's, or not as its run wrote it, is refused
-    resume_state = check_checkpoint(resume_from, fingerprint, world) if resume_from else None
-    tokenizer = load_tokenizer(args.init)
-    model = load_reward_model(args.init, tokenizer=tokenizer, allow_new_head=True)
-    if not args.keep_dropout:
-        disable_dropout(model)
-    fmt = RMFormat(tokenizer, model, max_length=args.max_length)
+    fingerprint = fingerprint_of(args, settings, checksums, init_identity, dtype)
+    resume = Resume.find(args.output, fingerprint, settings.world, args.resume)  # before any model loads
+    if resume.finished:
+        log.info("%s: already trained with these inputs and settings; nothing to do", args.output)
+        return
+    tokenizer, model, fmt = load_model(args)
     grouped = is_decoder_rm(model) and fmt.fast_prefixes and args.grouping == "auto"
     units = training_units(fmt, rows, grouped)
-    n_rows = sum(u["n_rows"] for u in units)
-    skipped_zero = len(rows) - n_rows
     if not units:
         raise DataError(f"{args.input}: no pair with a positive weight to train on")
+    n_rows = sum(u["n_rows"] for u in units)
     eval_pairs = load_pairs(args.eval, args.data_dir)[: args.eval_limit] if args.eval else None
-    prefix_lengths = args.eval_prefix_lengths
 
-    # Each rank takes every world-th batch, padded to the same count on every rank (rank_share); the optimizer
-    # steps once per grad_accum micro-batches and at the end of each epoch.
-
-    def epoch_batches(epoch, rank):
-        return rank_share(training_batches(units, args.batch_size, args.seed, epoch, BATCHING_WINDOWS[args.batching]),
-                          rank, world)
-
-    total_steps = sum(math.ceil(len(epoch_batches(epoch, 0)[0]) / grad_accum) for epoch in range(args.epochs))
-    rt = Runtime(args, model, total_steps, grad_accum, device, dtype)
+    rt = Runtime.start(settings, model, units, device, dtype, args.output, resume)
     decoder = is_decoder_rm(rt.model)
-    os.makedirs(args.output, exist_ok=True)
-    # the log of the run in progress; it joins the model as train_log.jsonl when the model is saved (an earlier
-    # model in the folder stays as it was, its log too, until the new one is complete)
-    log_path = os.path.join(args.output, "train_log.jsonl.partial")
-
-    state = {"epoch": 0, "micro": 0, "step": 0, "fingerprint": fingerprint}
-    if resume_from:
-        state = rt.load_checkpoint(resume_from, resume_state, ckpt)
-        if rt.is_main:
-            log.info("resuming from %s at epoch %d, step %d", resume_from, state["epoch"], state["step"])
-            truncate_log(log_path, state["step"])
-    elif rt.is_main and os.path.exists(log_path):
-        os.remove(log_path)
     if rt.is_main:
         log.info("%d rows (%d of weight 0 skipped, %d truncated inputs), %s: %d forward sequences an epoch, "
-                 "%d optimizer steps, lr %g, accum %d, world %d", n_rows, skipped_zero, fmt.truncated,
+                 "%d optimizer steps, lr %g, accum %d, world %d", n_rows, len(rows) - n_rows, fmt.truncated,
                  "grouped by pair" if grouped else "one forward per row and side",
-                 sum(len(u["sequences"]) for u in units), total_steps, args.lr, grad_accum, rt.world)
-
-    log_file = open(log_path, "a", encoding="utf-8") if rt.is_main else None
-    eval_history, eval_scores, eval_prefix_scores, train_scores = [], None, None, []
-    stopped = False
-    for epoch in range(state["epoch"], args.epochs):
-        batches, real = epoch_batches(epoch, rt.rank)
-        rt.train()
-        window = new_window()
-        bar = tqdm(total=len(batches), initial=state["micro"], desc=f"epoch {epoch + 1}/{args.epochs}",
-                   unit="batch", disable=not rt.is_main)
-        for micro in range(state["micro"], len(batches)):
-            # one process: a forward per group of similar lengths; several: one padded forward on every rank
+                 sum(len(u["sequences"]) for u in units), rt.total_steps, settings.lr, settings.grad_accum, rt.world)
+    for epoch in rt.epochs():
+        for batch in rt.batches(epoch):
+            # the weighted Bradley-Terry loss: one process, a forward per group of similar lengths; several ranks,
+            # one padded forward each (ZeRO-3 gathers the parameters collectively at every forward)
             with rt.autocast():
-                loss, counts = batch_loss(rt.model, [units[i] for i in batches[micro]], tokenizer.pad_token_id,
-                                          decoder, rt.device, length_grouped=rt.world == 1, padding=micro >= real,
-                                          forward=lambda batch, positions: rt.scores(batch, positions, decoder))
-            if not rt.all_true(torch.isfinite(loss)):
-                raise DataError(f"non-finite loss at epoch {epoch + 1}, micro-batch {micro}: stopping")
-            boundary = (micro + 1) % grad_accum == 0 or micro + 1 == len(batches)
-            rt.backward(loss, boundary)
-            lr = rt.step(boundary)
-            window["loss"] += loss.item()
-            window["n"] += 1
-            if epoch == args.epochs - 1 and state["step"] >= STATS_FROM_STEPS * total_steps:
-                train_scores += counts["complete_scores"]
-            for key in ("rows", "forwards", "tokens"):
-                window[key] += counts[key]
-            bar.update(1)
-            if not boundary:
-                continue
-            state = {"epoch": epoch, "micro": micro + 1, "step": state["step"] + 1, "fingerprint": fingerprint}
-            if state["step"] % args.log_steps == 0 or micro + 1 == len(batches):
-                dt = max(time.time() - window["t0"], 1e-9)
-                entry = {"step": state["step"], "epoch": epoch + (micro + 1) / len(batches),
-                         "loss": window["loss"] / window["n"], "lr": lr,
-                         "rows_per_s": window["rows"] * rt.world / dt,
-                         "rows_per_forward": window["rows"] / max(window["forwards"] / 2, 1),
-                         "tokens_per_s": window["tokens"] * rt.world / dt}
-                bar.set_postfix(loss=f"{entry['loss']:.4f}", rows_s=f"{entry['rows_per_s']:.1f}")
-                if log_file:
-                    log_file.write(dumps(entry) + "\n")
-                    log_file.flush()
-                window = new_window()
-            if args.save_steps and state["step"] % args.save_steps == 0:
-                rt.save_checkpoint(ckpt, state)
-            if args.stop_after_steps and state["step"] >= args.stop_after_steps:
-                rt.save_checkpoint(ckpt, state)
-                stopped = True
-                break
-        bar.close()
-        if stopped:
-            log.info("stopped after %d steps; continue with --resume", state["step"])
+                loss, counts = batch_loss(rt.model, batch.units, tokenizer.pad_token_id, decoder, rt.device,
+                                          length_grouped=rt.world == 1, padding=batch.padding,
+                                          forward=lambda inputs, positions: rt.scores(inputs, positions, decoder))
+            rt.step(loss, counts)
+        if rt.stopped:
             return
-        state = {"epoch": epoch + 1, "micro": 0, "step": state["step"], "fingerprint": fingerprint}
         if eval_pairs:
             with rt.autocast():
-                result, eval_scores, eval_prefix_scores = heldout_evaluation(rt.model, fmt, eval_pairs, prefix_lengths,
-                                                                             args.batch_size)
-            result = {"epoch": epoch + 1, **result}
-            eval_history.append(result)
-            if log_file:
-                log_file.write(dumps({"step": state["step"], "eval": result}) + "\n")
-                log_file.flush()
-            if rt.is_main:
-                log.info("eval after epoch %d: accuracy %.4f, AR_RM-SC %s", epoch + 1, result["accuracy"],
-                         result["ar_sc"])
-        if epoch + 1 < args.epochs:  # after the last epoch the final save follows: no checkpoint needed
-            rt.save_checkpoint(ckpt, state)
+                result, scores, prefix_scores = heldout_evaluation(rt.model, fmt, eval_pairs,
+                                                                   args.eval_prefix_lengths, args.batch_size)
+            rt.evaluated(result, scores, prefix_scores, args.eval)
 
-    train_scores = rt.gather(train_scores)  # every rank's, on every rank: all take the same path below
-    if eval_scores is None and len(train_scores) >= STATS_MIN_SCORES:
-        eval_scores = train_scores
-        source = (f"{args.input} ({len(train_scores)} complete training replies, scored by the loss in the last "
-                  f"{100 - int(100 * STATS_FROM_STEPS)}% of the training steps)")
-    elif eval_scores is None:  # a capped sample of the training pairs' complete responses (every rank scores it)
-        prompts, responses = training_responses(rows)
-        with rt.autocast():
-            eval_scores = score(rt.model, fmt, prompts, responses, args.batch_size)
-        source = (f"{args.input} (complete responses of the first {len(responses) // 2} training pairs, scored after "
-                  "training)")
-    else:
-        source = f"{args.eval} ({len(eval_scores) // 2} held-out pairs, chosen and rejected)"
-    stats = reward_statistics(eval_scores, eval_prefix_scores, source)
-    manifest = make_manifest(args.output, args, inputs=checksums, extra={
-        "reference": reference, "init": init_identity, "rows": n_rows, "grouped": grouped,
-        "zero_weight_skipped": skipped_zero, "truncated": fmt.truncated, "grad_accum": grad_accum,
-        "world_size": rt.world, "total_steps": total_steps, "fingerprint": fingerprint})
-    extra_files = {"reward_stats.json": stats, "manifest.json": manifest}
-    if eval_history:
-        extra_files["eval.json"] = eval_history[-1]
-    if log_file:
-        log_file.close()
-    rt.save_model(args.output, tokenizer, extra_files, log_path)
-    if rt.is_main:
-        remove_checkpoints(ckpt)
-        log.info("saved %s", args.output)
+    stats = rt.reward_stats(fmt, rows, args.input)
+    made = {"reference": reference, "init": init_identity, "rows": n_rows, "grouped": grouped,
+            "zero_weight_skipped": len(rows) - n_rows, "truncated": fmt.truncated, "grad_accum": settings.grad_accum,
+            "world_size": rt.world, "total_steps": rt.total_steps, "fingerprint": fingerprint}
+    rt.save(tokenizer, stats, make_manifest(args.output, args, checksums, made,
+                                            resolved={"lr": settings.lr, **device_fields(device, dtype)}))
 
 
 def main_on_every_rank():
@@ -358,7 +236,7 @@ def main_on_every_rank():
     try:
         main()
     except DataError:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if launcher_rank() == 0:
             raise
         sys.exit(2)
 

@@ -21,23 +21,17 @@ method, settings, policy, RM or prompt set) and skips ids already written. Ranks
 over gloo, for as long as it takes.
 """
 import argparse
-import datetime
-import json
 import logging
-import math
-import os
-import shutil
 
 import torch
 from tqdm import tqdm
 
 from common.data import check_prompt_overlap, load_prompts
-from common.io import (DEFAULT_MAX_LENGTH, DataError, ResumableJsonlWriter, add_device_args, add_max_length_arg,
-                       check_output_differs, input_checksums, positive_int, read_jsonl, run_main, write_jsonl,
-                       write_manifest)
-from common.metrics import reward_stats_problem
-from common.models import (device_setup, load_policy, load_reward_model, load_tokenizer,
-                           trained_max_length)
+from common.io import (DataError, ResumableJsonlWriter, add_device_args, add_max_length_arg, check_output_differs,
+                       input_checksums, positive_int, read_jsonl, run_main, write_manifest)
+from common.models import device_fields, device_setup, load_policy, load_tokenizer
+from common.ranks import distributed, earlier_rows, finish_output, leave_ranks, shard_path, wait_for_every_rank
+from common.rewards import load_rm, read_reward_stats
 from common.search import REGISTRY, Policy, RewardModel, Search, make_method, method_knobs, search_params
 
 log = logging.getLogger("decode")
@@ -80,10 +74,10 @@ def parse_args():
                        help=f"{knob.help} ({users})")
     args = p.parse_args()
     try:  # the method's own knobs, checked before any model loads
-        args.search_method = make_method(args.method, **{k.name: getattr(args, k.name) for k in method_knobs()})
+        method = make_method(args.method, **{k.name: getattr(args, k.name) for k in method_knobs()})
     except ValueError as e:
         p.error(str(e))
-    return args
+    return args, method
 
 
 def methods_help():
@@ -102,35 +96,6 @@ def methods_help():
     return "\n".join(lines)
 
 
-def load_reward_stats(args):
-    """{"mean", "std"} of the RM's rewards: --reward-stats, else reward_stats.json in the RM folder (03 writes
-    it; 05 reward-stats makes one for any RM). Needed by --reward-norm std; read when present otherwise
-    (a method may take defaults from them), and None when absent."""
-    if not args.rm:
-        if args.reward_norm == "std":
-            raise DataError("--reward-norm std needs --rm")
-        return None
-    path = args.reward_stats or os.path.join(args.rm, "reward_stats.json")
-    if not os.path.isfile(path):
-        if args.reward_norm == "std" or args.reward_stats:
-            raise DataError(f"{path}: no reward statistics for --reward-norm std (03_train.py writes them; or "
-                            "make them with 05_evaluate.py reward-stats and give --reward-stats FILE)")
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            stats = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
-    for key in ("mean", "std"):
-        value = stats.get(key) if isinstance(stats, dict) else None
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            raise DataError(f"{path}: field '{key}': expected a finite number")
-    problem = reward_stats_problem(stats["mean"], stats["std"])
-    if problem:
-        raise DataError(f"{path}: {problem}")
-    return {"mean": float(stats["mean"]), "std": float(stats["std"]), "path": path}
-
-
 def truncation_counts(path, search):
     """How many rows of the output lost prompt tokens to the policy's positions, and how many report a reward
     whose RM input the RM's max length cut (the rules: docs/scoring.md), over every row, resumed ones too."""
@@ -142,172 +107,89 @@ def truncation_counts(path, search):
             "rm_max_length": search.rm.fmt.max_length if search.rm else None}
 
 
-def check_resumable(path, prompts, expected):
-    """Refuse to continue a file whose rows were made with another method, settings, policy, RM or prompts."""
-    if not os.path.exists(path):
-        return
-    by_id = {p["id"]: p for p in prompts}
-    for lineno, row in read_jsonl(path, on_error="skip"):
-        made = {k: row.get(k) for k in expected}
-        differs = [f"{k}: {made[k]!r} then, {expected[k]!r} now" for k in expected if made[k] != expected[k]]
-        prompt = by_id.get(row.get("id"))
-        if prompt is None:
-            differs.append(f"id {row.get('id')!r} is not in this prompt set")
-        elif row.get("prompt") != prompt["prompt"]:
-            differs.append(f"the prompt of id {row.get('id')!r} changed")
-        if differs:
-            raise DataError(f"{path}:{lineno}: made by another run ({'; '.join(differs)}); "
-                            "rerun without --resume to start over")
-
-
-# Ranks wait for the slowest at the end (CBS, CARDS and --resume give them unequal work): hours, not the ten
-# minutes after which a collective gives up by default
-RANK_WAIT = datetime.timedelta(days=7)
-
-
-def distributed():
-    """(rank, world) under torchrun. The ranks only wait for each other at the end, over gloo (a CPU barrier,
-    also between GPU ranks: no tensor crosses, and NCCL's watchdog would end a long wait)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    if world > 1:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("gloo", timeout=RANK_WAIT)
-    return rank, world
-
-
-def row_files(output):
-    """The row files that runs of OUTPUT leave until it is complete: OUTPUT.partial (one process) and a shard
-    per rank (OUTPUT.shardR-of-W.jsonl, of any world size W)."""
-    import glob
-
-    base = glob.escape(output)
-    return sorted(glob.glob(base + ".partial") + glob.glob(base + ".shard*-of-*.jsonl"))
-
-
-def rows_done(paths, prompts, expected):
-    """The ids that the row files of an earlier run of OUTPUT hold (each checked as `check_resumable`)."""
-    done = set()
-    for path in paths:
-        check_resumable(path, prompts, expected)
-        done |= {row.get("id") for _, row in read_jsonl(path, on_error="skip")}
-    return done
-
-
-def merge_rows(output, paths, prompts):
-    """Write OUTPUT from row files in prompt order, each row once, then remove them (and the lock files that
-    killed runs left beside them)."""
-    rows = {}
-    for path in paths:
-        rows.update({row["id"]: row for _, row in read_jsonl(path, on_error="skip")})
-    write_jsonl(output, [rows[p["id"]] for p in prompts if p["id"] in rows])
-    for path in paths:
-        for leftover in (path, path + ".lock"):
-            if os.path.exists(leftover):
-                os.remove(leftover)
-    return len(rows)
-
-
-def main():
-    args = parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    torch.manual_seed(args.seed)
-    method = args.search_method
-    device, dtype = device_setup(args)
-    rank, world = distributed()
-    # Rows go to a partial file (a shard per rank under torchrun), merged into --output only when every prompt
-    # is done: a failed or killed run never touches an earlier complete output. Rank 0 holds the output.
-    out_path = f"{args.output}.partial" if world == 1 else f"{args.output}.shard{rank}-of-{world}.jsonl"
-    check_output_differs(args.output if rank == 0 else out_path, args.prompts)
-    checksums = input_checksums([args.prompts])
-    prompts = load_prompts(args.prompts, args.data_dir, args.limit, advbench_prefill=args.advbench_prefill)
-    if not prompts:
-        raise DataError(f"{args.prompts}: no prompts")
-    mine = prompts[rank::world]
-    if method.uses_rm and not args.rm:
-        raise DataError(f"--method {method.name} needs --rm")
-    if args.rm:
-        check_prompt_overlap(prompts, args.prompts, [args.rm], args.data_dir, args.allow_train_overlap)
-    stats = load_reward_stats(args)
-    normalize = args.reward_norm == "std"
-    try:
-        params = search_params(method, args.max_new_tokens, args.seed, args.rm is not None, normalize, stats)
-    except ValueError as e:
-        raise DataError(str(e)) from None
-    if args.rm_format != "open":
-        params["rm_format"] = args.rm_format
-    # --resume: every row file of an earlier run counts, whatever its world size (a shard of another split holds
-    # other ids); without it they are stale and go when the output is complete
-    earlier, done_before = row_files(args.output), set()
-    if args.resume:
-        if world == 1 and not earlier and os.path.exists(args.output):
-            shutil.copyfile(args.output, out_path)  # resuming a finished run: its rows count as done
-            earlier = [out_path]
-        done_before = rows_done(earlier, prompts, {"method": method.name, "params": params, "policy": args.policy,
-                                                   "rm": args.rm})
-
+def load_models(args, method, device, dtype, stats):
+    """The policy and, when given, the RM (loaded as every stage loads one: `common.rewards.load_rm`)."""
     policy_tok = load_tokenizer(args.policy, padding_side="left")
     try:
         method.check_vocabulary(len(policy_tok))
     except ValueError as e:
         raise DataError(str(e)) from None
     policy = Policy(load_policy(args.policy, dtype=dtype, device=device), policy_tok, args.policy)
-    rm = None
+    if not args.rm:
+        return policy, None
+    model, fmt = load_rm(args.rm, args.max_length, args.rm_format, device, dtype)
+    return policy, RewardModel(model, fmt.tokenizer, args.rm, fmt.max_length, stats=stats,
+                               normalize=args.reward_norm == "std", closed=fmt.closed)
+
+
+def decode(search, prompts, writer, args, params, rank):
+    """Decode the prompts in batches of --batch-size, appending each row as it is done."""
+    # the bar closes before an error line is printed (it would be drawn again after it)
+    with tqdm(total=len(prompts), desc=f"{search.method.name} (rank {rank})", unit="prompt", disable=rank != 0) as bar:
+        for s in range(0, len(prompts), args.batch_size):
+            batch = prompts[s:s + args.batch_size]
+            for p, res in zip(batch, search.run(batch)):
+                row = {"id": p["id"], "prompt": p["prompt"], "response": res["response"],
+                       "method": search.method.name, "params": params, "rm": args.rm, "policy": args.policy,
+                       "stats": {**res["stats"], "reward": res["reward"], "search_reward": res["search_reward"]}}
+                row.update({k: p[k] for k in ("reference", "target", "prefill", "category") if k in p})
+                if args.save_candidates:
+                    row["candidates"] = res["candidates"]
+                writer.write(row)
+            bar.update(len(batch))
+
+
+def main():
+    args, method = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    torch.manual_seed(args.seed)
+    device, dtype = device_setup(args)
+    rank, world = distributed()
+    # Rows go to a partial file (a shard per rank under torchrun), merged into --output only when every prompt
+    # is done: a failed or killed run never touches an earlier complete output. Rank 0 holds the output.
+    out_path = shard_path(args.output, rank, world)
+    check_output_differs(args.output if rank == 0 else out_path, args.prompts)
+    checksums = input_checksums([args.prompts])
+    prompts = load_prompts(args.prompts, args.data_dir, args.limit, advbench_prefill=args.advbench_prefill)
+    if not prompts:
+        raise DataError(f"{args.prompts}: no prompts")
+    if method.uses_rm and not args.rm:
+        raise DataError(f"--method {method.name} needs --rm")
     if args.rm:
-        rm_tok = load_tokenizer(args.rm)
-        max_length = args.max_length or trained_max_length(args.rm, DEFAULT_MAX_LENGTH)
-        try:
-            rm = RewardModel(load_reward_model(args.rm, tokenizer=rm_tok, dtype=dtype, device=device).eval(), rm_tok,
-                             args.rm, max_length, stats=stats, normalize=normalize,
-                             closed=args.rm_format == "closed")
-        except ValueError as e:
-            raise DataError(f"--rm-format {args.rm_format}: {e}") from None
+        check_prompt_overlap(prompts, args.prompts, [args.rm], args.data_dir, args.allow_train_overlap)
+    stats = read_reward_stats(args.rm, args.reward_norm, args.reward_stats)
+    try:
+        params = search_params(method, args.max_new_tokens, args.seed, args.rm is not None,
+                               args.reward_norm == "std", stats)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    if args.rm_format != "open":
+        params["rm_format"] = args.rm_format
+    earlier, done_before = earlier_rows(args.output, world, args.resume, prompts, {
+        "method": method.name, "params": params, "policy": args.policy, "rm": args.rm})
+    policy, rm = load_models(args, method, device, dtype, stats)
     try:
         search = Search(policy, method, rm, rm_path=args.rm_path, max_new_tokens=args.max_new_tokens,
                         seed=args.seed, stop_strings=tuple(args.stop), keep_candidates=args.save_candidates)
     except ValueError as e:
         raise DataError(f"{args.policy}: {e}") from None
 
+    mine = prompts[rank::world]
     with ResumableJsonlWriter(out_path, key="id", resume=args.resume) as writer:
         todo = [p for p in mine if p["id"] not in writer.done and p["id"] not in done_before]
         if args.resume and len(todo) < len(mine):  # a first run has nothing to resume
             log.info("rank %d: %d prompts already decoded, %d to go", rank, len(mine) - len(todo), len(todo))
-        # the bar closes before an error line is printed (it would be drawn again after it)
-        with tqdm(total=len(todo), desc=f"{method.name} (rank {rank})", unit="prompt", disable=rank != 0) as bar:
-            for s in range(0, len(todo), args.batch_size):
-                batch = todo[s:s + args.batch_size]
-                for p, res in zip(batch, search.run(batch)):
-                    row = {"id": p["id"], "prompt": p["prompt"], "response": res["response"], "method": method.name,
-                           "params": params, "rm": args.rm, "policy": args.policy,
-                           "stats": {**res["stats"], "reward": res["reward"], "search_reward": res["search_reward"]}}
-                    row.update({k: p[k] for k in ("reference", "target", "prefill", "category") if k in p})
-                    if args.save_candidates:
-                        row["candidates"] = res["candidates"]
-                    writer.write(row)
-                bar.update(len(batch))
-
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()  # every shard complete
+        decode(search, todo, writer, args, params, rank)
+    wait_for_every_rank(world)  # every shard complete
     if rank == 0:
-        shards = [f"{args.output}.shard{r}-of-{world}.jsonl" for r in range(world)] if world > 1 else [out_path]
-        kept = [p for p in earlier if p not in shards] if args.resume else []
-        merge_rows(args.output, kept + shards, prompts)
-        for stale in set(row_files(args.output)) - set(shards):  # rows of an earlier run, not resumed
-            for leftover in (stale, stale + ".lock"):
-                if os.path.exists(leftover):
-                    os.remove(leftover)
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+        finish_output(args.output, world, earlier, args.resume, prompts)
+    leave_ranks(world)
     if rank == 0:
         truncation = truncation_counts(args.output, search)
         if truncation["prompts_cut_for_policy"] or truncation["rewards_of_truncated_inputs"]:
             log.warning("truncation: %s", truncation)
         write_manifest(args.output, args, inputs={**checksums, args.policy: None, args.rm: None},
+                       resolved=device_fields(device, dtype),
                        extra={"rm_path": search.cached_rm and "cached" or ("text" if rm else None),
                               "world_size": world, "rows": len(prompts), "complete": True,
                               "truncation": truncation})

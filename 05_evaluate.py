@@ -8,6 +8,7 @@
       --prefix-lengths 4,8,16,24 --alpha 0.5 --output runs/x/consistency.json   # the premise of early rejection
   python 05_evaluate.py reward-stats --rm weqweasdas/RM-Gemma-2B --pairs hh-rlhf:heldout \\
       --output runs/x/gemma2b_reward_stats.json      # then: 04_decode.py --reward-norm std --reward-stats FILE
+                                                     # (the same as: python -m common.rewards stats ...)
   python 05_evaluate.py compare runs/x/metrics_prm.json runs/x/metrics_orm.json   # paired A - B
   python 05_evaluate.py table runs/x/metrics_*.json
 
@@ -54,21 +55,18 @@ import numpy as np
 
 from common.data import check_prompt_overlap, load_pairs, load_prompts, read_rows
 from common.judge import add_judge_args, prefix_labels
-from common.io import (DataError, add_device_args, add_max_length_arg, atomic_open, check_output_differs,
-                       input_checksums, non_negative_int, positive_int, prefix_lengths, probability, read_jsonl,
-                       run_main, write_json, write_jsonl, write_manifest)
+from common.io import (DataError, atomic_open, check_output_differs, input_checksums, non_negative_int, positive_int,
+                       prefix_lengths, probability, read_jsonl, run_main, write_json, write_jsonl, write_manifest)
 from common.metrics import (agreement_rate, attack_success, bootstrap_ci, coherence, contains_target_opening,
-                            diversity, gsm8k_correct, markdown_table, mean_with_ci, prefix_pair_scores,
-                            require_finite_scores, reward_gap, reward_statistics, rouge_l)
+                            diversity, gsm8k_correct, markdown_table, mean_with_ci, require_finite_scores,
+                            reward_gap, rouge_l)
+from common.models import device_fields
 
 log = logging.getLogger("evaluate")
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-
-    m = sub.add_parser("metrics", help="metrics of one generations file")
+def add_metrics_parser(m):
+    """The own flags of `metrics` (the shared ones come from parse_args' parents)."""
     m.add_argument("--generations", required=True)
     m.add_argument("--metrics", default="reward,diversity,coherence,length", help=f"comma list of {', '.join(METRICS)}")
     m.add_argument("--rm", default=None, help="RM for the reward metric: the yardstick, an RM that guided none "
@@ -78,45 +76,43 @@ def parse_args():
                         "or a path")
     m.add_argument("--extra-rm", action="append", default=[],
                    help="NAME=PATH: another reward column, reward_NAME_mean (e.g. the guiding ORM's own score)")
-    m.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     m.add_argument("--allow-partial", action="store_true",
                    help="evaluate a generations file with rows missing (a killed run), with a warning")
-    m.add_argument("--output", required=True)
     m.add_argument("--label", default=None, help="row name in tables, e.g. 'ARGS +Ours'")
     m.add_argument("--baseline", default=None, help="generations to judge against (winrate)")
     m.add_argument("--prompts", default=None, help="prompt set to take references from by id")
     m.add_argument("--embedding-model", default="minilm-l6")
-    add_max_length_arg(m)
-    m.add_argument("--batch-size", type=positive_int, default=16)
-    m.add_argument("--rm-format", choices=["open", "closed"], default="open",
-                   help="closed: the RM sees each response with its chat turn closed (end-of-turn token)")
-    m.add_argument("--allow-train-overlap", action="store_true",
-                   help="evaluate an RM on prompts it was trained on (refused by default)")
-    add_judge_args(m)
-    m.add_argument("--data-dir", default=None)
-    add_device_args(m)
 
-    a = sub.add_parser("agreement", help="AR_RM-SC(t), reward gap, AR_RM-HP / AR_SC-HP per prefix length")
+
+def parse_args():
+    from common.rewards import add_reward_stats_args, rm_scoring_args
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    # the arguments that several commands share, declared once
+    scoring = rm_scoring_args()  # --max-length, --rm-format, --batch-size, --allow-train-overlap, --data-dir, device
+    written = argparse.ArgumentParser(add_help=False)
+    written.add_argument("--output", required=True)
+    seeded = argparse.ArgumentParser(add_help=False)
+    seeded.add_argument("--seed", type=int, default=0, help="bootstrap seed (and the judge's sample)")
+    judged = argparse.ArgumentParser(add_help=False)
+    add_judge_args(judged)
+
+    add_metrics_parser(sub.add_parser("metrics", parents=[written, scoring, seeded, judged],
+                                      help="metrics of one generations file"))
+
+    a = sub.add_parser("agreement", parents=[written, scoring, seeded, judged],
+                       help="AR_RM-SC(t), reward gap, AR_RM-HP / AR_SC-HP per prefix length")
     a.add_argument("--pairs", required=True, help="held-out pairs: set name or JSONL")
     a.add_argument("--rm", action="append", required=True, help="repeatable; NAME=PATH to name it")
     a.add_argument("--prefix-lengths", type=prefix_lengths, default=[5, 10, 15, 20, 30, 40, 50])
-    a.add_argument("--output", required=True)
     a.add_argument("--limit", type=positive_int, default=None)
     a.add_argument("--labels", default=None, help='judge labels JSONL {"pair_id","t","verdict": "1"|"2"|"tie"}')
     a.add_argument("--judge-sample", type=non_negative_int, default=0, help="label this many pairs with the judge backend")
-    add_max_length_arg(a)
-    a.add_argument("--batch-size", type=positive_int, default=16)
-    a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--rm-format", choices=["open", "closed"], default="open",
-                   help="closed: the RM sees each prefix as a closed chat turn (docs/scoring.md)")
-    a.add_argument("--allow-train-overlap", action="store_true",
-                   help="evaluate an RM on pairs it was trained on (refused by default)")
-    add_judge_args(a)
-    a.add_argument("--data-dir", default=None)
-    add_device_args(a)
 
-    k = sub.add_parser("consistency", help="prefix consistency: do an RM's scores of the first t tokens rank "
-                                           "the samples as the reference ranks the complete ones?")
+    k = sub.add_parser("consistency", parents=[written, scoring, seeded],
+                       help="prefix consistency: do an RM's scores of the first t tokens rank the samples as the "
+                            "reference ranks the complete ones?")
     k.add_argument("--generations", required=True,
                    help="04_decode.py --save-candidates output (e.g. Best-of-N): each row's \"candidates\"")
     k.add_argument("--rm", action="append", required=True,
@@ -124,40 +120,22 @@ def parse_args():
     k.add_argument("--reference", required=True, help="the RM whose complete-response scores are the truth")
     k.add_argument("--prefix-lengths", type=prefix_lengths, default=[4, 8, 16, 24],
                    help="t: the RM's first t tokens of each sample")
-    k.add_argument("--alpha", type=probability, default=0.5, help="the rejected share of one decision (survival)")
-    k.add_argument("--output", required=True)
-    add_max_length_arg(k)
-    k.add_argument("--rm-format", choices=["open", "closed"], default="open")
-    k.add_argument("--batch-size", type=positive_int, default=16)
-    k.add_argument("--seed", type=int, default=0)
-    k.add_argument("--allow-train-overlap", action="store_true")
-    k.add_argument("--data-dir", default=None)
-    add_device_args(k)
+    k.add_argument("--alpha", type=probability, default=0.5,
+                   help="the rejected share of one decision (speculative rejection's keep rule)")
 
-    r = sub.add_parser("reward-stats",
-                       help="reward_stats.json for any RM (a hub ORM too), for 04 --reward-norm std")
-    r.add_argument("--rm", required=True, help="RM folder, hub id or alias")
-    r.add_argument("--pairs", default="hh-rlhf:heldout", help="pairs whose chosen and rejected replies are scored")
-    r.add_argument("--limit", type=positive_int, default=None, help="first N pairs")
-    r.add_argument("--prefix-lengths", type=prefix_lengths, default=[5, 10, 20, 50],
-                   help="also the mean and std of prefix scores at these t")
-    r.add_argument("--output", required=True, help="JSON to write; give it to 04_decode.py --reward-stats")
-    add_max_length_arg(r)
-    r.add_argument("--rm-format", choices=["open", "closed"], default="open",
-                   help="closed: complete replies as closed chat turns (as the RM will score them)")
-    r.add_argument("--batch-size", type=positive_int, default=16)
-    r.add_argument("--allow-train-overlap", action="store_true", help="score pairs the RM was trained on")
-    r.add_argument("--data-dir", default=None)
-    add_device_args(r)
+    r = sub.add_parser("reward-stats", parents=[scoring],
+                       help="reward_stats.json for any RM (a hub ORM too), for 04 --reward-norm std; the same as "
+                            "python -m common.rewards stats")
+    add_reward_stats_args(r)
 
-    c = sub.add_parser("compare", help="paired difference A - B of each metric over the ids both runs share")
+    c = sub.add_parser("compare", parents=[seeded],
+                       help="paired difference A - B of each metric over the ids both runs share")
     c.add_argument("a", help="metrics JSON of run A (its OUTPUT.rows.jsonl beside it)")
     c.add_argument("b", help="metrics JSON of run B")
     c.add_argument("--output", default=None, help="also write the comparison JSON here")
     c.add_argument("--exclude", default=None,
                    help="leave out the ids of this JSONL file (e.g. an earlier run's generations, to judge only "
                         "the prompts decoded since)")
-    c.add_argument("--seed", type=int, default=0)
 
     t = sub.add_parser("table", help="Markdown table (paper Tables 1-4 layout) from metric files")
     t.add_argument("files", nargs="+")
@@ -172,8 +150,9 @@ def parse_args():
 class Run:
     """One generations file being evaluated, and what the metrics share."""
 
-    def __init__(self, args, rows, refs):
+    def __init__(self, args, rows, refs, device, dtype):
         self.args, self.rows, self.refs = args, rows, refs
+        self.device, self.dtype = device, dtype
         self.prompts = [r["prompt"] for r in rows]
         self.responses = [r["response"] for r in rows]
         self.per_row = [{"id": r["id"]} for r in rows]
@@ -190,7 +169,7 @@ class Run:
         """The RM's score of each reply (each one finite), its truncated inputs counted."""
         from common.rewards import load_rm, score
 
-        model, fmt = load_rm(path, self.args.max_length, self.args.rm_format, *self.args.device_dtype)
+        model, fmt = load_rm(path, self.args.max_length, self.args.rm_format, self.device, self.dtype)
         scores = score(model, fmt, self.prompts, self.responses, self.args.batch_size)
         require_finite_scores(scores, path, [f"row {r['id']!r}" for r in self.rows])
         self.truncated[path] = fmt.truncated
@@ -245,7 +224,7 @@ def metric_accuracy(run):
     from common.judge import ChatJudge, check_parsable, judge_from_args
 
     args = run.args
-    judge = judge_from_args(args, args.output) if args.judge_url else None
+    judge = judge_from_args(args, args.output, run.device, run.dtype) if args.judge_url else None
     if not isinstance(judge, ChatJudge):
         log.warning("accuracy: no LLM judge given (--judge-url, --judge-model): exact match stands in for the "
                     "paper's Figure 7 judge")
@@ -282,7 +261,7 @@ def metric_winrate(run):
     if other is not None:  # the judge would see one prompt beside a reply to another
         raise DataError(f"{args.baseline}: id {other!r} holds another prompt than in {args.generations}; a baseline "
                         "must answer the same prompts")
-    judge = judge_from_args(args, args.output)
+    judge = judge_from_args(args, args.output, run.device, run.dtype)
     verdicts = judge_pairs(judge, run.prompts, run.responses, [base[r["id"]]["response"] for r in run.rows],
                            args.judge_kind)
     for pr, v in zip(run.per_row, verdicts):
@@ -304,7 +283,7 @@ METRICS = {
     "diversity": lambda run: {"diversity": [diversity(t) for t in run.responses]},
     "diversity_args": lambda run: {"diversity_args": [diversity_args(t) for t in run.responses]},
     "coherence": lambda run: {"coherence": coherence(run.prompts, run.responses, run.args.embedding_model,
-                                                     device=run.args.device_dtype[0])},
+                                                     device=run.device)},
     "rouge": lambda run: {"rouge_l": rouge_l(run.responses, [run.reference(r) for r in run.rows])},
     "asr": metric_asr,
     "accuracy": metric_accuracy,
@@ -316,7 +295,7 @@ METRICS = {
 COMPUTE = ("policy_calls", "policy_tokens", "rm_calls", "rm_tokens", "new_tokens", "seconds")
 
 
-def run_metrics(args):
+def run_metrics(args, device, dtype):
     wanted = [m.strip() for m in args.metrics.split(",") if m.strip()]
     unknown = set(wanted) - set(METRICS)
     if unknown:
@@ -329,7 +308,7 @@ def run_metrics(args):
     rm_paths = ([args.rm] if args.rm else []) + [rm_spec(s)[1] for s in args.extra_rm] + \
         [p for p in [decoding_rm(args, rows)] if p] if "reward" in wanted else []
     check_prompt_overlap(rows, args.generations, rm_paths, args.data_dir, args.allow_train_overlap)
-    run = Run(args, rows, refs)
+    run = Run(args, rows, refs, device, dtype)
     run.out.update(generations=args.generations, n=len(rows), label=args.label, method=rows[0].get("method"),
                    rm=rows[0].get("rm"), policy=rows[0].get("policy"))
     for name in wanted:  # in the order asked
@@ -347,7 +326,7 @@ def run_metrics(args):
     write_json(args.output, run.out)
     write_jsonl(os.path.splitext(args.output)[0] + ".rows.jsonl", run.per_row)
     write_manifest(args.output, args, inputs={**checksums, **({args.rm: None} if args.rm else {})},
-                   extra={"truncated_inputs": run.truncated})
+                   extra={"truncated_inputs": run.truncated}, resolved=device_fields(device, dtype))
     log.info("%s", {k: v for k, v in run.out.items() if not k.startswith("compute")})
 
 
@@ -403,8 +382,8 @@ def winrate_metrics(verdicts, seed=0, max_unparsable=1.0):
     return out
 
 
-def run_agreement(args):
-    from common.rewards import load_rm
+def run_agreement(args, device, dtype):
+    from common.rewards import checked_pair_scores, load_rm
 
     check_output_differs(args.output, args.pairs)
     pairs = load_pairs(args.pairs, args.data_dir)[: args.limit]
@@ -419,9 +398,9 @@ def run_agreement(args):
     first = None  # (name, per-pair agreement indicators per t) of the first RM: paired differences against it
     for spec in args.rm:
         name, path = rm_spec(spec)
-        model, fmt = load_rm(path, args.max_length, args.rm_format, *args.device_dtype)
+        model, fmt = load_rm(path, args.max_length, args.rm_format, device, dtype)
         if labels is None:  # prefixes for the judge are cut in the first RM's tokens
-            labels = prefix_labels(args, pairs, lengths, fmt)
+            labels = prefix_labels(args, pairs, lengths, fmt, device, dtype)
         sw, sl = checked_pair_scores(model, fmt, pairs, lengths, args.batch_size, path)
         curve, agree = [], []
         for k, t in enumerate(lengths):
@@ -457,7 +436,7 @@ def run_agreement(args):
             writer.writerows(curve)
         log.info("%s: %s", name, [(c["t"], round(c["ar_rm_sc"], 3)) for c in curve])
     write_json(args.output, result)
-    write_manifest(args.output, args, inputs=[args.pairs] + args.rm,
+    write_manifest(args.output, args, inputs=[args.pairs] + args.rm, resolved=device_fields(device, dtype),
                    extra={"truncated_inputs": {n: r["truncated_inputs"] for n, r in result["rms"].items()}})
 
 
@@ -466,55 +445,69 @@ def per_row_values(metrics_path):
     return {r["id"]: r for _, r in read_jsonl(rows_path, required=("id",))}
 
 
-def run_consistency(args):
-    """Per t, for every RM: Kendall's tau between its scores of the samples' first t tokens and the reference's
-    scores of the complete samples (mean over prompts), and the share of prompts whose best complete sample
-    (by the reference) survives one rejection of the lowest alpha share at t. 95% bootstrap intervals over
-    prompts; every RM after the first also gets its paired difference from the first."""
+def read_candidates(path):
+    """Generation rows that carry at least two candidates each (04_decode.py --save-candidates)."""
+    rows = read_generations(path)
+    for r in rows:
+        if not isinstance(r.get("candidates"), list) or len(r["candidates"]) < 2:
+            raise DataError(f"{path}: row {r['id']}: field 'candidates': expected a list of at least "
+                            "2 samples (decode with 04_decode.py --save-candidates)")
+    return rows
+
+
+def consistency_point(prefix, truth, by_prompt, rejection):
+    """At one t: per prompt, Kendall's tau between an RM's prefix scores of its samples and the reference's
+    complete scores, and whether the reference's best sample survives one decision of speculative rejection
+    (its keep rule, common/search/methods.py: the top ceil((1 - alpha) m) by the prefix score, ties by index)."""
     import math
 
     from scipy.stats import kendalltau
 
+    tau, alive = [], []
+    for idx in by_prompt:
+        r, y = prefix[idx], truth[idx]
+        value = kendalltau(r, y).statistic
+        tau.append(0.0 if math.isnan(value) else float(value))  # all tied: no order at all
+        kept = sorted(range(len(idx)), key=lambda j: (-r[j], j))[:rejection.kept(len(idx))]
+        alive.append(float(int(np.argmax(y)) in kept))
+    return tau, alive
+
+
+def run_consistency(args, device, dtype):
+    """Per t, for every RM: Kendall's tau between its scores of the samples' first t tokens and the reference's
+    scores of the complete samples (mean over prompts), and the share of prompts whose best complete sample
+    (by the reference) survives one rejection of the lowest alpha share at t. 95% bootstrap intervals over
+    prompts; every RM after the first also gets its paired difference from the first."""
     from common.rewards import load_rm, score, score_prefixes
+    from common.search.methods import make_method
 
     check_output_differs(args.output, args.generations)
-    rows = [r for r in read_generations(args.generations)]
-    for r in rows:
-        if not isinstance(r.get("candidates"), list) or len(r["candidates"]) < 2:
-            raise DataError(f"{args.generations}: row {r['id']}: field 'candidates': expected a list of at least "
-                            "2 samples (decode with 04_decode.py --save-candidates)")
+    rows = read_candidates(args.generations)
     specs = [rm_spec(x) for x in args.rm]
     check_prompt_overlap(rows, args.generations, [args.reference] + [p for _, p in specs], args.data_dir,
                          args.allow_train_overlap)
     owners = [i for i, r in enumerate(rows) for _ in r["candidates"]]
     prompts = [rows[i]["prompt"] for i in owners]
     texts = [c for r in rows for c in r["candidates"]]
-    model, fmt = load_rm(args.reference, args.max_length, args.rm_format, *args.device_dtype)
+    model, fmt = load_rm(args.reference, args.max_length, args.rm_format, device, dtype)
     truth = np.array(score(model, fmt, prompts, texts, args.batch_size))
     sample_of = lambda n: f"row {rows[owners[n]]['id']!r}, a candidate"  # noqa: E731
     require_finite_scores(truth, args.reference, sample_of)
     truncated = {"reference": fmt.truncated}
     by_prompt = [np.array([j for j, o in enumerate(owners) if o == i]) for i in range(len(rows))]
+    rejection = make_method("specrej", alpha=args.alpha)
     lengths = args.prefix_lengths
     result = {"generations": args.generations, "n_prompts": len(rows), "reference": args.reference,
               "alpha": args.alpha, "prefix_lengths": lengths, "rms": {}}
     first = None
     for name, path in specs:
-        model, fmt = load_rm(path, args.max_length, args.rm_format, *args.device_dtype)
+        model, fmt = load_rm(path, args.max_length, args.rm_format, device, dtype)
         prefix = np.array(score_prefixes(model, fmt, prompts, texts, lengths, args.batch_size))  # [samples, t]
         require_finite_scores(prefix, path, lambda n: f"{sample_of(n // len(lengths))}, t={lengths[n % len(lengths)]}")
         truncated[name] = fmt.truncated
         curve, taus, survives = [], [], []
         for k, t in enumerate(lengths):
-            tau, alive = [], []
-            for idx in by_prompt:
-                r, y = prefix[idx, k], truth[idx]
-                value = kendalltau(r, y).statistic
-                tau.append(0.0 if math.isnan(value) else float(value))  # all tied: no order at all
-                keep = max(1, math.ceil(round((1 - args.alpha) * len(idx), 9)))
-                best = int(np.argmax(y))
-                kept = sorted(range(len(idx)), key=lambda j: (-r[j], j))[:keep]
-                alive.append(float(best in kept))
+            tau, alive = consistency_point(prefix[:, k], truth, by_prompt, rejection)
             taus.append(tau)
             survives.append(alive)
             point = {"t": t, "kendall_tau": float(np.mean(tau)), "kendall_tau_ci95": bootstrap_ci(tau, args.seed),
@@ -530,45 +523,8 @@ def run_consistency(args):
         log.info("%s: %s", name, [(c["t"], round(c["kendall_tau"], 3), round(c["best_survives"], 3)) for c in curve])
     result["truncated_inputs"] = truncated
     write_json(args.output, result)
-    write_manifest(args.output, args, inputs=[args.generations], extra={"truncated_inputs": truncated})
-
-
-def checked_pair_scores(model, fmt, pairs, lengths, batch_size, rm):
-    """prefix_pair_scores, each score finite (else one error naming the RM, the pair, its side and t)."""
-    sw, sl = prefix_pair_scores(model, fmt, pairs, lengths, batch_size)
-    for side, scores in (("chosen", sw), ("rejected", sl)):
-        require_finite_scores(scores, rm, lambda n: f"pair {pairs[n // len(lengths)]['id']!r} {side}, "
-                                                    f"t={lengths[n % len(lengths)]}")
-    return sw, sl
-
-
-def run_reward_stats(args):
-    """Mean and std of an RM's scores of complete replies (and of prefixes), in the reward_stats.json layout
-    that 03_train.py writes into the RM folders it makes."""
-    from common.rewards import load_rm, score
-
-    check_output_differs(args.output, args.pairs)
-    pairs = load_pairs(args.pairs, args.data_dir)[: args.limit]
-    if not pairs:
-        raise DataError(f"{args.pairs}: no pairs")
-    check_prompt_overlap(pairs, args.pairs, [args.rm], args.data_dir, args.allow_train_overlap)
-    model, fmt = load_rm(args.rm, args.max_length, args.rm_format, *args.device_dtype)
-    prompts = [p["prompt"] for p in pairs] * 2
-    complete = score(model, fmt, prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
-                     args.batch_size)
-    require_finite_scores(complete, args.rm, lambda n: f"pair {pairs[n % len(pairs)]['id']!r} "
-                                                       f"{'chosen' if n < len(pairs) else 'rejected'}")
-    truncated = {"complete": fmt.truncated}
-    prefix = []
-    if args.prefix_lengths:
-        sw, sl = checked_pair_scores(model, fmt, pairs, args.prefix_lengths, args.batch_size, args.rm)
-        prefix = [v for s in sw + sl for v in s]
-        truncated["prefixes"] = fmt.truncated - truncated["complete"]
-    stats = reward_statistics(complete, prefix, f"{args.pairs} ({len(pairs)} pairs, chosen and rejected)")
-    stats.update(rm=args.rm, rm_format=args.rm_format, truncated_inputs=truncated)
-    write_json(args.output, stats)
-    write_manifest(args.output, args, inputs=[args.pairs], extra={"truncated_inputs": truncated})
-    log.info("%s: mean %.4f, std %.4f over %d replies", args.rm, stats["mean"], stats["std"], stats["n"])
+    write_manifest(args.output, args, inputs=[args.generations], extra={"truncated_inputs": truncated},
+                   resolved=device_fields(device, dtype))
 
 
 def run_compare(args):
@@ -611,16 +567,23 @@ def run_table(args):
             f.write(table + "\n")
 
 
+def run_reward_stats(args, device, dtype):
+    """An alias of `python -m common.rewards stats`: reward statistics live beside the RM they describe."""
+    from common.rewards import write_reward_stats
+
+    write_reward_stats(args, device, dtype)
+
+
 def main():
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    if args.command in ("metrics", "agreement", "reward-stats", "consistency"):
-        from common.models import device_setup
+    if args.command in ("compare", "table"):  # no model
+        return {"compare": run_compare, "table": run_table}[args.command](args)
+    from common.models import device_setup
 
-        args.device_dtype = device_setup(args)
     commands = {"metrics": run_metrics, "agreement": run_agreement, "consistency": run_consistency,
-                "reward-stats": run_reward_stats, "compare": run_compare, "table": run_table}
-    commands[args.command](args)
+                "reward-stats": run_reward_stats}
+    commands[args.command](args, *device_setup(args))
 
 
 if __name__ == "__main__":

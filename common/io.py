@@ -307,29 +307,32 @@ def claim_output(output):
     atexit.register(release)
 
 
-def write_manifest(output_path, args, inputs=(), extra=None):
+def write_manifest(output_path, args, inputs=(), extra=None, resolved=None):
     """Write the manifest of `output_path` beside it (OUTPUT.manifest.json, or manifest.json in a folder)."""
-    manifest = make_manifest(output_path, args, inputs, extra)
+    manifest = make_manifest(output_path, args, inputs, extra, resolved)
     base = output_path.rstrip("/")
     path = os.path.join(base, "manifest.json") if os.path.isdir(base) else base + ".manifest.json"
     write_json(path, manifest)
     return path
 
 
-def make_manifest(output_path, args, inputs=(), extra=None):
+def make_manifest(output_path, args, inputs=(), extra=None, resolved=None):
     """What produced `output_path`: arguments, seed, versions, input checksums.
 
     inputs: paths (hashed now) or a dict from `input_checksums`, taken when the inputs were read.
+    resolved: values the stage settled after parsing (a default by model family, the device and dtype of
+    `common.models.device_fields`): the manifest's args record them as they acted.
     """
     import torch
     import transformers
 
+    arguments = {**vars(args), **(resolved or {})}
     checksums = dict(inputs) if isinstance(inputs, dict) else input_checksums(inputs)
     checksums = {p: NAMED_SET_CHECKSUMS.get(p) if sha256 is None else sha256 for p, sha256 in checksums.items()}
     manifest = {
         "output": os.path.abspath(output_path),
         "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
-        "args": {k: v for k, v in vars(args).items() if _jsonable(v)},
+        "args": {k: v for k, v in arguments.items() if _jsonable(v)},
         "seed": getattr(args, "seed", None),
         "inputs": checksums,
         "versions": {
@@ -339,8 +342,8 @@ def make_manifest(output_path, args, inputs=(), extra=None):
         },
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    if getattr(args, "resolved_device", None):  # what the stage ran on (common.models.device_setup)
-        manifest.update(device=args.resolved_device, dtype=args.resolved_dtype)
+    if arguments.get("resolved_device"):  # what the stage ran on (common.models.device_fields)
+        manifest.update(device=arguments["resolved_device"], dtype=arguments["resolved_dtype"])
     if extra:
         manifest.update(extra)
     return manifest

@@ -290,8 +290,9 @@ def add_judge_args(parser):
                         help="paper: the paper's forced-choice prompts (Figures 6, 7); lenient: ties invited")
 
 
-def judge_from_args(args, output):
-    """The judge the flags name: the HTTP judge (verdicts cached beside `output`), or an RM as a proxy."""
+def judge_from_args(args, output, device="cpu", dtype=None):
+    """The judge the flags name: the HTTP judge (verdicts cached beside `output`), or an RM as a proxy (loaded on
+    `device` in `dtype`, the stage's)."""
     if args.judge_url:
         if not args.judge_model:
             raise DataError("--judge-url needs --judge-model")
@@ -301,7 +302,7 @@ def judge_from_args(args, output):
     if args.judge_rm:
         from common.rewards import load_rm
 
-        model, fmt = load_rm(args.judge_rm, args.max_length, args.rm_format, *args.device_dtype)
+        model, fmt = load_rm(args.judge_rm, args.max_length, args.rm_format, device, dtype)
         return RMJudge(model, fmt, args.judge_rm)
     raise DataError("a judge is needed: --judge-url/--judge-model or --judge-rm")
 
@@ -329,7 +330,7 @@ def check_parsable(verdicts, max_unparsable, what):
     return judged
 
 
-def prefix_labels(args, pairs, lengths, fmt):
+def prefix_labels(args, pairs, lengths, fmt, device="cpu", dtype=None):
     """{(pair_id, t): verdict} of prefix pairs (AR_RM-HP): from a labels file and/or the judge on a sample."""
     import random
 
@@ -340,7 +341,7 @@ def prefix_labels(args, pairs, lengths, fmt):
         for _, row in read_jsonl(args.labels, required=("pair_id", "t", "verdict")):
             labels[(str(row["pair_id"]), int(row["t"]))] = str(row["verdict"])
     if args.judge_sample:
-        judge = judge_from_args(args, args.output)
+        judge = judge_from_args(args, args.output, device, dtype)
         sample = random.Random(args.seed).sample(pairs, min(args.judge_sample, len(pairs)))
         prompts, a, b, keys = [], [], [], []
         for p in sample:

@@ -126,15 +126,19 @@ def keep_freed_memory():
 
 
 def device_setup(args):
-    """(device, dtype) from a stage's --device/--dtype; also records both on args for the manifest. Every stage
-    that loads a model calls it first, so freed memory is kept for reuse from then on (`keep_freed_memory`)."""
+    """(device, dtype) from a stage's --device/--dtype. Every stage that loads a model calls it first, so freed
+    memory is kept for reuse from then on (`keep_freed_memory`)."""
     keep_freed_memory()
     device = resolve_device(args.device)
     dtype = resolve_dtype(device, args.dtype)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    args.resolved_device, args.resolved_dtype = str(device), dtype_name(dtype)
     return device, dtype
+
+
+def device_fields(device, dtype):
+    """What a stage ran on, as its manifest records it (`make_manifest(..., resolved=...)`)."""
+    return {"resolved_device": str(device), "resolved_dtype": dtype_name(dtype)}
 
 
 def dist_backend(device):
@@ -423,6 +427,14 @@ def trained_max_length(name, default):
     `default` for any other model."""
     value = training_args(name).get("max_length")
     return value if isinstance(value, int) and value > 0 else default
+
+
+def rm_max_length(name, given=None):
+    """The RM input length every stage that reads a trained RM uses (02, 04, 05): --max-length when given, else
+    the length the RM was trained with (its manifest), else DEFAULT_MAX_LENGTH."""
+    from common.io import DEFAULT_MAX_LENGTH
+
+    return given or trained_max_length(name, DEFAULT_MAX_LENGTH)
 
 
 def load_config(name):

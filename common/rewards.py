@@ -242,7 +242,7 @@ def load_rm(path, max_length=None, rm_format="open", device="cpu", dtype=None):
     (its manifest), else DEFAULT_MAX_LENGTH. A model is loaded once per process (a yardstick that is also
     the judge, or an RM scored under two formats, shares one copy)."""
     from common.io import DataError
-    from common.models import load_reward_model, load_tokenizer, trained_max_length
+    from common.models import load_reward_model, load_tokenizer, rm_max_length
 
     key = (path, str(device), dtype)
     if key not in _LOADED_RMS:
@@ -250,10 +250,134 @@ def load_rm(path, max_length=None, rm_format="open", device="cpu", dtype=None):
         _LOADED_RMS[key] = (load_reward_model(path, tokenizer=tok, device=device, dtype=dtype).eval(), tok)
     model, tok = _LOADED_RMS[key]
     try:
-        return model, RMFormat(tok, model, max_length=max_length or trained_max_length(path, DEFAULT_MAX_LENGTH),
-                               closed=rm_format == "closed")
+        return model, RMFormat(tok, model, max_length=rm_max_length(path, max_length), closed=rm_format == "closed")
     except ValueError as e:
         raise DataError(f"{path}: --rm-format {rm_format}: {e}") from None
+
+
+# ------------------------------------------------------------------------------------------ reward statistics
+# reward_stats.json beside an RM: the mean and std of its scores of complete replies, which `--reward-norm std`
+# divides by. 03_train.py writes it into every RM folder it makes; `python -m common.rewards stats` (also
+# `05_evaluate.py reward-stats`) makes one for any RM, a hub ORM too.
+
+REWARD_STATS_FILE = "reward_stats.json"
+
+
+def read_reward_stats(rm, reward_norm="none", path=None):
+    """{"mean", "std", "path"} of the RM's rewards: `path`, else reward_stats.json in the RM folder. Needed by
+    --reward-norm std; read when present otherwise (a method may take defaults from them), and None when absent
+    or without an RM."""
+    import json
+    import math
+    import os
+
+    from common.io import DataError
+    from common.metrics import reward_stats_problem
+
+    if not rm:
+        if reward_norm == "std":
+            raise DataError("--reward-norm std needs --rm")
+        return None
+    given, path = path is not None, path or os.path.join(rm, REWARD_STATS_FILE)
+    if not os.path.isfile(path):
+        if reward_norm == "std" or given:
+            raise DataError(f"{path}: no reward statistics for --reward-norm std (03_train.py writes them; or "
+                            "make them with python -m common.rewards stats and give --reward-stats FILE)")
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            stats = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    for key in ("mean", "std"):
+        value = stats.get(key) if isinstance(stats, dict) else None
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise DataError(f"{path}: field '{key}': expected a finite number")
+    problem = reward_stats_problem(stats["mean"], stats["std"])
+    if problem:
+        raise DataError(f"{path}: {problem}")
+    return {"mean": float(stats["mean"]), "std": float(stats["std"]), "path": path}
+
+
+def checked_pair_scores(model, fmt, pairs, lengths, batch_size, rm):
+    """prefix_pair_scores, each score finite (else one error naming the RM, the pair, its side and t)."""
+    from common.metrics import prefix_pair_scores, require_finite_scores
+
+    sw, sl = prefix_pair_scores(model, fmt, pairs, lengths, batch_size)
+    for side, scores in (("chosen", sw), ("rejected", sl)):
+        require_finite_scores(scores, rm, lambda n: f"pair {pairs[n // len(lengths)]['id']!r} {side}, "
+                                                    f"t={lengths[n % len(lengths)]}")
+    return sw, sl
+
+
+def rm_scoring_args():
+    """A parent parser of the flags of every command that scores with a trained RM (05's metrics, agreement,
+    consistency and reward-stats; `python -m common.rewards stats`), declared once."""
+    import argparse
+
+    from common.io import add_device_args, add_max_length_arg, positive_int
+
+    parser = argparse.ArgumentParser(add_help=False)
+    add_max_length_arg(parser)
+    parser.add_argument("--rm-format", choices=["open", "closed"], default="open",
+                        help="closed: the RM sees each reply or prefix as a finished, closed chat turn (for hub chat "
+                             "RMs trained that way; docs/scoring.md)")
+    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--allow-train-overlap", action="store_true",
+                        help="score prompts or pairs the RM was trained on (refused by default: see its manifest)")
+    parser.add_argument("--data-dir", default=None)
+    add_device_args(parser)
+    return parser
+
+
+def add_reward_stats_args(parser):
+    """The own flags of `python -m common.rewards stats` (and of its alias `05_evaluate.py reward-stats`); the
+    scoring flags come from `rm_scoring_args`."""
+    from common.io import positive_int, prefix_lengths
+
+    parser.add_argument("--rm", required=True, help="RM folder, hub id or alias")
+    parser.add_argument("--pairs", default="hh-rlhf:heldout", help="pairs whose chosen and rejected replies are scored")
+    parser.add_argument("--limit", type=positive_int, default=None, help="first N pairs")
+    parser.add_argument("--prefix-lengths", type=prefix_lengths, default=[5, 10, 20, 50],
+                        help="also the mean and std of prefix scores at these t")
+    parser.add_argument("--output", required=True, help="JSON to write; give it to 04_decode.py --reward-stats")
+
+
+def write_reward_stats(args, device, dtype):
+    """Mean and std of an RM's scores of complete replies (and of prefixes), in the reward_stats.json layout
+    that 03_train.py writes into the RM folders it makes."""
+    import logging
+
+    from common.data import check_prompt_overlap, load_pairs
+    from common.io import DataError, check_output_differs, write_json, write_manifest
+    from common.metrics import require_finite_scores, reward_statistics
+    from common.models import device_fields
+
+    check_output_differs(args.output, args.pairs)
+    pairs = load_pairs(args.pairs, args.data_dir)[: args.limit]
+    if not pairs:
+        raise DataError(f"{args.pairs}: no pairs")
+    check_prompt_overlap(pairs, args.pairs, [args.rm], args.data_dir, args.allow_train_overlap)
+    model, fmt = load_rm(args.rm, args.max_length, args.rm_format, device, dtype)
+    prompts = [p["prompt"] for p in pairs] * 2
+    complete = score(model, fmt, prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
+                     args.batch_size)
+    require_finite_scores(complete, args.rm, lambda n: f"pair {pairs[n % len(pairs)]['id']!r} "
+                                                       f"{'chosen' if n < len(pairs) else 'rejected'}")
+    truncated = {"complete": fmt.truncated}
+    prefix = []
+    if args.prefix_lengths:
+        sw, sl = checked_pair_scores(model, fmt, pairs, args.prefix_lengths, args.batch_size, args.rm)
+        prefix = [v for s in sw + sl for v in s]
+        truncated["prefixes"] = fmt.truncated - truncated["complete"]
+    stats = reward_statistics(complete, prefix, f"{args.pairs} ({len(pairs)} pairs, chosen and rejected)")
+    stats.update(rm=args.rm, rm_format=args.rm_format, truncated_inputs=truncated)
+    write_json(args.output, stats)
+    write_manifest(args.output, args, inputs=[args.pairs], extra={"truncated_inputs": truncated},
+                   resolved=device_fields(device, dtype))
+    logging.getLogger("rewards").info("%s: mean %.4f, std %.4f over %d replies", args.rm, stats["mean"],
+                                      stats["std"], stats["n"])
+    return stats
 
 
 # ------------------------------------------------------------------------------------------ batched forwards
@@ -645,3 +769,26 @@ def batch_loss(model, units, pad_id, decoder, device, length_grouped=True, paddi
     keep = torch.tensor(complete, device=flat.device)
     scores = torch.cat([r_chosen[keep], r_rejected[keep]]).detach().float().cpu().tolist()
     return loss, {"rows": len(weights), "forwards": len(sequences), "tokens": tokens, "complete_scores": scores}
+
+
+def main():
+    """python -m common.rewards stats --rm RM --output FILE: reward_stats.json for any RM."""
+    import argparse
+    import logging
+
+    from common.models import device_setup
+
+    parser = argparse.ArgumentParser(prog="python -m common.rewards", description=main.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_reward_stats_args(sub.add_parser("stats", parents=[rm_scoring_args()],
+                                         help="reward_stats.json for any RM (a hub ORM too), for 04_decode.py "
+                                              "--reward-norm std"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    write_reward_stats(args, *device_setup(args))
+
+
+if __name__ == "__main__":
+    from common.io import run_main
+
+    run_main(main)

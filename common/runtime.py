@@ -11,20 +11,32 @@ Anything else is refused with one line before any file is unpickled.
 
 Distributed runs (DeepSpeed on several ranks): every rank must run the same collectives in the same order
 (ZeRO-3 gathers the parameters at every forward). The loop gives every rank the same number of micro-batches
-(`rank_share`), one forward each; every rank makes the checks that stop a run, on the same data or agreed."""
+(`rank_share`), one forward each; every rank makes the checks that stop a run, on the same data or agreed.
+
+A training run (03_train.py) speaks to the runtime in four words: `Resume.find` (before any model loads),
+`Runtime.start`, `step(loss, counts)` for each of `batches(epoch)` of `epochs()`, and `save`. The runtime keeps
+the loop's position, the log, the checkpoints and where the reward statistics come from."""
 import contextlib
 import json
+import logging
 import math
 import os
 import pickle
 import shutil
+import time
+from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from common.io import DataError, current_umask, read_jsonl, sha256_file, write_json, write_jsonl
+from common.io import DataError, current_umask, dumps, read_jsonl, sha256_file, write_json, write_jsonl
+from common.metrics import reward_statistics
 from common.models import dist_backend
-from common.rewards import reward_at
+from common.ranks import launcher_world
+from common.rewards import reward_at, score, training_batches
+
+log = logging.getLogger("train")
 
 STATE_FILE = "trainer_state.json"
 # the files of a finished run besides its tokenizer's: an earlier run's that a new one lacks are removed
@@ -36,7 +48,131 @@ DEEPSPEED_CHECKPOINT_CLASSES = ("deepspeed.runtime.zero.config.ZeroStageEnum",
                                 "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler")
 
 
-def deepspeed_config(path, args, grad_accum, world, cuda, dtype):
+@dataclass(frozen=True)
+class TrainSettings:
+    """A training run's settings as they act (each default resolved: lr by model family, grad_accum by DeepSpeed)."""
+    lr: float
+    weight_decay: float
+    warmup_ratio: float
+    max_grad_norm: float
+    batch_size: int          # rows per device per micro-batch (whole pairs when grouped)
+    grad_accum: int          # micro-batches per optimizer step
+    epochs: int
+    seed: int
+    batching_window: int     # common.rewards.BATCHING_WINDOWS
+    deepspeed: str = None    # DeepSpeed JSON config, or None: plain PyTorch on one process
+    save_steps: int = 0      # checkpoint every N optimizer steps (0: never)
+    log_steps: int = 10
+    stop_after_steps: int = None
+
+    @property
+    def world(self):
+        """How many ranks train: the launcher's under DeepSpeed, else one process."""
+        return launcher_world() if self.deepspeed else 1
+
+
+class BatchPlan:
+    """Every rank's micro-batches of each epoch, fixed by (seed, epoch): each rank takes every world-th batch,
+    padded to the same count on every rank (`rank_share`); the optimizer steps once per grad_accum micro-batches
+    and at the end of each epoch."""
+
+    def __init__(self, units, settings):
+        self.units, self.settings, self.world = units, settings, settings.world
+        self.total_steps = sum(math.ceil(len(self.of(epoch, 0)[0]) / settings.grad_accum)
+                               for epoch in range(settings.epochs))
+
+    def of(self, epoch, rank):
+        """(this rank's batches of `epoch`, how many of them are its own: the rest only keep the ranks in step)."""
+        s = self.settings
+        return rank_share(training_batches(self.units, s.batch_size, s.seed, epoch, s.batching_window), rank,
+                          self.world)
+
+
+@dataclass
+class MicroBatch:
+    units: list      # training units (common.rewards.training_units)
+    padding: bool    # only keeps the ranks in step: trained with weight 0
+
+
+class LogWindow:
+    """What the next log entry averages: each micro-batch's loss since the last entry, its rows, forwards and
+    real tokens, and the time."""
+
+    def __init__(self):
+        self.loss, self.n, self.rows, self.forwards, self.tokens, self.t0 = 0.0, 0, 0, 0, 0, time.time()
+
+    def add(self, loss, counts):
+        self.loss += loss
+        self.n += 1
+        self.rows += counts["rows"]
+        self.forwards += counts["forwards"]
+        self.tokens += counts["tokens"]
+
+    def entry(self, step, epoch, lr, world):
+        dt = max(time.time() - self.t0, 1e-9)
+        return {"step": step, "epoch": epoch, "loss": self.loss / self.n, "lr": lr,
+                "rows_per_s": self.rows * world / dt, "rows_per_forward": self.rows / max(self.forwards / 2, 1),
+                "tokens_per_s": self.tokens * world / dt}
+
+
+# Without a held-out evaluation, reward_stats.json comes from the scores the loss computed anyway: the complete
+# replies of the last quarter of the training steps (the linear schedule has brought the lr to a quarter of its
+# peak by then, so the model barely moves). Too few of them (a file of cuts) and a capped sample is scored instead.
+STATS_FROM_STEPS = 0.75
+STATS_MIN_SCORES = 64
+STATS_SAMPLE_PAIRS = 128
+
+
+def training_responses(rows, limit=STATS_SAMPLE_PAIRS):
+    """Complete (prompt, response) of the training rows: rows marked complete, else all rows (pairs file)."""
+    complete = [r for r in rows if r.get("complete", True)]
+    pairs = complete[:limit]
+    return [p["prompt"] for p in pairs] * 2, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+
+
+@dataclass
+class Resume:
+    """Where a run starts, decided before any model loads: afresh, from a checkpoint that is known safe to load
+    (`check_checkpoint`), or nowhere (`finished`: --resume into a folder that already holds this run's model)."""
+    folder: str               # OUTPUT/checkpoint
+    fingerprint: dict         # what a checkpoint must share with the run that resumes it
+    path: str = None          # the checkpoint to load (the folder, or a swap's .tmp/.old)
+    state: dict = None
+    finished: bool = False
+
+    @classmethod
+    def find(cls, output, fingerprint, world, wanted):
+        resume = cls(os.path.join(output, "checkpoint"), fingerprint)
+        if not wanted:
+            return resume
+        resume.path = find_checkpoint(resume.folder)
+        if resume.path is None:  # a finished model: nothing to resume, or another run's
+            check_finished(output, fingerprint)
+            resume.finished = os.path.isfile(os.path.join(output, "config.json"))
+        else:  # a checkpoint that is not this run's, or not as its run wrote it, is refused
+            resume.state = check_checkpoint(resume.path, fingerprint, world)
+        return resume
+
+
+def check_finished(output, fingerprint):
+    """--resume into a folder that holds a finished model (no checkpoint left): refused, changing nothing, unless
+    that model was made from the same input, starting model and settings."""
+    manifest = os.path.join(output, "manifest.json")
+    if not os.path.isfile(os.path.join(output, "config.json")) or not os.path.isfile(manifest):
+        return
+    with open(manifest, encoding="utf-8") as f:
+        made = json.load(f).get("fingerprint")
+    if made is None:
+        raise DataError(f"{output}: holds a finished model whose manifest does not say what it was trained from; "
+                        "rerun without --resume to replace it, or give another --output")
+    differs = [k for k in sorted(set(made) | set(fingerprint)) if made.get(k) != fingerprint.get(k)]
+    if differs:
+        raise DataError(f"{output}: holds a finished model made with other inputs or settings ("
+                        + ", ".join(f"{k}: {made.get(k)!r} then, {fingerprint.get(k)!r} now" for k in differs)
+                        + "); rerun without --resume to replace it, or give another --output")
+
+
+def deepspeed_config(path, settings, grad_accum, world, cuda, dtype):
     """The DeepSpeed config of a run: the file's, with the run's batch, accumulation, clipping, lr and precision.
 
     The optimizer is PyTorch's AdamW unless the file says otherwise (torch_adam): DeepSpeed's own FusedAdam is
@@ -44,13 +180,13 @@ def deepspeed_config(path, args, grad_accum, world, cuda, dtype):
     runtime passes the same linear schedule with warm-up as the plain path's."""
     with open(path) as f:
         config = json.load(f)
-    config["train_micro_batch_size_per_gpu"] = args.batch_size
+    config["train_micro_batch_size_per_gpu"] = settings.batch_size
     config["gradient_accumulation_steps"] = grad_accum
-    config["train_batch_size"] = args.batch_size * grad_accum * world
-    config["gradient_clipping"] = args.max_grad_norm
+    config["train_batch_size"] = settings.batch_size * grad_accum * world
+    config["gradient_clipping"] = settings.max_grad_norm
     optimizer = config.setdefault("optimizer", {"type": "AdamW", "params": {}})
     params = optimizer.setdefault("params", {})
-    params.update({"lr": args.lr, "weight_decay": args.weight_decay})
+    params.update({"lr": settings.lr, "weight_decay": settings.weight_decay})
     if optimizer["type"].lower() in ("adam", "adamw"):
         params.setdefault("torch_adam", True)
     config.pop("scheduler", None)
@@ -89,19 +225,23 @@ class ScoreForward(torch.nn.Module):
 
 
 class Runtime:
-    """Plain PyTorch on one process, or a DeepSpeed engine; the loop below speaks to both the same way.
+    """Plain PyTorch on one process, or a DeepSpeed engine; the training loop speaks to both the same way.
+
+    settings: a TrainSettings (or anything with its lr, weight_decay, warmup_ratio, max_grad_norm, deepspeed and,
+    under DeepSpeed, batch_size). `Runtime.start` makes the runtime of a training run; the constructor alone gives
+    the engine, its checkpoints and the final save.
 
     Precision: fp32 on the CPU. On a GPU, DeepSpeed trains in the config's half precision (bf16, or fp16 where
     bf16 is not supported); plain PyTorch keeps fp32 weights and runs forwards under autocast in that dtype
     (fp16 with a gradient scaler)."""
 
-    def __init__(self, args, model, total_steps, grad_accum, device, dtype):
-        self.args, self.grad_accum = args, grad_accum
-        self.deepspeed = args.deepspeed is not None
+    def __init__(self, settings, model, total_steps, grad_accum, device, dtype):
+        self.settings, self.grad_accum, self.total_steps = settings, grad_accum, total_steps
+        self.deepspeed = settings.deepspeed is not None
         self.rank, self.world = 0, 1
         self.cuda, self.dtype = device.type == "cuda", dtype
         self.scaler = None
-        warmup = int(args.warmup_ratio * total_steps)
+        warmup = int(settings.warmup_ratio * total_steps)
 
         def schedule(optimizer):
             return get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
@@ -113,7 +253,7 @@ class Runtime:
             # a rank that waits longer than DEEPSPEED_TIMEOUT minutes (default 10) for the others fails
             deepspeed.init_distributed(dist_backend=dist_backend(device))
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
-            config = deepspeed_config(args.deepspeed, args, grad_accum, self.world, self.cuda, dtype)
+            config = deepspeed_config(settings.deepspeed, settings, grad_accum, self.world, self.cuda, dtype)
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=ScoreForward(model), model_parameters=[p for p in model.parameters() if p.requires_grad],
                 config=config, lr_scheduler=schedule)
@@ -126,7 +266,7 @@ class Runtime:
                 self.scaler = torch.amp.GradScaler("cuda")
             # the fused kernel (one pass over all parameters, as the standard trainer's default adamw_torch_fused);
             # the per-tensor loop it replaces cost a tenth of a MiniLM run on the CPU
-            self.optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+            self.optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay,
                                                fused=self.device.type in ("cpu", "cuda"))
             self.scheduler = schedule(self.optimizer)
 
@@ -164,15 +304,15 @@ class Runtime:
         else:
             (loss / self.grad_accum).backward()
 
-    def step(self, boundary):
+    def optimizer_step(self, boundary):
         """Micro-step; at an accumulation boundary also the optimizer step. Returns the current lr."""
         if self.deepspeed:
             self.engine.step()
         elif boundary:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
-            if self.args.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+            if self.settings.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm)
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -181,6 +321,136 @@ class Runtime:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return self.scheduler.get_last_lr()[0]
+
+    # -------------------------------------------------------------------------------- a training run
+
+    @classmethod
+    def start(cls, settings, model, units, device, dtype, output, resume):
+        """The runtime of a training run over `units`: every rank's batches planned, the checkpoint of `resume`
+        loaded (else an earlier run's partial log removed), and this run's log opened. The log of the run in
+        progress is OUTPUT/train_log.jsonl.partial; it joins the model as train_log.jsonl when the model is saved
+        (an earlier model in the folder stays as it was, its log too, until the new one is complete)."""
+        plan = BatchPlan(units, settings)
+        rt = cls(settings, model, plan.total_steps, settings.grad_accum, device, dtype)
+        rt.plan, rt.output, rt.resume = plan, output, resume
+        rt.log_path = os.path.join(output, "train_log.jsonl.partial")
+        rt.state = {"epoch": 0, "micro": 0, "step": 0}  # where the loop stands: the next micro-batch
+        os.makedirs(output, exist_ok=True)
+        if resume.path:
+            loaded = rt.load_checkpoint(resume.path, resume.state, resume.folder)
+            rt.state = {k: loaded[k] for k in rt.state}
+            if rt.is_main:
+                log.info("resuming from %s at epoch %d, step %d", resume.path, rt.state["epoch"], rt.state["step"])
+                truncate_log(rt.log_path, rt.state["step"])
+        elif rt.is_main and os.path.exists(rt.log_path):
+            os.remove(rt.log_path)
+        rt.log_file = open(rt.log_path, "a", encoding="utf-8") if rt.is_main else None
+        rt.train_scores, rt.evaluation, rt.heldout, rt.stopped = [], None, None, False
+        return rt
+
+    def epochs(self):
+        """The epochs left to train. After each (and the caller's evaluation of it) a checkpoint, but after the
+        last: the final save follows."""
+        for epoch in range(self.state["epoch"], self.settings.epochs):
+            self.epoch = epoch
+            yield epoch
+            if self.stopped:
+                return
+            self.state = {"epoch": epoch + 1, "micro": 0, "step": self.state["step"]}
+            if epoch + 1 < self.settings.epochs:
+                self._checkpoint()
+
+    def batches(self, epoch):
+        """This rank's micro-batches of `epoch` from where the run stands (MicroBatch: units, padding)."""
+        batches, real = self.plan.of(epoch, self.rank)
+        self.train()
+        self.n_micro, self.window = len(batches), LogWindow()
+        with tqdm(total=len(batches), initial=self.state["micro"], desc=f"epoch {epoch + 1}/{self.settings.epochs}",
+                  unit="batch", disable=not self.is_main) as self.bar:
+            for micro in range(self.state["micro"], len(batches)):
+                self.micro = micro
+                yield MicroBatch([self.plan.units[i] for i in batches[micro]], padding=micro >= real)
+                if self.stopped:
+                    return
+
+    def step(self, loss, counts):
+        """One micro-batch's loss (and its counts, common.rewards.batch_loss): backward; at the end of an
+        accumulation window (every grad_accum micro-batches and the epoch's last) the optimizer step, a log
+        entry every --log-steps, a checkpoint every --save-steps; --stop-after-steps stops here as if killed."""
+        if not self.all_true(torch.isfinite(loss)):
+            raise DataError(f"non-finite loss at epoch {self.epoch + 1}, micro-batch {self.micro}: stopping")
+        boundary = (self.micro + 1) % self.grad_accum == 0 or self.micro + 1 == self.n_micro
+        self.backward(loss, boundary)
+        lr = self.optimizer_step(boundary)
+        self.window.add(loss.item(), counts)
+        if self.epoch == self.settings.epochs - 1 and self.state["step"] >= STATS_FROM_STEPS * self.total_steps:
+            self.train_scores += counts["complete_scores"]
+        self.bar.update(1)
+        if not boundary:
+            return
+        self.state = {"epoch": self.epoch, "micro": self.micro + 1, "step": self.state["step"] + 1}
+        step, s = self.state["step"], self.settings
+        if step % s.log_steps == 0 or self.micro + 1 == self.n_micro:
+            entry = self.window.entry(step, self.epoch + (self.micro + 1) / self.n_micro, lr, self.world)
+            self.bar.set_postfix(loss=f"{entry['loss']:.4f}", rows_s=f"{entry['rows_per_s']:.1f}")
+            self.log(entry)
+            self.window = LogWindow()
+        self.stopped = bool(s.stop_after_steps) and step >= s.stop_after_steps
+        if self.stopped or (s.save_steps and step % s.save_steps == 0):
+            self._checkpoint()
+        if self.stopped:
+            log.info("stopped after %d steps; continue with --resume", step)
+
+    def log(self, entry):
+        """One line of the run's log (the first rank writes it)."""
+        if self.log_file:
+            self.log_file.write(dumps(entry) + "\n")
+            self.log_file.flush()
+
+    def evaluated(self, result, scores, prefix_scores, source):
+        """The held-out evaluation after an epoch: logged; the last one's scores are the reward statistics'."""
+        self.evaluation = {"epoch": self.epoch + 1, **result}
+        self.heldout = (scores, prefix_scores, source)
+        self.log({"step": self.state["step"], "eval": self.evaluation})
+        if self.is_main:
+            log.info("eval after epoch %d: accuracy %.4f, AR_RM-SC %s", self.evaluation["epoch"],
+                     result["accuracy"], result["ar_sc"])
+
+    def _checkpoint(self):
+        self.save_checkpoint(self.resume.folder, {**self.state, "fingerprint": self.resume.fingerprint})
+
+    def reward_stats(self, fmt, rows, data_name):
+        """reward_statistics of the trained RM (its reward_stats.json, which `04_decode.py --reward-norm std`
+        reads): the last held-out evaluation's scores; without one, the scores the loss computed in the last
+        quarter of the steps; too few of those (a file of cuts), a capped sample of the training pairs' complete
+        replies scored now. Every rank takes the same path (the scores are gathered from every rank)."""
+        train_scores = self.gather(self.train_scores)
+        if self.evaluation is not None:
+            scores, prefix_scores, source = self.heldout
+            return reward_statistics(scores, prefix_scores,
+                                     f"{source} ({len(scores) // 2} held-out pairs, chosen and rejected)")
+        if len(train_scores) >= STATS_MIN_SCORES:
+            return reward_statistics(train_scores, None, (
+                f"{data_name} ({len(train_scores)} complete training replies, scored by the loss in the last "
+                f"{100 - int(100 * STATS_FROM_STEPS)}% of the training steps)"))
+        prompts, responses = training_responses(rows)
+        with self.autocast():
+            scores = score(self.model, fmt, prompts, responses, self.settings.batch_size)
+        return reward_statistics(scores, None, f"{data_name} (complete responses of the first {len(responses) // 2} "
+                                               "training pairs, scored after training)")
+
+    def save(self, tokenizer, stats, manifest):
+        """The trained model with its reward_stats.json, manifest.json, last evaluation (eval.json) and log, swapped
+        into OUTPUT (`save_model`); then the checkpoints go."""
+        extra_files = {"reward_stats.json": stats, "manifest.json": manifest}
+        if self.evaluation is not None:
+            extra_files["eval.json"] = self.evaluation
+        if self.log_file:
+            self.log_file.close()
+        self.save_model(self.output, tokenizer, extra_files, self.log_path)
+        if self.is_main:
+            remove_checkpoints(self.resume.folder)
+            log.info("saved %s", self.output)
 
     # -------------------------------------------------------------------------------- agreement between ranks
 

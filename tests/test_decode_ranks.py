@@ -100,3 +100,27 @@ def test_a_rerun_without_resume_ignores_and_removes_an_earlier_runs_rows(folders
     rows = read(out)
     assert [r["response"] for r in rows] == [r["response"] for r in one_process]
     assert leftovers(out) == []
+
+
+def test_the_rank_helpers_merge_in_prompt_order_and_resume_any_split(tmp_path):
+    """common.ranks without a launcher: a resume counts the rows of every row file an earlier run left (here a
+    3-rank split, one torn line), refuses rows of another run, and the merge writes each prompt's row once, in
+    prompt order, leaving no row or lock file."""
+    from common.io import DataError
+    from common.ranks import earlier_rows, finish_output, shard_path
+
+    out = str(tmp_path / "out.jsonl")
+    prompts = [{"id": f"p{i}", "prompt": f"prompt {i}"} for i in range(5)]
+    rows = [{"id": p["id"], "prompt": p["prompt"], "method": "greedy", "response": f"r{i}"}
+            for i, p in enumerate(prompts)]
+    killed_state(tmp_path / "out.jsonl", rows, 3, kept_per_shard=1)  # p0, p1, p2 done; a torn p3 in shard 0
+    earlier, done = earlier_rows(out, 1, True, prompts, {"method": "greedy"})
+    assert done == {"p0", "p1", "p2"} and len(earlier) == 3
+    with pytest.raises(DataError, match="made by another run"):
+        earlier_rows(out, 1, True, prompts, {"method": "bon"})
+    assert earlier_rows(out, 1, False, prompts, {"method": "bon"}) == (earlier, set())  # stale, not read
+    with open(shard_path(out, 0, 1), "w") as f:  # this run's rows, written out of order
+        f.writelines(json.dumps(r) + "\n" for r in (rows[4], rows[3]))
+    finish_output(out, 1, earlier, True, prompts)
+    assert [r["id"] for r in read(tmp_path / "out.jsonl")] == ["p0", "p1", "p2", "p3", "p4"]
+    assert leftovers(tmp_path / "out.jsonl") == []

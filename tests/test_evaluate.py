@@ -386,6 +386,19 @@ def test_reward_stats_of_any_rm_equal_its_scores(tmp_path, smol_tokenizer):
     assert stats["mean"] == pytest.approx(float(np.mean(expected)), abs=1e-5)
     assert stats["std"] == pytest.approx(float(np.std(expected)), abs=1e-5)
     assert json.loads((tmp_path / "stats.json.manifest.json").read_text())["dtype"] == "fp32"
+    # the same code beside the RM it describes: python -m common.rewards stats (05 reward-stats is its alias)
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    proc = subprocess.run([sys.executable, "-m", "common.rewards", "stats", "--rm", rm, "--pairs", pairs,
+                           "--prefix-lengths", "2,4", "--output", tmp_path / "beside.json"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    beside = json.loads((tmp_path / "beside.json").read_text())
+    assert {k: beside[k] for k in ("mean", "std", "n", "prefix_mean", "prefix_std", "prefix_n")} == \
+        {k: stats[k] for k in ("mean", "std", "n", "prefix_mean", "prefix_std", "prefix_n")}
     # 04 reads it for a model without reward_stats.json of its own
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"id": "q", "prompt": "\n\nHuman: hi\n\nAssistant:"}])
     from test_search import save_tiny_policy

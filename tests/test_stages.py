@@ -109,3 +109,24 @@ def test_weight_stage_matches_per_row_scoring(tmp_path, tiny_llama_folder):
                        "--scheme", "uniform", "--max-length", 128, "--resume")
     assert f"resuming: {len(rows)} rows already scored, 0 to go" in again.stderr
     assert [r["weight"] for r in read(uniform)] == [1.0] * len(rows)
+
+
+def test_no_stage_writes_into_its_argument_namespace():
+    """Values a stage settles after parsing (a default by model family, the device, a method object) are passed
+    explicitly, never stored back on the parsed arguments: the namespace stays what the user gave."""
+    import ast
+    import os
+
+    from conftest import ROOT
+
+    for name in ("02_weight.py", "03_train.py", "04_decode.py", "05_evaluate.py", "common/models.py",
+                 "common/rewards.py", "common/runtime.py", "common/judge.py"):
+        tree = ast.parse(open(os.path.join(ROOT, name), encoding="utf-8").read())
+        for node in ast.walk(tree):
+            targets = node.targets if isinstance(node, ast.Assign) else \
+                [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+            written = [t for t in targets for t in ast.walk(t)
+                       if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "args"]
+            assert not written, f"{name}:{node.lineno}: writes args.{written[0].attr}"
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setattr" and node.args:
+                assert getattr(node.args[0], "id", None) != "args", f"{name}:{node.lineno}: setattr(args, ...)"
