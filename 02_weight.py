@@ -169,7 +169,7 @@ def main():
     scores = {r["key"]: r for _, r in read_jsonl(scores_path, required=("key", "ref_chosen", "ref_rejected"))}
     ref_c = [scores[k]["ref_chosen"] for k in keys]
     ref_r = [scores[k]["ref_rejected"] for k in keys]
-    weights = reference_weights(ref_c, ref_r, args.scheme, args.entropy_floor, normalize=not args.no_normalize)
+    weights = reference_weights(ref_c, ref_r, args.scheme, args.entropy_floor, mean_one=not args.no_normalize)
     out_rows = [{**r, "ref_chosen": a, "ref_rejected": b, "weight": float(w)}
                 for r, a, b, w in zip(rows, ref_c, ref_r, weights)]
     write_jsonl(args.output, out_rows)

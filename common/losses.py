@@ -46,10 +46,10 @@ def binary_entropy_of_gap(gap):
 
 
 def reference_weights(ref_chosen, ref_rejected, scheme="entropy", entropy_floor=DEFAULT_ENTROPY_FLOOR,
-                      normalize=True):
+                      mean_one=True):
     """Weights of partial pairs from the reference RM's scores. Always finite.
 
-    entropy: 1/max(H, floor) where the reference agrees (r_w > r_l), else 0; then mean 1 if normalize
+    entropy: 1/max(H, floor) where the reference agrees (r_w > r_l), else 0; then scaled to mean 1 if mean_one
     uniform: 1 everywhere (the paper's Eq. 2 ablation)
     filter:  1 where the reference agrees, else 0
     """
@@ -69,7 +69,7 @@ def reference_weights(ref_chosen, ref_rejected, scheme="entropy", entropy_floor=
         raise ValueError("entropy_floor must be > 0 to keep weights finite")
     h = np.maximum(binary_entropy_of_gap(rc - rr), entropy_floor)
     w = np.where(agree, 1.0 / h, 0.0)
-    if normalize and w.sum() > 0:
+    if mean_one and w.sum() > 0:
         w = w * (len(w) / w.sum())
     assert np.all(np.isfinite(w))
     return w

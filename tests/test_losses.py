@@ -29,30 +29,30 @@ def test_entropy_weights_by_hand():
     h = -(p * math.log(p) + (1 - p) * math.log(1 - p))
     assert binary_entropy_of_gap(1.0) == pytest.approx(h, rel=1e-12)
     assert binary_entropy_of_gap(-1.0) == pytest.approx(h, rel=1e-12)
-    w = reference_weights([1.0, 0.5, 0.0], [0.0, 0.5, 2.0], "entropy", normalize=False)
+    w = reference_weights([1.0, 0.5, 0.0], [0.0, 0.5, 2.0], "entropy", mean_one=False)
     # agreement -> 1/H; tie -> 0; disagreement -> 0
     assert w[0] == pytest.approx(1 / h, rel=1e-9) and w[0] == pytest.approx(1.7176141, rel=1e-6)
     assert w[1] == 0.0 and w[2] == 0.0
     # gap 0 (not a tie, just tiny): H -> ln 2, w -> 1/ln 2
-    w0 = reference_weights([1e-9], [0.0], "entropy", normalize=False)
+    w0 = reference_weights([1e-9], [0.0], "entropy", mean_one=False)
     assert w0[0] == pytest.approx(1 / math.log(2), rel=1e-6)
 
 
 def test_entropy_weights_stay_finite_for_huge_gaps():
     w = reference_weights([1e6, 800.0, 40.0, 1.0], [0.0, 0.0, 0.0, 0.0], "entropy", entropy_floor=0.01,
-                          normalize=False)
+                          mean_one=False)
     assert np.all(np.isfinite(w))
     assert w[0] == pytest.approx(100.0) and w[1] == pytest.approx(100.0) and w[2] == pytest.approx(100.0)
     assert w[3] == pytest.approx(1.7176141, rel=1e-6)
 
 
-def test_entropy_weights_normalized_to_mean_one():
+def test_entropy_weights_scaled_to_mean_one():
     rc, rr = [1.0, 3.0, -1.0, 0.2], [0.0, 0.0, 0.0, 0.0]
-    raw = reference_weights(rc, rr, "entropy", normalize=False)
-    norm = reference_weights(rc, rr, "entropy")
-    assert norm.mean() == pytest.approx(1.0)
-    assert norm == pytest.approx(raw * 4 / raw.sum())
-    assert norm[2] == 0.0
+    raw = reference_weights(rc, rr, "entropy", mean_one=False)
+    scaled = reference_weights(rc, rr, "entropy")
+    assert scaled.mean() == pytest.approx(1.0)
+    assert scaled == pytest.approx(raw * 4 / raw.sum())
+    assert scaled[2] == 0.0
 
 
 def test_uniform_and_filter_schemes():
