@@ -33,6 +33,7 @@ from common.models import device_fields, device_setup, load_policy, load_tokeniz
 from common.ranks import distributed, earlier_rows, finish_output, leave_ranks, shard_path, wait_for_every_rank
 from common.rewards import load_rm, read_reward_stats
 from common.search import REGISTRY, Policy, RewardModel, Search, make_method, method_knobs, search_params
+from common.search.served import policy_stub, served_search
 
 log = logging.getLogger("decode")
 
@@ -54,6 +55,11 @@ def parse_args():
     p.add_argument("--advbench-prefill", action="store_true", help="start AdvBench replies with \"Sure here's\"")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--rm-path", choices=["auto", "cached", "text"], default="auto")
+    p.add_argument("--backend", choices=["torch", "vllm"], default="torch",
+                   help="who samples the policy: torch (this process, every method) or vllm (a vLLM server; Best-of-N, "
+                        "specrej, CBS; the RM scores here, through text): docs/gpu.md")
+    p.add_argument("--vllm-url", default=None, help="--backend vllm: a running server's URL (default: start one "
+                   "from .venv-vllm, made by make setup-vllm, on a free local port, stopped when done)")
     add_max_length_arg(p)
     p.add_argument("--reward-norm", choices=["none", "std"], default="none",
                    help="std: every method searches with (r - mean) / std, from the RM's reward_stats.json "
@@ -114,7 +120,9 @@ def load_models(args, method, device, dtype, stats):
         method.check_vocabulary(len(policy_tok))
     except ValueError as e:
         raise DataError(str(e)) from None
-    policy = Policy(load_policy(args.policy, dtype=dtype, device=device), policy_tok, args.policy)
+    # a vLLM server holds the policy's weights: this process needs only its config
+    model = policy_stub(args.policy) if args.backend == "vllm" else load_policy(args.policy, dtype, device)
+    policy = Policy(model, policy_tok, args.policy)
     if not args.rm:
         return policy, None
     model, fmt = load_rm(args.rm, args.max_length, args.rm_format, device, dtype)
@@ -122,7 +130,7 @@ def load_models(args, method, device, dtype, stats):
                                normalize=args.reward_norm == "std", closed=fmt.closed)
 
 
-def decode(search, prompts, writer, args, params, rank):
+def decode(search, prompts, writer, args, params, rank, backend_version=None):
     """Decode the prompts in batches of --batch-size, appending each row as it is done."""
     # the bar closes before an error line is printed (it would be drawn again after it)
     with tqdm(total=len(prompts), desc=f"{search.method.name} (rank {rank})", unit="prompt", disable=rank != 0) as bar:
@@ -131,6 +139,7 @@ def decode(search, prompts, writer, args, params, rank):
             for p, res in zip(batch, search.run(batch)):
                 row = {"id": p["id"], "prompt": p["prompt"], "response": res["response"],
                        "method": search.method.name, "params": params, "rm": args.rm, "policy": args.policy,
+                       "backend": args.backend, "backend_version": backend_version,
                        "stats": {**res["stats"], "reward": res["reward"], "search_reward": res["search_reward"]}}
                 row.update({k: p[k] for k in ("reference", "target", "prefill", "category") if k in p})
                 if args.save_candidates:
@@ -155,6 +164,10 @@ def main():
         raise DataError(f"{args.prompts}: no prompts")
     if method.uses_rm and not args.rm:
         raise DataError(f"--method {method.name} needs --rm")
+    if args.backend == "vllm" and not method.serves:
+        raise DataError(f"--backend vllm runs {', '.join(n for n, c in REGISTRY.items() if c.serves)}, not "
+                        f"--method {method.name} (it needs the policy's next-token distribution at every token): "
+                        "use --backend torch")
     if args.rm:
         check_prompt_overlap(prompts, args.prompts, [args.rm], args.data_dir, args.allow_train_overlap)
     stats = read_reward_stats(args.rm, args.reward_norm, args.reward_stats)
@@ -169,8 +182,15 @@ def main():
         "method": method.name, "params": params, "policy": args.policy, "rm": args.rm})
     policy, rm = load_models(args, method, device, dtype, stats)
     try:
-        search = Search(policy, method, rm, rm_path=args.rm_path, max_new_tokens=args.max_new_tokens,
-                        seed=args.seed, stop_strings=tuple(args.stop), keep_candidates=args.save_candidates)
+        if args.backend == "vllm":  # the server's policy samples, this process's RM scores
+            search = served_search(policy, method, rm, args.vllm_url, stop_strings=tuple(args.stop),
+                                   max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                   keep_candidates=args.save_candidates)
+            backend_version = search.backend.info.version
+        else:
+            search = Search(policy, method, rm, rm_path=args.rm_path, max_new_tokens=args.max_new_tokens,
+                            seed=args.seed, stop_strings=tuple(args.stop), keep_candidates=args.save_candidates)
+            backend_version = torch.__version__
     except ValueError as e:
         raise DataError(f"{args.policy}: {e}") from None
 
@@ -179,7 +199,7 @@ def main():
         todo = [p for p in mine if p["id"] not in writer.done and p["id"] not in done_before]
         if args.resume and len(todo) < len(mine):  # a first run has nothing to resume
             log.info("rank %d: %d prompts already decoded, %d to go", rank, len(mine) - len(todo), len(todo))
-        decode(search, todo, writer, args, params, rank)
+        decode(search, todo, writer, args, params, rank, backend_version)
     wait_for_every_rank(world)  # every shard complete
     if rank == 0:
         finish_output(args.output, world, earlier, args.resume, prompts)
@@ -191,6 +211,7 @@ def main():
         write_manifest(args.output, args, inputs={**checksums, args.policy: None, args.rm: None},
                        resolved=device_fields(device, dtype),
                        extra={"rm_path": search.cached_rm and "cached" or ("text" if rm else None),
+                              "backend": args.backend, "backend_version": backend_version,
                               "world_size": world, "rows": len(prompts), "complete": True,
                               "truncation": truncation})
         log.info("wrote %s", args.output)
