@@ -173,6 +173,23 @@ def load_model(args):
     return tokenizer, model, RMFormat(tokenizer, model, max_length=args.max_length)
 
 
+def compute_loss(rt, batch, pad_id, decoder):
+    """The weighted Bradley-Terry loss of a micro-batch, and its counts (common.rewards.batch_loss). One process:
+    a forward per group of similar lengths; several ranks: one padded forward each (ZeRO-3 gathers the parameters
+    collectively at every forward, so every rank runs as many)."""
+    with rt.autocast():
+        return batch_loss(rt.model, batch.units, pad_id, decoder, rt.device, length_grouped=rt.world == 1,
+                          padding=batch.padding, forward=lambda inputs, positions: rt.scores(inputs, positions, decoder))
+
+
+def evaluate(rt, fmt, pairs, args):
+    """Held-out accuracy and AR_RM-SC after an epoch (eval.json; the last one's scores give reward_stats.json)."""
+    with rt.autocast():
+        result, scores, prefix_scores = heldout_evaluation(rt.model, fmt, pairs, args.eval_prefix_lengths,
+                                                           args.batch_size)
+    rt.evaluated(result, scores, prefix_scores, args.eval)
+
+
 def main():
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
@@ -207,20 +224,12 @@ def main():
                  sum(len(u["sequences"]) for u in units), rt.total_steps, settings.lr, settings.grad_accum, rt.world)
     for epoch in rt.epochs():
         for batch in rt.batches(epoch):
-            # the weighted Bradley-Terry loss: one process, a forward per group of similar lengths; several ranks,
-            # one padded forward each (ZeRO-3 gathers the parameters collectively at every forward)
-            with rt.autocast():
-                loss, counts = batch_loss(rt.model, batch.units, tokenizer.pad_token_id, decoder, rt.device,
-                                          length_grouped=rt.world == 1, padding=batch.padding,
-                                          forward=lambda inputs, positions: rt.scores(inputs, positions, decoder))
+            loss, counts = compute_loss(rt, batch, tokenizer.pad_token_id, decoder)
             rt.step(loss, counts)
         if rt.stopped:
             return
         if eval_pairs:
-            with rt.autocast():
-                result, scores, prefix_scores = heldout_evaluation(rt.model, fmt, eval_pairs,
-                                                                   args.eval_prefix_lengths, args.batch_size)
-            rt.evaluated(result, scores, prefix_scores, args.eval)
+            evaluate(rt, fmt, eval_pairs, args)
 
     stats = rt.reward_stats(fmt, rows, args.input)
     made = {"reference": reference, "init": init_identity, "rows": n_rows, "grouped": grouped,
