@@ -8,7 +8,9 @@
 3. reproduce.py at the gpu-smoke scale with --device cuda (a stage that cannot see the GPU stops the run, never
    falls back to the CPU), the Table 1 part;
 4. from that run: the device and dtype every stage's manifest records, and per decoding method the policy's
-   tokens per second and the peak GPU memory.
+   tokens per second and the peak GPU memory;
+5. where .venv-vllm is (make setup-vllm TORCH=cuda): bench/backends.py --device cuda, Best-of-16 and speculative
+   rejection at 128 new tokens on the PyTorch engine and on a vLLM server.
 Writes OUT/report.json and OUT/report.md; exits 1 if any part failed (the report says which), 2 without CUDA.
 """
 import argparse
@@ -101,6 +103,14 @@ def markdown(report):
                   "| run | prompts | policy tokens/s | peak GPU memory (MB) |", "|---|---|---|---|"]
         lines += [f"| {k} | {v['prompts']} | {v['policy_tokens_per_s']} | {v['peak_memory_mb']} |"
                   for k, v in report["decoding"].items()]
+    if report.get("backends"):
+        b = report["backends"]
+        lines += ["", f"## PyTorch engine against vLLM {b['vllm_version']} ({b['prompts']} prompts, "
+                      f"{b['max_new_tokens']} new tokens)", "",
+                  "| method | torch s | vLLM s | torch policy tokens/s | vLLM policy tokens/s |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {m} | {t['seconds']} | {v['seconds']} | {t['policy_tokens_per_s']} | {v['policy_tokens_per_s']} |"
+                  for m, t, v in ((m, b["torch"][m], b["vllm"][m]) for m in b["torch"])]
     for p in report["parts"]:
         if not p["ok"]:
             lines += ["", f"## {p['part']}: output (tail)", "", "```", p["output_tail"].strip(), "```"]
@@ -131,6 +141,17 @@ def main():
                                                               "--device", "cuda", "--out", smoke],
                  timeout=args.timeout),
     ]
+    backends = os.path.join(os.path.abspath(args.out), "backends.json")
+    if os.path.exists(backends):
+        os.remove(backends)
+    from common.vllm_server import venv_python
+
+    if os.path.isfile(venv_python()):
+        parts.append(run_step("bench/backends.py --device cuda (PyTorch engine against vLLM)",
+                              [sys.executable, "bench/backends.py", "--device", "cuda", "--out", backends],
+                              timeout=args.timeout))
+    else:
+        print("[skipped] bench/backends.py: no .venv-vllm (make setup-vllm TORCH=cuda)", flush=True)
     measurements = []
     if os.path.exists(measured):
         with open(measured, encoding="utf-8") as f:
@@ -143,6 +164,7 @@ def main():
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": info, "parts": parts,
               "measurements": measurements, "stage_devices": stage_devices,
               "decoding": decoding_speed(smoke) if os.path.isdir(smoke) else {},
+              "backends": json.load(open(backends, encoding="utf-8")) if os.path.exists(backends) else None,
               "total_seconds": round(time.time() - started, 1)}
     from common.io import write_json
 
