@@ -130,6 +130,20 @@ def load_models(args, method, device, dtype, stats):
                                normalize=args.reward_norm == "std", closed=fmt.closed)
 
 
+def make_search(args, method, policy, rm):
+    """(the search that decodes, the version of the backend that samples the policy)."""
+    try:
+        if args.backend == "vllm":  # the server's policy samples, this process's RM scores
+            search = served_search(policy, method, rm, args.vllm_url, stop_strings=tuple(args.stop),
+                                   max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                   keep_candidates=args.save_candidates)
+            return search, search.backend.info.version
+        return Search(policy, method, rm, rm_path=args.rm_path, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                      stop_strings=tuple(args.stop), keep_candidates=args.save_candidates), torch.__version__
+    except ValueError as e:
+        raise DataError(f"{args.policy}: {e}") from None
+
+
 def decode(search, prompts, writer, args, params, rank, backend_version=None):
     """Decode the prompts in batches of --batch-size, appending each row as it is done."""
     # the bar closes before an error line is printed (it would be drawn again after it)
@@ -181,18 +195,7 @@ def main():
     earlier, done_before = earlier_rows(args.output, world, args.resume, prompts, {
         "method": method.name, "params": params, "policy": args.policy, "rm": args.rm})
     policy, rm = load_models(args, method, device, dtype, stats)
-    try:
-        if args.backend == "vllm":  # the server's policy samples, this process's RM scores
-            search = served_search(policy, method, rm, args.vllm_url, stop_strings=tuple(args.stop),
-                                   max_new_tokens=args.max_new_tokens, seed=args.seed,
-                                   keep_candidates=args.save_candidates)
-            backend_version = search.backend.info.version
-        else:
-            search = Search(policy, method, rm, rm_path=args.rm_path, max_new_tokens=args.max_new_tokens,
-                            seed=args.seed, stop_strings=tuple(args.stop), keep_candidates=args.save_candidates)
-            backend_version = torch.__version__
-    except ValueError as e:
-        raise DataError(f"{args.policy}: {e}") from None
+    search, backend_version = make_search(args, method, policy, rm)
 
     mine = prompts[rank::world]
     with ResumableJsonlWriter(out_path, key="id", resume=args.resume) as writer:
