@@ -2,6 +2,7 @@
 
     python bench/decode.py [--prompts 8] [--max-new-tokens 32] [--reference-prompts 1]
     python bench/decode.py --max-new-tokens 64 --reference-prompts 2      # the larger workload
+    python bench/decode.py --ratio-rounds 5       # also: ARGS over greedy (batch 8), 5 interleaved rounds, medians
 
 Policy SmolLM2-135M-Instruct; RM SmolLM2-135M with a fresh scalar head (a decoder RM sharing the policy's
 tokenizer, so the engine uses the cached RM path); prompts: the first --prompts hh-rlhf:heldout prompts
@@ -16,7 +17,7 @@ import sys
 import time
 
 import torch
-from common_bench import load_average
+from common_bench import interleaved, load_average
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
@@ -57,6 +58,9 @@ def main():
                    help="the literal reference is ~40x slower: its time per prompt is what is compared")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--w", type=float, default=1.5)
+    p.add_argument("--ratio-rounds", type=int, default=0,
+                   help="also time greedy and ARGS (batch 8) in this many interleaved rounds: the median ratio is "
+                        "the engine's overhead figure least hit by a busy neighbour")
     args = p.parse_args()
     torch.manual_seed(0)
 
@@ -68,7 +72,8 @@ def main():
     T = args.max_new_tokens
     methods = {"greedy": {}, "sample": {}, "argsg": dict(k=args.k, w=args.w),
                "tbs": dict(beam=2, successors=4), "cbs": dict(beam=2, successors=4, chunk=16), "bon": dict(n=4),
-               "cards": dict(max_segment=16, max_retries=2, reward_threshold=0.0)}
+               "cards": dict(max_segment=16, max_retries=2, reward_threshold=0.0),
+               "stepbeam": dict(beam=2, k=4, max_step=16)}
     search = lambda name, rm=rm: Search(policy, make_method(name, **methods[name]), rm, max_new_tokens=T)  # noqa: E731
     report = {"benchmark": "decode", "policy": SMOLLM2, "rm": rm.name, "prompts": len(prompts),
               "max_new_tokens": T, "threads": torch.get_num_threads(), "methods": {}}
@@ -111,6 +116,11 @@ def main():
             res, seconds, _ = timed(lambda: run_batched(engine, prompts, 8))
         report["methods"][name] = {**cost(res), "params": engine.params(),
                                    **({"seconds_b8": round(seconds, 2)} if seconds else {})}
+    if args.ratio_rounds:
+        summary, _ = interleaved({"greedy_b8": lambda: run_batched(search("greedy", None), prompts, 8),
+                                  "args_b8": lambda: run_batched(search("argsg"), prompts, 8)}, args.ratio_rounds)
+        report["args_over_greedy_median"] = round(summary["args_b8"]["median_s"] / summary["greedy_b8"]["median_s"], 2)
+        report["ratio_rounds"] = summary
     report["load_1min_end"] = load_average()
     print(json.dumps(report, indent=2))
 

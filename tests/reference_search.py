@@ -69,8 +69,9 @@ class Reference:
             return self.chunk_beam(p, prompt_ids, prefill, *self.method.shape(self.max_new_tokens))
         if m == "stepbeam":  # CBS whose chunks end after the step delimiter (or at max_step tokens)
             delimiter = self.method.delimiter
+            ends = lambda chain: delimiter in self.tok.decode(chain, skip_special_tokens=True)  # noqa: E731
             return self.chunk_beam(p, prompt_ids, prefill, self.method.beam, self.method.k, self.method.max_step,
-                                   step_ends=lambda chain: delimiter in self.tok.decode(chain, skip_special_tokens=True))
+                                   step_ends=ends)
         if m == "specrej":
             return self.speculative_rejection(p, prompt_ids, prefill)[0]
         raise ValueError(f"no literal reference for {m}")

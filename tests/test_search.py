@@ -91,6 +91,39 @@ def test_beam_methods_match_reference(policy, decoder_rm, method, extra, batch_s
     check(policy, method, decoder_rm, "cached", batch_size, max_new_tokens=7, seed=3, temperature=0.8, **extra)
 
 
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_step_beam_matches_reference(policy, decoder_rm, batch_size):
+    """A step-level method runs on the engine unchanged: a step ends after its delimiter (here a space, which
+    most of the tiny model's tokens hold) or at max_step tokens, as the literal loop has it."""
+    got = check(policy, "stepbeam", decoder_rm, "cached", batch_size, beam=2, k=2, max_step=4, delimiter=" ",
+                max_new_tokens=8, seed=3, temperature=0.8)
+    assert any(g["stats"]["rounds"] > 2 for g in got)  # some steps ended at the delimiter, before 4 tokens
+
+
+def test_step_beam_without_its_delimiter_is_cbs(policy, decoder_rm):
+    """With a delimiter that never occurs every step runs to max_step tokens: CBS with chunks of max_step."""
+    settings = dict(beam=2, successors=2, max_new_tokens=6, seed=1)
+    steps = Search(policy, "stepbeam", decoder_rm, delimiter="\x00never", max_step=3, **settings).run(PROMPTS)
+    chunks = Search(policy, "cbs", decoder_rm, chunk=3, **settings).run(PROMPTS)
+    assert [s["tokens"] for s in steps] == [c["tokens"] for c in chunks]
+
+
+def test_knobs_keep_their_old_names():
+    """K is one knob (--k) for ARGS and the beam searches; --successors, its older name for CBS and TBS, still
+    sets it, and their rows still record it."""
+    from common.search import Sampling, make_method, method_knobs
+
+    cbs = make_method("cbs", successors=3, beam=2, chunk=4)
+    assert cbs.shape(10) == (2, 3, 4) and cbs.sampling == Sampling(1.0, 1.0, 0)
+    assert cbs.params() == {"beam": 2, "k": 3, "successors": 3, "chunk": 4, "temperature": 1.0, "top_p": 1.0,
+                            "top_k": 0}
+    assert make_method("tbs", k=5).params()["successors"] == 5
+    assert make_method("argsg", k=4, successors=9).params() == {"k": 4, "w": 1.5}  # ARGS never had the old name
+    assert make_method("greedy").sampling is None and make_method("cards").sampling == Sampling(0.7, 1.0, 40)
+    flags = {k.name: k.flags for k in method_knobs()}
+    assert flags["k"] == ("--k", "--successors") and flags["decision_every"] == ("--decision-every",)
+
+
 def test_cbs_text_path_and_top_p(policy, decoder_rm):
     check(policy, "cbs", decoder_rm, "text", 4, beam=2, successors=2, chunk=4, max_new_tokens=8, top_p=0.9, top_k=50)
 

@@ -361,6 +361,20 @@ class Batch:
         return uniform(self.seed, self.keys[b], *coords)
 
 
+@dataclass
+class Decoding:
+    """One batch's prompts as encoded (prefills, prompt tokens cut for the policy), its caches, and the text
+    path's RM counts."""
+    prompts: list
+    prefills: list
+    cut: list
+    policy_cache: TreeCache
+    rm_cache: TreeCache = None
+    window: RMWindow = None
+    rm_calls: int = 0
+    rm_tokens_text: list = None
+
+
 class NextTokens:
     """What `Method.stop_chain` may read of the next token of each growing chain (`[n]`: the n-th), computed
     for all of them at once on first use: `.entropy`."""
@@ -449,56 +463,13 @@ class Search:
     @torch.no_grad()
     def run(self, prompts):
         """prompts: list of {"id", "prompt", "prefill"?}. Returns [{"response", "tokens", "reward", "stats"}]."""
-        method, pol = self.method, self.policy
+        method = self.method
         t0 = time.perf_counter()
         W, K, L = method.shape(self.max_new_tokens)
-        B = len(prompts)
-        prefills = [text_ids(pol.tokenizer, p["prefill"]) if p.get("prefill") else [] for p in prompts]
-        prompt_ids = [pol.fmt.prompt_ids(p["prompt"]) + pre for p, pre in zip(prompts, prefills)]
-        cut = [0 if self.prompt_room is None else max(0, len(ids) - self.prompt_room) for ids in prompt_ids]
-        prompt_ids = [ids[c:] for ids, c in zip(prompt_ids, cut)]
-        rows = [Row(prompt=b, lineage=0, tokens=list(pre)) for b, pre in enumerate(prefills)]
-
-        policy_cache = TreeCache(pol.model, lm_head(pol.model), range(B))
-        tokens, valid = pad_rows(prompt_ids, self.pad, left=True)
-        hidden = policy_cache.feed(tokens, valid, torch.full_like(tokens, -1))
-        last_logits = policy_cache.head(at(hidden, torch.arange(B), last_valid(valid)))  # on the policy's device
-
-        rm_cache, window = None, None
-        rm_calls, rm_tokens_text = 0, [0] * B
-        if self.rm is not None:
-            if self.cached_rm:
-                # the RM's cache holds each prompt's kept tail and the response tokens the RM reads (RMWindow)
-                window = RMWindow.of(self.rm.fmt, [p["prompt"] for p in prompts])
-                rm_cache = TreeCache(self.rm.model, score_head(self.rm.model), range(B))  # fp32 scores
-                rm_ids = [window.cached_prompt(b) + pre[:window.cap[b]] for b, pre in enumerate(prefills)]
-                t, v = pad_rows(rm_ids, self.pad, left=True)
-                h = rm_cache.feed(t, v, torch.full_like(t, -1))
-                scores0 = self.rm.to_search(rm_cache.head(at(h, torch.arange(B), last_valid(v)))[:, 0].cpu())
-                fresh = [(b, pre) for b, pre in enumerate(prefills) if window.whole_prompt(b, len(pre))]
-                for (b, _), s in zip(fresh, self._whole_prompt_scores(rm_cache, window, fresh)):
-                    scores0[b] = s
-            else:
-                scores0 = torch.tensor(self._text_scores([(r.prompt, r.tokens) for r in rows], prompts,
-                                                         rm_tokens_text))
-                rm_calls += 1
-            require_finite_scores(scores0, self.rm.name, [f"prompt id {p['id']!r}" for p in prompts])
-            for r, s in zip(rows, scores0.tolist()):
-                r.score = s
-        batch = Batch(self.seed, [prompt_key(p["id"]) for p in prompts], method.start(rows))
-
-        # Rows start as W copies of the prompt (Algorithm 3's H, or N samples); each copy has its own
-        # lineage, so it draws its own samples. The prompt is encoded once and its cache rows copied.
-        if W > 1:
-            parents = [b for b in range(B) for _ in range(W)]
-            policy_cache.select_rows(parents)
-            last_logits = last_logits[torch.tensor(parents, device=last_logits.device)]
-            if rm_cache is not None:
-                rm_cache.select_rows(parents)
-            rows = [Row(prompt=b, lineage=s, tokens=list(rows[b].tokens), score=rows[b].score)
-                    for b in range(B) for s in range(W)]
-
+        d, rows, last_logits, batch = self._encode(prompts, W)
+        policy_cache, rm_cache = d.policy_cache, d.rm_cache
         pending = [[] for _ in rows]  # accepted tokens not yet fed to the policy / RM
+        last_round = []
         self._text_calls = 0
         while not all(r.finished for r in rows):
             R = len(rows)
@@ -511,8 +482,8 @@ class Search:
                 last_logits = torch.where(has[:, None].to(fresh.device), fresh, last_logits)
             # 2. grow K candidate chains of up to L tokens per row (the method may stop some on the way);
             # 3. score them (a finished row's candidates score as the row)
-            scorer = self._scorer(rm_cache, window, rows, pending, prompts, rm_tokens_text)
-            budget = [self.max_new_tokens - (len(r.tokens) - len(prefills[r.prompt])) for r in rows]
+            scorer = self._scorer(rm_cache, d.window, rows, pending, prompts, d.rm_tokens_text)
+            budget = [self.max_new_tokens - (len(r.tokens) - len(d.prefills[r.prompt])) for r in rows]
             cand = self._grow(rows, last_logits, policy_cache, batch, K, L, budget, scorer)
             if scorer is not None:
                 cand.scores = scorer(cand)
@@ -535,23 +506,78 @@ class Search:
             pending = [c.accepted for c in choice]
             rows = [c.row for c in choice]
             batch.round_idx += 1
-        rm_calls += self._text_calls
+        d.rm_calls += self._text_calls
+        return self._results(d, rows, batch, last_round, time.perf_counter() - t0)
 
-        # the answer of each prompt, and what it cost
+    def _encode(self, prompts, W):
+        """Each prompt (and its prefill) fed to the policy's cache, and scored by the RM (its cache or its
+        text path): the batch's Decoding, its first rows (W per prompt, r(x) as their score), the policy's
+        next-token logits of each, and the Batch (the method's state started from one row per prompt)."""
+        pol, B = self.policy, len(prompts)
+        prefills = [text_ids(pol.tokenizer, p["prefill"]) if p.get("prefill") else [] for p in prompts]
+        prompt_ids = [pol.fmt.prompt_ids(p["prompt"]) + pre for p, pre in zip(prompts, prefills)]
+        cut = [0 if self.prompt_room is None else max(0, len(ids) - self.prompt_room) for ids in prompt_ids]
+        prompt_ids = [ids[c:] for ids, c in zip(prompt_ids, cut)]
+        rows = [Row(prompt=b, lineage=0, tokens=list(pre)) for b, pre in enumerate(prefills)]
+
+        d = Decoding(prompts, prefills, cut, TreeCache(pol.model, lm_head(pol.model), range(B)),
+                     rm_tokens_text=[0] * B)
+        tokens, valid = pad_rows(prompt_ids, self.pad, left=True)
+        hidden = d.policy_cache.feed(tokens, valid, torch.full_like(tokens, -1))
+        last_logits = d.policy_cache.head(at(hidden, torch.arange(B), last_valid(valid)))  # on the policy's device
+        if self.rm is not None:
+            self._score_prompts(d, rows)
+        batch = Batch(self.seed, [prompt_key(p["id"]) for p in prompts], self.method.start(rows))
+        # Rows start as W copies of the prompt (Algorithm 3's H, or N samples); each copy has its own
+        # lineage, so it draws its own samples. The prompt is encoded once and its cache rows copied.
+        if W > 1:
+            parents = [b for b in range(B) for _ in range(W)]
+            d.policy_cache.select_rows(parents)
+            last_logits = last_logits[torch.tensor(parents, device=last_logits.device)]
+            if d.rm_cache is not None:
+                d.rm_cache.select_rows(parents)
+            rows = [Row(prompt=b, lineage=s, tokens=list(rows[b].tokens), score=rows[b].score)
+                    for b in range(B) for s in range(W)]
+        return d, rows, last_logits, batch
+
+    def _score_prompts(self, d, rows):
+        """r(x) of each prompt (with its prefill) as its row's score; the RM's cache starts with its prompt."""
+        prompts, prefills, B = d.prompts, d.prefills, len(d.prompts)
+        if self.cached_rm:
+            # the RM's cache holds each prompt's kept tail and the response tokens the RM reads (RMWindow)
+            window = d.window = RMWindow.of(self.rm.fmt, [p["prompt"] for p in prompts])
+            rm_cache = d.rm_cache = TreeCache(self.rm.model, score_head(self.rm.model), range(B))  # fp32 scores
+            rm_ids = [window.cached_prompt(b) + pre[:window.cap[b]] for b, pre in enumerate(prefills)]
+            t, v = pad_rows(rm_ids, self.pad, left=True)
+            h = rm_cache.feed(t, v, torch.full_like(t, -1))
+            scores0 = self.rm.to_search(rm_cache.head(at(h, torch.arange(B), last_valid(v)))[:, 0].cpu())
+            fresh = [(b, pre) for b, pre in enumerate(prefills) if window.whole_prompt(b, len(pre))]
+            for (b, _), s in zip(fresh, self._whole_prompt_scores(rm_cache, window, fresh)):
+                scores0[b] = s
+        else:
+            scores0 = torch.tensor(self._text_scores([(r.prompt, r.tokens) for r in rows], prompts,
+                                                     d.rm_tokens_text))
+            d.rm_calls += 1
+        require_finite_scores(scores0, self.rm.name, [f"prompt id {p['id']!r}" for p in prompts])
+        for r, s in zip(rows, scores0.tolist()):
+            r.score = s
+
+    def _results(self, d, rows, batch, last_round, seconds):
+        """The answer of each prompt, and what it cost."""
+        method, B = self.method, len(d.prompts)
         results = []
-        seconds = time.perf_counter() - t0
-        device = next(pol.model.parameters()).device
+        device = next(self.policy.model.parameters()).device
         candidates = self.response_texts([t for _, t in last_round]) if self.keep_candidates else []
-        for b, p in enumerate(prompts):
+        for b, p in enumerate(d.prompts):
             best = method.answer([r for r in rows if r.prompt == b], batch, b)
-            rm_tokens = rm_tokens_text[b] if rm_cache is None else int(rm_cache.tokens[b])
+            rm_tokens = d.rm_tokens_text[b] if d.rm_cache is None else int(d.rm_cache.tokens[b])
             extra = {"candidates": [c for (q, _), c in zip(last_round, candidates) if q == b]} \
                 if self.keep_candidates else {}
             response = self.response_text(best.tokens)
             if self.rm is None:
                 reward_cut = None
-            elif window is not None:
-                reward_cut = window.truncated(b, len(best.tokens))
+            elif d.window is not None:
+                reward_cut = d.window.truncated(b, len(best.tokens))
             else:
                 reward_cut = self.rm.fmt.truncates(p["prompt"], response)
             results.append({
@@ -561,13 +587,13 @@ class Search:
                 "reward": self.rm.raw(best.score) if self.rm else None,
                 "search_reward": best.score,
                 "stats": {
-                    "policy_calls": policy_cache.calls, "policy_tokens": int(policy_cache.tokens[b]),
-                    "rm_calls": (rm_cache.calls if rm_cache is not None else rm_calls) if self.rm else 0,
+                    "policy_calls": d.policy_cache.calls, "policy_tokens": int(d.policy_cache.tokens[b]),
+                    "rm_calls": (d.rm_cache.calls if d.rm_cache is not None else d.rm_calls) if self.rm else 0,
                     "rm_tokens": rm_tokens if self.rm else 0,
-                    "rm_path": ("cached" if rm_cache is not None else "text") if self.rm else None,
-                    "new_tokens": len(best.tokens) - len(prefills[b]),
+                    "rm_path": ("cached" if d.rm_cache is not None else "text") if self.rm else None,
+                    "new_tokens": len(best.tokens) - len(d.prefills[b]),
                     # truncation: prompt tokens the policy did not see; whether the reward's RM input was cut
-                    "prompt_tokens_cut": cut[b], "reward_input_truncated": reward_cut,
+                    "prompt_tokens_cut": d.cut[b], "reward_input_truncated": reward_cut,
                     "rounds": batch.round_idx, **method.record(batch, b),
                     "seconds": seconds / B, "batch_seconds": seconds, "batch_size": B,
                     "peak_memory_mb": round(peak_memory_mb(device), 1),

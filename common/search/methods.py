@@ -106,9 +106,9 @@ class Choice:
 @dataclass
 class Method:
     name: ClassVar[str] = None
-    uses_rm: ClassVar[bool] = True          # needs a reward model
-    serves: ClassVar[bool] = False          # runs on a serving backend (served.py: sampled chains, no per-token distribution)
-    proposal: ClassVar[str] = "chains"      # "chains": K chains of up to L tokens; "top_k": the K most likely next tokens
+    uses_rm: ClassVar[bool] = True      # needs a reward model
+    serves: ClassVar[bool] = False      # runs on a serving backend (served.py: sampled chains, no per-token distribution)
+    proposal: ClassVar[str] = "chains"  # "chains": K chains of up to L tokens; "top_k": the K most likely next tokens
 
     @property
     def sampling(self):
