@@ -417,7 +417,8 @@ def main():
     args = p.parse_args()
     s, out, data = SCALES[args.scale], args.out, args.data_dir
     if args.part == "tables" and (s.tables is None or "uniform" not in s.variants):
-        raise SystemExit(f"error: the {args.scale} scale has no tables part (its sizes or the ablation RM)")
+        print(f"error: the {args.scale} scale has no tables part (its sizes or the ablation RM)", file=sys.stderr)
+        return 2
     os.makedirs(f"{out}/{'' if args.part == 'table1' else args.part}", exist_ok=True)
     pipeline = Pipeline("reproduce", args.redo, cost_path=f"{out}/stage_seconds.json",
                         commands_path=f"{out}/stage_commands.json", device=args.device or s.device,

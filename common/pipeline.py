@@ -23,8 +23,9 @@ class Stage:
     time (tables, comparisons)."""
     script: str                   # a script and its subcommand: "05_evaluate.py metrics"
     output: str                   # its --output
-    settings: dict                # flag (with underscores) -> value: None leaves it out, True is a bare flag, a
-    name: str = None              # tuple repeats the flag once a value
+    settings: dict                # flag name (underscores) -> value; None: left out, True: a bare flag, a tuple:
+    #                               the flag once a value
+    name: str = None
     method: tuple = None          # (method name, {knob: value}): --method and the knobs' flags
     inputs: tuple = ()            # positional arguments after the script
 

@@ -274,3 +274,13 @@ def test_stages_run_by_their_own_path_from_any_working_folder(tmp_path, monkeypa
     monkeypatch.undo()
     proc = subprocess.run([sys.executable, script, "--help"], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0 and "--input" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_a_scale_without_a_tables_part_is_refused_before_any_stage(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["reproduce.py", "--scale", "demo", "--part", "tables", "--out",
+                                      str(tmp_path / "out")])
+    assert reproduce.main() == 2
+    assert capsys.readouterr().err == "error: the demo scale has no tables part (its sizes or the ablation RM)\n"
+    assert not (tmp_path / "out").exists()
