@@ -51,9 +51,10 @@ def changed_knobs(method, params):
     """The knobs of a run that differ from its method's defaults, as 04's flags (CARDS' small-reply settings)."""
     from common.search import make_method
 
-    defaults = make_method(method).params()
+    defaults = make_method(method).params()  # in the method's own knob order
+    changed = {k: params[k] for k in defaults if k in params and params[k] != defaults[k]}
     return " ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
-                    for k, v in params.items() if k in defaults and v != defaults[k])
+                    for k, v in changed.items())
 
 
 def write(path, text):

@@ -284,3 +284,39 @@ def test_a_scale_without_a_tables_part_is_refused_before_any_stage(tmp_path, mon
     assert reproduce.main() == 2
     assert capsys.readouterr().err == "error: the demo scale has no tables part (its sizes or the ablation RM)\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_the_tables_page_says_the_settings_its_rows_record(tmp_path):
+    """make tables' caption and titles from the generations' rows and the GSM8K RMs' manifests: the reward
+    normalisation that acted, each method's knobs, CARDS' knobs beyond its defaults, the prompts and tokens."""
+    run = tmp_path / "run"
+    t = run / "tables"
+    write(str(run / "reference.json"), {"name": "ORM seed 1", "path": "r/orm_s1", "independent": "r/orm_s2",
+                                         "candidates": {}})
+    knobs = {"argsg": {"k": 30, "w": 1.5}, "tbs": {"beam": 8, "successors": 8}, "cbs": {"beam": 8, "successors": 8,
+             "chunk": 30}, "cards": {"max_segment": 12, "max_retries": 4, "reward_threshold": 2.5},
+             "bon16": {"n": 16}, "bon64": {"n": 64}}
+    for table, n, tokens in (("table1", 307, 128), ("table3", 520, 128), ("table4", 1319, 256)):
+        write(str(t / f"{table}.md"), f"| Method |\n|---|\n| Greedy ({table}) |")
+        runs = [("greedy", {})] + [(f"{tag}_{rm}", {**k, "reward_norm": "none"}) for tag, k in knobs.items()
+                                   for rm in ("sp-prm", "orm")]
+        for tag, params in runs:
+            gen = str(t / f"{table}_gen_{tag}.jsonl")
+            write(gen, json.dumps({"params": {**params, "max_new_tokens": tokens}}) + "\n")
+            write(str(t / f"{table}_metrics_{tag}.json"), {"generations": gen, "n": n, "label": tag})
+        write(str(t / f"{table}_compare_argsg_orm.json"), {
+            "a": str(t / f"{table}_metrics_argsg_sp-prm.json"), "b": str(t / f"{table}_metrics_argsg_orm.json"),
+            "metrics": {"reward": {"diff": 0.25, "diff_ci95": [0.125, 0.375]}}})
+    for rm, accuracy, args in (("orm", 0.71, {"limit": None, "epochs": 1}), ("reference", 0.75,
+                                                                               {"limit": 600, "epochs": 3})):
+        write(str(t / f"gsm8k_{rm}" / "eval.json"), {"accuracy": accuracy})
+        write(str(t / f"gsm8k_{rm}" / "manifest.json"), {"args": args})
+    text = reports.tables_markdown("full", str(t), {"table1-decode-greedy": 60.0, "orm-s0": 600.0})
+    assert ("Policy SmolLM2-135M-Instruct; raw rewards (`--reward-norm none`); ARGS k=30, w=1.5; TBS W, K = 8, 8; "
+            "CBS W, K, L = 8, 8, 30; CARDS `--reward-threshold 2.5 --max-segment 12 --max-retries 4`; BoN N = 16, 64"
+            ) in text
+    assert "Table 1 (HH-RLHF): 307 held-out prompts, 128 new tokens" in text
+    assert "Table 4 (GSM8K): 1319 held-out problems (gsm8k:heldout), 256 new tokens" in text
+    assert "(ORM all pairs, held-out accuracy 0.710; reference 600 pairs, 3 epochs, 0.750)" in text
+    assert text.count("- argsg_sp-prm minus argsg_orm: reward 0.2500 [0.1250, 0.3750]") == 3
+    assert "Cost of the part's stages: 1.0 min" in text and "`r/orm_s2`, an RM that shaped nothing" in text
