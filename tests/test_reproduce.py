@@ -320,3 +320,36 @@ def test_the_tables_page_says_the_settings_its_rows_record(tmp_path):
     assert "(ORM all pairs, held-out accuracy 0.710; reference 600 pairs, 3 epochs, 0.750)" in text
     assert text.count("- argsg_sp-prm minus argsg_orm: reward 0.2500 [0.1250, 0.3750]") == 3
     assert "Cost of the part's stages: 1.0 min" in text and "`r/orm_s2`, an RM that shaped nothing" in text
+
+
+def test_the_specrej_page_reads_its_runs(tmp_path):
+    """make specrej's page: points from the metric files, the caption's tokens, decision interval and reward
+    normalisation from the rows, the cheapest run that reaches Best-of-N, the rejectors' paired differences."""
+    d = tmp_path / "specrej"
+    s = dataclasses_replace(reproduce.SMOKE, specrej=reproduce.Specrej(ns=(2, 4), alphas=(0.5,), decision_every=2))
+    runs = reproduce.specrej_runs(s, str(d))
+    for family, n, alpha, tag, rm, m in runs:
+        gen = str(d / f"gen_{tag}_{rm.lower()}.jsonl")
+        params = {"n": n, "reward_norm": "none", "max_new_tokens": 8, **({"alpha": alpha, "decision_every": 2}
+                                                                          if alpha else {})}
+        write(gen, json.dumps({"params": params}) + "\n")
+        compute = 10 * n * (0.5 if alpha else 1)
+        write(m, {"generations": gen, "compute_per_response": {"policy_tokens": compute, "rm_tokens": compute,
+                                                                "seconds": 1.0},
+                  "reward_mean": 0.1 * n, "reward_mean_ci95": [0.0, 0.5]})
+        if not (alpha is None and n == 4):  # against Best-of-4 guided by the same RM: only N=2 falls short
+            write(m.replace("metrics_", "vs_bon_"), {"metrics": {"reward": {
+                "diff": -0.2, "diff_ci95": [-0.3, -0.1] if n == 2 else [-0.1, 0.1]}}})
+        write(str(d / f"compare_{tag}.json"), {"metrics": {"reward": {"diff": 0.05, "diff_ci95": [0.01, 0.09]}}})
+    consistency = {"n_prompts": 3, "alpha": 0.5, "rms": {"SP-PRM": {"curve": [
+        {"t": 2, "kendall_tau": 0.5, "kendall_tau_ci95": [0.1, 0.9], "best_survives": 1.0,
+         "best_survives_ci95": [1.0, 1.0]}]}}}
+    points = reports.specrej_points(runs)
+    assert [(p["family"], p["n"], p["rm"], p["compute"]) for p in points][:3] == [
+        ("Best-of-N", 2, "ORM", 40.0), ("Best-of-N", 4, "ORM", 80.0), ("specrej alpha=0.5", 2, "ORM", 20.0)]
+    text = reports.specrej_markdown("smoke", str(tmp_path), points, consistency, [], {"specrej-x": 120.0})
+    assert "3 held-out prompts, 8 new tokens, a decision every 2 tokens, raw rewards." in text
+    assert "- rejector ORM: specrej alpha=0.5, N=4: 40 tokens per reply, 0.50x Best-of-4's 80." in text
+    assert "- Best-of-N, N=2: 0.0500 [0.0100, 0.0900]: the ORM-rejector higher" in text
+    assert "| SP-PRM | 2 | 0.500 [0.100, 0.900] | 1.000 [1.000, 1.000] | - |" in text
+    assert "Cost of the part's stages: 2.0 min." in text
