@@ -108,8 +108,8 @@ endif
 	$(VLLM_PY) -c "import vllm.entrypoints.openai.api_server, vllm; print('vLLM', vllm.__version__, 'in $(VLLM_VENV)')"
 	touch $(VLLM_STAMP)
 
-# tests/test_vllm.py against a real server of the embedded policy (started and stopped by the tests; a few
-# minutes here, most of it the server's start)
+# tests/test_vllm.py against a real server of the embedded policy, started and stopped by the tests (about 7 min
+# here on 2 shared cores, 1.5 of them the server's start); its slow tests too: $(PY) -m pytest -m vllm tests/test_vllm.py
 test-vllm: setup setup-vllm
 	SPPRM_VLLM_VENV=$(VLLM_VENV) $(PY) -m pytest -q -m "vllm and not slow" tests/test_vllm.py
 

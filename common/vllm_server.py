@@ -114,6 +114,13 @@ def serve_command(model, port, python=None, dtype="auto", max_model_len=None, ex
         command += ["--max-model-len", str(max_model_len)]
     if not on_gpu():
         command += ["--enforce-eager", "--block-size", str(CPU_BLOCK_SIZE)]
+    elif "--gpu-memory-utilization" not in extra_args:
+        # vLLM takes a share of the whole GPU and refuses to start where less is free: 80% of what this process
+        # (its RM, loaded first) leaves free
+        import torch
+
+        free, total = torch.cuda.mem_get_info()
+        command += ["--gpu-memory-utilization", f"{max(0.05, 0.8 * free / total):.2f}"]
     return command + list(extra_args)
 
 
@@ -143,15 +150,17 @@ class VLLMServer:
                  log_path=None):
         self.model, self.python, self.dtype = model, python or venv_python(), dtype
         self.max_model_len, self.timeout, self.extra_args = max_model_len, timeout, tuple(extra_args)
-        self.log_path = log_path
+        self.log_path, self._temporary_log = log_path, log_path is None
         self.process = None
         self.info = None
 
     def __enter__(self):
         return self.start()
 
-    def __exit__(self, *exc):
+    def __exit__(self, kind, value, traceback):
         self.stop()
+        if kind is None and self._temporary_log and os.path.exists(self.log_path):
+            os.remove(self.log_path)  # a clean run: its temporary log said nothing needed (a failed one keeps it)
         return False
 
     def start(self):

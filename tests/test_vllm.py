@@ -161,6 +161,22 @@ def test_speculative_rejection_keeps_its_schedule_and_resubmits_only_kept_sample
     assert [r["response"] for r in again] == [r["response"] for r in results]
 
 
+def test_chunk_level_beam_search_asks_each_beam_for_its_successors(server, models):
+    from common.search import make_method
+
+    method = make_method("cbs", beam=2, k=2, chunk=6)
+    search, spy = served(server, models, method, max_new_tokens=12, spy=True)
+    res, = search.run(PROMPTS[2:3])
+    # round by round: each live beam one request of k = 2 successors of up to 6 tokens, beams drawing apart
+    first = spy.calls[0]
+    assert [(k, m) for _, k, m, _ in first] == [(2, 6), (2, 6)] and first[0][3] != first[1][3]
+    assert res["stats"]["rounds"] == len(spy.calls) <= 2
+    assert res["response"].strip() and 1 <= res["stats"]["new_tokens"] <= 12
+    assert res["reward"] == pytest.approx(rm_scores(models, PROMPTS[2]["prompt"], [res["response"]])[0], abs=1e-4)
+    # the answer: the better of the two final beams by the RM
+    assert res["reward"] == pytest.approx(max(rm_scores(models, PROMPTS[2]["prompt"], res["candidates"])), abs=1e-4)
+
+
 def test_methods_that_need_every_token_are_refused(models, tmp_path):
     from common.search import make_method
     from common.search.served import ServedSearch
@@ -217,17 +233,20 @@ def test_04_starts_its_own_server_and_stops_it_when_killed(models, tmp_path, req
     _, _, folder = models
     prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS[:1])
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "04_decode.py"), "--prompts", prompts, "--rm", folder,
-                             "--method", "bon", "--n", 2, "--max-new-tokens", 400, "--backend", "vllm",
+                             "--method", "bon", "--n", "2", "--max-new-tokens", "400", "--backend", "vllm",
                              "--output", str(tmp_path / "out.jsonl")], cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 600
-    for line in proc.stderr:  # "vLLM ... serves ..." once it answers
-        if "serves" in line:
-            break
-        assert time.monotonic() < deadline
-    servers = server_processes(proc.pid)
-    assert len(servers) == 1, "04 started no server"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    deadline, said = time.monotonic() + 600, []
+    try:
+        for line in proc.stderr:  # "vLLM ... serves ..." once it answers
+            said.append(line)
+            if " serves " in line:
+                break
+            assert time.monotonic() < deadline
+        servers = server_processes(proc.pid)
+        assert len(servers) == 1, "".join(said)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and group_alive(servers[0]):  # the server and its workers
         time.sleep(1)
@@ -235,7 +254,7 @@ def test_04_starts_its_own_server_and_stops_it_when_killed(models, tmp_path, req
 
 
 def server_processes(parent):
-    out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout.splitlines()[1:]
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout.splitlines()[1:]
     return [int(line.split()[0]) for line in out
             if int(line.split()[1]) == parent and "vllm.entrypoints.openai.api_server" in line]
 
@@ -274,3 +293,29 @@ def test_servers_that_are_not_there_or_fail_to_start_are_one_error_line(models, 
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
         f"error: --vllm-url {url}/v1: no vLLM server answers there")
     assert not any(os.path.exists(tmp_path / f"{x}.jsonl") for x in "abc")
+
+
+@pytest.mark.slow
+def test_best_of_n_rewards_through_vllm_and_the_engine_cannot_be_told_apart(server, models):
+    """Best-of-4 over 16 prompts on both backends: the 95% interval of the paired reward difference (vLLM minus the
+    engine) over prompts holds 0, or is small beside the spread of the rewards. The two draw different samples
+    from the same policy, so their answers differ while their rewards must agree in distribution."""
+    import numpy as np
+
+    from common.metrics import bootstrap_ci
+    from common.models import SMOLLM2, load_policy
+    from common.search import Policy, Search, make_method
+
+    policy, rm, _ = models
+    topics = ["tea", "rain", "chess", "bread", "rivers", "owls", "paper", "glass", "music", "salt", "bees", "snow",
+              "clocks", "maps", "soap", "kites"]
+    prompts = [{"id": f"t{i}", "prompt": f"\n\nHuman: Tell me something about {t}.\n\nAssistant:"}
+               for i, t in enumerate(topics)]
+    search, _ = served(server, models, make_method("bon", n=4), max_new_tokens=24)
+    through_vllm = [r["reward"] for r in search.run(prompts)]
+    engine = Search(Policy(load_policy(SMOLLM2), policy.tokenizer, SMOLLM2), make_method("bon", n=4), rm,
+                    max_new_tokens=24)
+    through_torch = [r["reward"] for r in engine.run(prompts)]
+    lo, hi = bootstrap_ci(through_vllm, paired_with=through_torch)
+    spread = float(np.std(through_torch + through_vllm))
+    assert lo <= 0 <= hi or max(abs(lo), abs(hi)) < 0.5 * spread, (lo, hi, spread)
