@@ -55,7 +55,7 @@ class ServerInfo:
 
 def venv_python():
     venv = os.environ.get(VENV_ENV) or os.path.join(ROOT, ".venv-vllm")
-    return os.path.join(venv, "bin", "python")
+    return os.path.join(os.path.abspath(venv), "bin", "python")  # the server starts in another folder
 
 
 def free_port():
