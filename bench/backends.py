@@ -10,8 +10,8 @@ the served search through text). Without --vllm-url a server is started from .ve
 start-up is reported apart, not counted. Per backend and method: wall time, the policy's tokens computed per second
 (as each backend counts them: prompt tokens not reused from a cache plus sampled ones), the replies' new tokens,
 the mean reward; then vLLM over torch ratios (> 1: vLLM faster). Prints one JSON object (--out: also written there).
-Time here (2 CPU cores shared with other work, load 10-12): --prompts 2 took 32 min (docs/gpu.md has its numbers),
-so the default is one prompt, about 15 min on such a machine and a few on an idle one.
+Time here (2 CPU cores shared with other work): the default (one prompt) took 9 min at a load of 2-4; --prompts 2
+took 32 min at a load of 10-12 (docs/gpu.md has both runs' numbers).
 """
 import argparse
 import json
