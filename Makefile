@@ -1,4 +1,4 @@
-# SP-PRM: make setup | make demo | make test | make test-slow | make test-gpu | make gpu-check | make bench | make data | make reproduce | make tables | make specrej | make parity | make setup-vllm | make test-vllm
+# SP-PRM: make setup | make demo | make test | make test-e2e | make test-slow | make test-gpu | make gpu-check | make bench | make data | make reproduce | make tables | make specrej | make parity | make setup-vllm | make test-vllm
 PYTHON ?= python3
 # TORCH=cuda: the same torch version, built for CUDA (from TORCH_INDEX), for a GPU box. PyTorch builds the pinned
 # torch for CUDA 12.6 (cu126: NVIDIA driver 525.60 or newer, the default here) and CUDA 13.0 (cu130: driver 580
@@ -21,7 +21,7 @@ REQUIRE_CUDA := $(PY) -c "import sys, torch; torch.cuda.is_available() or sys.ex
 (CUDA {torch.version.cuda}) sees no GPU: this needs a CUDA device, a driver for that CUDA and make setup TORCH=cuda'); \
 print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'on', torch.cuda.get_device_name(0))"
 
-.PHONY: setup demo reproduce tables specrej parity test test-slow test-gpu gpu-check bench data clean-demo setup-vllm test-vllm
+.PHONY: setup demo reproduce tables specrej parity test test-e2e test-slow test-gpu gpu-check bench data clean-demo setup-vllm test-vllm
 
 setup: $(STAMP)
 
@@ -65,8 +65,12 @@ parity: setup
 	$(PY) bench/trl_parity.py --orms runs/reproduce/orm_s0 runs/reproduce/orm_s1 runs/reproduce/orm_s2 --out runs/parity_trl
 
 # The CPU tests compare against CPU fp32 values: a GPU, where there is one, is hidden from them.
+# make test stays under 20 min on 2 cores; the one end-to-end run of the pipeline (about 10 min) is make test-e2e
 test: setup
-	CUDA_VISIBLE_DEVICES= $(PY) -m pytest -q -m "not slow and not gpu and not vllm" tests
+	CUDA_VISIBLE_DEVICES= $(PY) -m pytest -q -m "not slow and not gpu and not vllm and not e2e" tests
+
+test-e2e: setup
+	CUDA_VISIBLE_DEVICES= $(PY) -m pytest -q -m "e2e and not slow" tests
 
 test-slow: setup
 	CUDA_VISIBLE_DEVICES= $(PY) -m pytest -q -m "slow and not gpu and not vllm" tests

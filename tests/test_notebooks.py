@@ -9,6 +9,8 @@ import pytest
 
 from conftest import ROOT, execute_notebook
 
+pytestmark = pytest.mark.e2e  # every test here reads the gpu-smoke run (make test-e2e)
+
 
 @pytest.fixture(scope="module")
 def real_run(gpu_smoke_run):

@@ -41,6 +41,7 @@ def test_independent_yardstick_skips_the_reference_and_its_parent():
     assert reproduce.independent_of({"ORM seed 1": "r/orm_s1"}, "r/orm_s1", {}) is None
 
 
+@pytest.mark.e2e
 def test_gpu_scale_runs_end_to_end_at_its_smoke_size(gpu_smoke_run):
     """The gpu scale's stages (a SmolLM2 reference candidate, SST K = 5, every method of Table 1) at a size the
     CPU finishes in minutes, then the speculative-rejection part on the same RMs; each writes its results (the
