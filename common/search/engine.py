@@ -323,6 +323,29 @@ class RMWindow:
 
 # ------------------------------------------------------------------------------------------ the loop
 
+def prompt_room(positions, max_new_tokens):
+    """Prompt tokens a policy of `positions` positions keeps beside max_new_tokens (None: no limit); a prompt
+    longer than that keeps its last prompt_room tokens, as the RM's rule keeps a prompt's tail."""
+    room = None if positions is None else positions - max_new_tokens
+    if room is not None and room < 1:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the policy's "
+                         f"{positions} positions")
+    return room
+
+
+def cut_replies(tokenizer, token_lists, stop_strings):
+    """The reply of each token list: decoded (one batched call), cut before the first stop string, stripped."""
+    texts = []
+    for text in tokenizer.batch_decode(token_lists, skip_special_tokens=True) if token_lists else []:
+        for s in stop_strings:
+            cut = text.find(s)
+            if cut >= 0:
+                text = text[:cut]
+        texts.append(text.strip())
+    return texts
+
+
+
 def search_params(method, max_new_tokens, seed, has_rm, normalize, stats):
     """What a run's rows record: the method's knobs (with the defaults the RM's reward settings give), the
     budget and seed, and for RM-guided methods whether rewards were normalised (the switch that acted) and
@@ -424,13 +447,9 @@ class Search:
             raise ValueError("the cached RM path needs a decoder RM that shares the policy's tokenizer")
         self.stop_strings = tuple(stop_strings) or policy.default_stop_strings
         self.pad = policy.tokenizer.pad_token_id
-        # A prompt that does not fit the policy's positions beside max_new_tokens keeps its last prompt_room
-        # tokens (as the RM's rule keeps a prompt's tail); each row says how many it lost
-        positions = getattr(policy.model.config, "max_position_embeddings", None)
-        self.prompt_room = None if positions is None else positions - max_new_tokens
-        if self.prompt_room is not None and self.prompt_room < 1:
-            raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the policy's "
-                             f"{positions} positions")
+        # each row says how many prompt tokens it lost to the policy's positions
+        self.prompt_room = prompt_room(getattr(policy.model.config, "max_position_embeddings", None),
+                                       max_new_tokens)
 
     def params(self):
         return search_params(self.method, self.max_new_tokens, self.seed, self.rm is not None,
@@ -447,17 +466,7 @@ class Search:
         return self.response_texts([tokens])[0]
 
     def response_texts(self, token_lists):
-        """The reply of each token list: decoded (one batched call), cut before the first stop string, stripped."""
-        if not token_lists:
-            return []
-        texts = []
-        for text in self.policy.tokenizer.batch_decode(token_lists, skip_special_tokens=True):
-            for s in self.stop_strings:
-                cut = text.find(s)
-                if cut >= 0:
-                    text = text[:cut]
-            texts.append(text.strip())
-        return texts
+        return cut_replies(self.policy.tokenizer, token_lists, self.stop_strings)
 
     # -- the run ------------------------------------------------------------------------------------
     @torch.no_grad()

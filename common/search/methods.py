@@ -16,6 +16,7 @@ Adding a method: a `@register`ed dataclass subclass of `Method` with a `name`, i
 tests/reference_search.py.
 """
 import math
+from abc import ABC, abstractmethod
 from dataclasses import MISSING, dataclass, field, fields
 from typing import ClassVar
 
@@ -104,7 +105,7 @@ class Choice:
 
 
 @dataclass
-class Method:
+class Method(ABC):
     name: ClassVar[str] = None
     uses_rm: ClassVar[bool] = True      # needs a reward model
     serves: ClassVar[bool] = False      # runs on a serving backend (served.py: sampled chains, no per-token distribution)
@@ -154,10 +155,10 @@ class Method:
         """[(row, chain)] to stop, given partial.chains / done / dropped and partial.scores ([R, K]) so far."""
         return []
 
+    @abstractmethod
     def choose(self, rows, cand, batch):
         """[Choice] for the next round. cand.chains[i][j] (tokens), cand.done[i][j] (the response ended),
         cand.logp[i] (K LM log-probabilities, top_k proposals), cand.scores[i] (K search rewards, or None)."""
-        raise NotImplementedError
 
     def answer(self, rows, batch, b):
         """The answer among the final rows of prompt b: the best search reward (the first row without one)."""

@@ -34,7 +34,8 @@ import torch
 
 from common.metrics import require_finite_scores
 from common.rewards import score_encoded, text_ids
-from common.search.engine import Batch, Candidates, peak_memory_mb, prompt_key, search_params
+from common.search.engine import (Batch, Candidates, cut_replies, peak_memory_mb, prompt_key, prompt_room,
+                                  search_params)
 from common.search.methods import Row, Run
 
 
@@ -162,11 +163,8 @@ class ServedSearch:
                         lambda ids: policy.tokenizer.decode(ids, skip_special_tokens=True)))
         self.cached_rm = False  # the RM reads decoded text (what 04's manifest records as rm_path)
         self.stop_strings = tuple(stop_strings) or policy.default_stop_strings
-        positions = max_model_len or getattr(policy.model.config, "max_position_embeddings", None)
-        self.prompt_room = None if positions is None else positions - max_new_tokens
-        if self.prompt_room is not None and self.prompt_room < 1:
-            raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the policy's "
-                             f"{positions} positions")
+        self.prompt_room = prompt_room(
+            max_model_len or getattr(policy.model.config, "max_position_embeddings", None), max_new_tokens)
 
     def params(self):
         return search_params(self.method, self.max_new_tokens, self.seed, self.rm is not None,
@@ -174,15 +172,7 @@ class ServedSearch:
 
     # -- text ------------------------------------------------------------------------------------------
     def response_texts(self, token_lists):
-        """Each token list's reply: decoded, cut before the first stop string, stripped (as the engine)."""
-        texts = []
-        for text in self.policy.tokenizer.batch_decode(token_lists, skip_special_tokens=True) if token_lists else []:
-            for s in self.stop_strings:
-                cut = text.find(s)
-                if cut >= 0:
-                    text = text[:cut]
-            texts.append(text.strip())
-        return texts
+        return cut_replies(self.policy.tokenizer, token_lists, self.stop_strings)
 
     def _stop_at(self, tokens, start):
         """The length of `tokens` up to the first token (at or after `start`) after which the decoded tail holds
