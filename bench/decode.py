@@ -2,7 +2,8 @@
 
     python bench/decode.py [--prompts 8] [--max-new-tokens 32] [--reference-prompts 1]
     python bench/decode.py --max-new-tokens 64 --reference-prompts 2      # the larger workload
-    python bench/decode.py --ratio-rounds 5       # also: ARGS over greedy (batch 8), 5 interleaved rounds, medians
+    python bench/decode.py --ratio-rounds 5       # also: ARGS over greedy (batch 8), 5 interleaved rounds, medians,
+                                                  # with the models' forwards timed apart from the engine's own work
 
 Policy SmolLM2-135M-Instruct; RM SmolLM2-135M with a fresh scalar head (a decoder RM sharing the policy's
 tokenizer, so the engine uses the cached RM path); prompts: the first --prompts hh-rlhf:heldout prompts
@@ -13,6 +14,7 @@ with the engine's time per prompt at batch 8. Prints one JSON object.
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -26,6 +28,7 @@ from reference_search import Reference  # noqa: E402
 from common.data import load_prompts  # noqa: E402
 from common.models import SMOLLM2, load_policy, load_reward_model, load_tokenizer  # noqa: E402
 from common.search import Policy, RewardModel, Search, make_method  # noqa: E402
+from common.search.engine import TreeCache  # noqa: E402
 
 
 def timed(fn):
@@ -49,7 +52,19 @@ def cost(results):
             "rm_tokens_per_token": round(sum(r["stats"]["rm_tokens"] for r in results) / max(new, 1), 2)}
 
 
-def main():
+def method_costs(methods, search, rm, prompts, done):
+    """Tokens per new token of every method at batch 8 (and its seconds, for those not timed above)."""
+    out = {}
+    for name in methods:
+        res, seconds = done.get(name), None
+        engine = search(name, rm if make_method(name, **methods[name]).uses_rm else None)
+        if res is None:
+            res, seconds, _ = timed(lambda: run_batched(engine, prompts, 8))
+        out[name] = {**cost(res), "params": engine.params(), **({"seconds_b8": round(seconds, 2)} if seconds else {})}
+    return out
+
+
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -61,7 +76,48 @@ def main():
     p.add_argument("--ratio-rounds", type=int, default=0,
                    help="also time greedy and ARGS (batch 8) in this many interleaved rounds: the median ratio is "
                         "the engine's overhead figure least hit by a busy neighbour")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def ratio_rounds(search, prompts, policy_model, rounds):
+    """ARGS over greedy (batch 8) in interleaved rounds, medians; and how much of each run is the models' forwards
+    (time inside TreeCache.feed, the policy's and the RM's apart): the ratio of the forwards alone is the floor the
+    engine's own work (everything else) sits on."""
+    forwards = {}
+    feed = TreeCache.feed
+
+    def timed_feed(cache, *a, **k):
+        t0 = time.perf_counter()
+        out = feed(cache, *a, **k)
+        key = "policy" if cache.model is policy_model else "rm"
+        forwards[key] = forwards.get(key, 0.0) + time.perf_counter() - t0
+        return out
+
+    def run(name, guided):
+        forwards.clear()
+        t0 = time.perf_counter()
+        run_batched(search(name) if guided else search(name, None), prompts, 8)
+        seconds = time.perf_counter() - t0
+        split[name].append({"total_s": round(seconds, 3), "forwards_s": {k: round(v, 3) for k, v in forwards.items()},
+                            "other_s": round(seconds - sum(forwards.values()), 3)})
+
+    split = {"greedy": [], "argsg": []}
+    TreeCache.feed = timed_feed
+    try:
+        summary, _ = interleaved({"greedy_b8": lambda: run("greedy", False), "args_b8": lambda: run("argsg", True)}, rounds)
+    finally:
+        TreeCache.feed = feed
+    median = lambda name, f: statistics.median(f(r) for r in split[name])  # noqa: E731
+    models = lambda r: sum(r["forwards_s"].values())  # noqa: E731
+    return {"args_over_greedy_median": round(summary["args_b8"]["median_s"] / summary["greedy_b8"]["median_s"], 2),
+            "args_over_greedy_forwards_only_median": round(median("argsg", models) / median("greedy", models), 2),
+            "other_seconds_median": {"greedy": round(median("greedy", lambda r: r["other_s"]), 3),
+                                     "argsg": round(median("argsg", lambda r: r["other_s"]), 3)},
+            "ratio_rounds": summary, "ratio_rounds_split": split}
+
+
+def main():
+    args = parse_args()
     torch.manual_seed(0)
 
     tok = load_tokenizer(SMOLLM2, padding_side="left")
@@ -76,7 +132,7 @@ def main():
                "stepbeam": dict(beam=2, k=4, max_step=16)}
     search = lambda name, rm=rm: Search(policy, make_method(name, **methods[name]), rm, max_new_tokens=T)  # noqa: E731
     report = {"benchmark": "decode", "policy": SMOLLM2, "rm": rm.name, "prompts": len(prompts),
-              "max_new_tokens": T, "threads": torch.get_num_threads(), "methods": {}}
+              "max_new_tokens": T, "threads": torch.get_num_threads()}
 
     # interleaved: greedy b8, ARGS b8, reference, ARGS b1, CBS b8, CBS b1, then the other methods
     greedy8, t_greedy8, l1 = timed(lambda: run_batched(search("greedy", None), prompts, 8))
@@ -107,20 +163,9 @@ def main():
                          "cbs_b1": round(tps(cbs1, t_cbs1), 2)},
         "load_1min": {"greedy_b8": l1, "args_b8": l2, "reference": l3, "args_b1": l4, "cbs_b8": l5, "cbs_b1": l6},
     })
-    done = {"greedy": greedy8, "argsg": args8, "cbs": cbs8}
-    for name in methods:
-        res = done.get(name)
-        seconds = None
-        engine = search(name, rm if make_method(name, **methods[name]).uses_rm else None)
-        if res is None:
-            res, seconds, _ = timed(lambda: run_batched(engine, prompts, 8))
-        report["methods"][name] = {**cost(res), "params": engine.params(),
-                                   **({"seconds_b8": round(seconds, 2)} if seconds else {})}
+    report["methods"] = method_costs(methods, search, rm, prompts, {"greedy": greedy8, "argsg": args8, "cbs": cbs8})
     if args.ratio_rounds:
-        summary, _ = interleaved({"greedy_b8": lambda: run_batched(search("greedy", None), prompts, 8),
-                                  "args_b8": lambda: run_batched(search("argsg"), prompts, 8)}, args.ratio_rounds)
-        report["args_over_greedy_median"] = round(summary["args_b8"]["median_s"] / summary["greedy_b8"]["median_s"], 2)
-        report["ratio_rounds"] = summary
+        report.update(ratio_rounds(search, prompts, policy.model, args.ratio_rounds))
     report["load_1min_end"] = load_average()
     print(json.dumps(report, indent=2))
 

@@ -233,8 +233,9 @@ def test_cached_rm_costs_k_new_tokens(policy, decoder_rm):
     cached = Search(policy, "argsg", decoder_rm, rm_path="cached", k=5, max_new_tokens=4).run(PROMPTS[:1])[0]["stats"]
     text = Search(policy, "argsg", decoder_rm, rm_path="text", k=5, max_new_tokens=4).run(PROMPTS[:1])[0]["stats"]
     prompt_len = len(decoder_rm.fmt.prompt_ids(PROMPTS[0]["prompt"]))
-    # prefill + per step (1 accepted + k candidates); the text path re-reads the whole sequence k times
-    assert cached["rm_tokens"] <= prompt_len + 4 * (1 + 5)
+    # prefill + per step k candidates (the chosen one's keys stay: it is not read again); the text path re-reads
+    # the whole sequence k times
+    assert cached["new_tokens"] == 4 and cached["rm_tokens"] == prompt_len + 4 * 5
     assert text["rm_tokens"] > 5 * prompt_len
 
 

@@ -15,7 +15,8 @@ accepted tokens (L tokens, once). A method may also decide inside a round (`deci
 grown so far are scored and the method stops some of them (`prune`); a stopped chain is fed no further, so
 the policy's work shrinks with it. A decoder RM that shares the policy's tokenizer keeps its own cache the
 same way, each chain token fed once however often it is scored, so scoring K candidates of L tokens costs
-K*L new tokens; it holds each prompt's kept tail when inputs grow longer than the RM's max length, so both
+K*L new tokens; the chosen chain's keys stay in its cache as the row's next accepted tokens (the policy
+feeds its chain again, whose last token it never read); it holds each prompt's kept tail when inputs grow longer than the RM's max length, so both
 paths cut by the one rule of common/rewards.py (`RMWindow`). Any other RM gets decoded text (the text path),
 batched.
 
@@ -173,6 +174,33 @@ class TreeCache:
             self.key_seg = self.key_seg[:, :self.shared_len]
         if self.chain_len is not None:
             self.chain_len.zero_()
+
+    def keep_chains(self, chosen):
+        """Make the keys of chain chosen[r] of each row r the row's next shared tokens (in feeding order) and drop
+        every other chain: a chosen candidate's tokens are not fed again (None: keep none). Returns the tokens
+        kept per row. Rows keeping fewer than the most are padded with invalid keys, as a left-padded prompt is."""
+        from transformers.cache_utils import DynamicLayer
+
+        S0 = self.shared_len
+        want = torch.tensor([-2 if j is None else j for j in chosen], dtype=torch.long)
+        keep = self.key_valid[:, S0:] & (self.key_seg[:, S0:] == want[:, None])
+        counts = keep.sum(1)
+        M = int(counts.max()) if len(chosen) else 0
+        if M == 0 or any(type(layer) is not DynamicLayer for layer in self.cache.layers):
+            self.drop_chains()
+            return [0] * len(chosen)
+        src = torch.argsort((~keep).long(), dim=1, stable=True)[:, :M] + S0  # the kept columns first, in order
+        for layer in self.cache.layers:
+            R, H, _, D = layer.keys.shape
+            index = src.to(layer.keys.device)[:, None, :, None].expand(R, H, M, D)
+            layer.keys = torch.cat([layer.keys[:, :, :S0], layer.keys.gather(2, index)], 2)
+            layer.values = torch.cat([layer.values[:, :, :S0], layer.values.gather(2, index)], 2)
+        self.key_valid = torch.cat([self.key_valid[:, :S0], torch.arange(M)[None, :] < counts[:, None]], 1)
+        self.key_seg = torch.cat([self.key_seg[:, :S0], torch.full((len(chosen), M), -1, dtype=torch.long)], 1)
+        self.shared_len = S0 + M
+        self.n_shared = self.n_shared + counts
+        self.chain_len = None
+        return counts.tolist()
 
     def select_rows(self, index):
         index = torch.as_tensor(index, dtype=torch.long)
@@ -359,6 +387,14 @@ def search_params(method, max_new_tokens, seed, has_rm, normalize, stats):
     return out
 
 
+def chosen_chain(cand, choice):
+    """Which candidate chain of its parent row a choice accepted: one with exactly its tokens (None: it accepted
+    none, or tokens grown in an earlier round)."""
+    if not choice.accepted:
+        return None
+    return next((j for j, chain in enumerate(cand.chains[choice.parent]) if chain == choice.accepted), None)
+
+
 @dataclass
 class Candidates:
     """What step 2 grew and step 3 scored: per row i, K chains (token lists), whether each ended the
@@ -477,7 +513,7 @@ class Search:
         W, K, L = method.shape(self.max_new_tokens)
         d, rows, last_logits, batch = self._encode(prompts, W)
         policy_cache, rm_cache = d.policy_cache, d.rm_cache
-        pending = [[] for _ in rows]  # accepted tokens not yet fed to the policy / RM
+        pending = rm_pending = [[] for _ in rows]  # accepted tokens not yet fed to the policy / RM
         last_round = []
         self._text_calls = 0
         while not all(r.finished for r in rows):
@@ -491,7 +527,7 @@ class Search:
                 last_logits = torch.where(has[:, None].to(fresh.device), fresh, last_logits)
             # 2. grow K candidate chains of up to L tokens per row (the method may stop some on the way);
             # 3. score them (a finished row's candidates score as the row)
-            scorer = self._scorer(rm_cache, d.window, rows, pending, prompts, d.rm_tokens_text)
+            scorer = self._scorer(rm_cache, d.window, rows, rm_pending, prompts, d.rm_tokens_text)
             budget = [self.max_new_tokens - (len(r.tokens) - len(d.prefills[r.prompt])) for r in rows]
             cand = self._grow(rows, last_logits, policy_cache, batch, K, L, budget, scorer)
             if scorer is not None:
@@ -504,15 +540,16 @@ class Search:
             if self.keep_candidates:
                 last_round = [(r.prompt, r.tokens + c) for r, cs in zip(rows, cand.chains) for c in cs]
             policy_cache.drop_chains()
-            if rm_cache is not None:
-                rm_cache.drop_chains()
             parents = [c.parent for c in choice]
             if parents != list(range(R)):
                 policy_cache.select_rows(parents)
                 last_logits = last_logits[torch.tensor(parents, device=last_logits.device)]
                 if rm_cache is not None:
                     rm_cache.select_rows(parents)
-            pending = [c.accepted for c in choice]
+            pending = rm_pending = [c.accepted for c in choice]
+            if rm_cache is not None:  # the RM read the chosen candidates' tokens as candidates: their keys stay
+                kept = rm_cache.keep_chains([chosen_chain(cand, c) for c in choice])
+                rm_pending = [c.accepted[k:] for c, k in zip(choice, kept)]
             rows = [c.row for c in choice]
             batch.round_idx += 1
         d.rm_calls += self._text_calls
