@@ -117,6 +117,33 @@ def score_group(model, fmt, rows, batch_size):
     return chosen_scores, rejected_scores
 
 
+def score_rows(model, fmt, rows, keys, scores_path, args):
+    """The reference's scores of every row not yet in SCORES_PATH, pair by pair (all cuts of one pair together),
+    appended as they come. A cached score is reused only for the same reference weights, max length and texts
+    (the key), never by row id alone."""
+    with ResumableJsonlWriter(scores_path, key="key", resume=args.resume) as writer:
+        todo = [r for r, k in zip(rows, keys) if k not in writer.done]
+        key_of = {r["id"]: k for r, k in zip(rows, keys)}  # ids are unique (load_partial)
+        if args.resume and len(todo) < len(rows):  # a first run has nothing to resume
+            log.info("resuming: %d rows already scored, %d to go", len(rows) - len(todo), len(todo))
+        pair_order = list(dict.fromkeys(r["pair_id"] for r in todo))
+        by_pair = defaultdict(list)
+        for r in todo:
+            by_pair[r["pair_id"]].append(r)
+        bar = tqdm(total=len(todo), desc="reference scores", unit="row")
+        for s in range(0, len(pair_order), args.pairs_per_step):
+            chunk = [r for pid in pair_order[s:s + args.pairs_per_step] for r in by_pair[pid]]
+            sc, sr = score_group(model, fmt, chunk, args.batch_size)
+            for row, a, b in zip(chunk, sc, sr):
+                if not (math.isfinite(a) and math.isfinite(b)):  # one line naming the RM and the row
+                    bar.close()
+                    raise DataError(f"{args.ref_rm}: the RM's score of row {row['id']!r} of {args.input} is not "
+                                    f"finite ({a}, {b})")
+                writer.write({"id": row["id"], "key": key_of[row["id"]], "ref_chosen": a, "ref_rejected": b})
+            bar.update(len(chunk))
+        bar.close()
+
+
 def main():
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
@@ -142,29 +169,7 @@ def main():
     except ValueError as e:
         raise DataError(f"--rm-format {args.rm_format}: {e}") from None
 
-    # Score pair by pair (all cuts of one pair together), appending as we go. A cached score is reused only
-    # for the same reference weights, max length and texts (the key), never by row id alone.
-    with ResumableJsonlWriter(scores_path, key="key", resume=args.resume) as writer:
-        todo = [r for r, k in zip(rows, keys) if k not in writer.done]
-        key_of = {r["id"]: k for r, k in zip(rows, keys)}  # ids are unique (load_partial)
-        if args.resume and len(todo) < len(rows):  # a first run has nothing to resume
-            log.info("resuming: %d rows already scored, %d to go", len(rows) - len(todo), len(todo))
-        pair_order = list(dict.fromkeys(r["pair_id"] for r in todo))
-        by_pair = defaultdict(list)
-        for r in todo:
-            by_pair[r["pair_id"]].append(r)
-        bar = tqdm(total=len(todo), desc="reference scores", unit="row")
-        for s in range(0, len(pair_order), args.pairs_per_step):
-            chunk = [r for pid in pair_order[s:s + args.pairs_per_step] for r in by_pair[pid]]
-            sc, sr = score_group(model, fmt, chunk, args.batch_size)
-            for row, a, b in zip(chunk, sc, sr):
-                if not (math.isfinite(a) and math.isfinite(b)):  # one line naming the RM and the row
-                    bar.close()
-                    raise DataError(f"{args.ref_rm}: the RM's score of row {row['id']!r} of {args.input} is not "
-                                    f"finite ({a}, {b})")
-                writer.write({"id": row["id"], "key": key_of[row["id"]], "ref_chosen": a, "ref_rejected": b})
-            bar.update(len(chunk))
-        bar.close()
+    score_rows(model, fmt, rows, keys, scores_path, args)
 
     scores = {r["key"]: r for _, r in read_jsonl(scores_path, required=("key", "ref_chosen", "ref_rejected"))}
     ref_c = [scores[k]["ref_chosen"] for k in keys]

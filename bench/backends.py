@@ -44,6 +44,21 @@ def measure(search, prompts):
             "mean_reward": round(statistics.mean(r["reward"] for r in results), 4), "load_1min": load}
 
 
+def both_backends(name, knobs, engine_policy, served_policy, rm, info, prompts, max_new_tokens):
+    """One method's measures on the engine and on the vLLM server, each warmed up alike first."""
+    def engine(max_new_tokens, seed=0):
+        return Search(engine_policy, make_method(name, **knobs), rm, max_new_tokens=max_new_tokens, seed=seed)
+
+    def served(max_new_tokens, seed=0):
+        method = make_method(name, **knobs)
+        return ServedSearch(served_policy, method, rm, vllm_backend(info, method, served_policy),
+                            max_new_tokens=max_new_tokens, seed=seed, max_model_len=info.max_model_len)
+
+    for search in (engine, served):  # on other samples: 8 tokens of the first prompt
+        search(8, seed=99).run(prompts[:1])
+    return measure(engine(max_new_tokens), prompts), measure(served(max_new_tokens), prompts)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompts", type=int, default=1)
@@ -80,18 +95,8 @@ def main():
     report.update(vllm_version=info.version, vllm_start_seconds=round(time.perf_counter() - t0, 1))
     try:
         for label, (name, knobs) in methods.items():
-            def engine(max_new_tokens, seed=0):
-                return Search(engine_policy, make_method(name, **knobs), rm, max_new_tokens=max_new_tokens, seed=seed)
-
-            def served(max_new_tokens, seed=0):
-                method = make_method(name, **knobs)
-                return ServedSearch(served_policy, method, rm, vllm_backend(info, method, served_policy),
-                                    max_new_tokens=max_new_tokens, seed=seed, max_model_len=info.max_model_len)
-
-            for search in (engine, served):  # both warmed up alike, on other samples: 8 tokens of the first prompt
-                search(8, seed=99).run(prompts[:1])
-            report["torch"][label] = measure(engine(args.max_new_tokens), prompts)
-            report["vllm"][label] = measure(served(args.max_new_tokens), prompts)
+            report["torch"][label], report["vllm"][label] = both_backends(
+                name, knobs, engine_policy, served_policy, rm, info, prompts, args.max_new_tokens)
             t, v = report["torch"][label], report["vllm"][label]
             report["vllm_over_torch"][label] = {
                 "speed_policy_tokens_per_s": round(v["policy_tokens_per_s"] / t["policy_tokens_per_s"], 2),

@@ -107,14 +107,48 @@ def summary(values):
     return {"mean": mean, "ci95": ci, "per_seed": values}
 
 
-def main():
-    args = parse_args()
-    for path, seed in zip(args.orms, args.seeds):
+def check_orms(paths, seeds):
+    """Every ORM is a trained RM made with the seed it is listed for."""
+    for path, seed in zip(paths, seeds):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise DataError(f"{path}: no trained RM here (make reproduce trains the ORMs that make parity reads)")
         made_with = training_args(path).get("seed")
         if made_with != seed:
             raise DataError(f"{path}: trained with seed {made_with}, listed for seed {seed} (--seeds)")
+
+
+def seed_row(args, path, seed, tokenizer, train_ids, kept_ids, kept, heldout):
+    """TRL's RewardTrainer trained with SEED against our ORM of that seed (PATH), on the held-out pairs: TRL's
+    accuracy on the pairs it keeps, ours on all, kept and dropped, and ours minus TRL's paired."""
+    prompts = [p["prompt"] for p in heldout]
+    folder = os.path.join(args.out, f"trl_s{seed}")
+    trl_eval_accuracy, took = train_trl(args, seed, tokenizer, train_ids, kept_ids, folder)
+    trl = load_reward_model(folder)
+    r_w = score_encoded(trl, [{"input_ids": ids} for ids in kept_ids["chosen_ids"]], tokenizer.pad_token_id)
+    r_l = score_encoded(trl, [{"input_ids": ids} for ids in kept_ids["rejected_ids"]], tokenizer.pad_token_id)
+    trl_correct = correct(r_w, r_l)
+
+    ours = load_reward_model(path)
+    fmt = RMFormat(load_tokenizer(path), ours, max_length=args.max_length)
+    ours_correct = correct(score(ours, fmt, prompts, [p["chosen"] for p in heldout]),
+                           score(ours, fmt, prompts, [p["rejected"] for p in heldout]))  # ties: wrong
+    ours_kept, ours_dropped = ours_correct[kept], ours_correct[~kept]
+    return {
+        "seed": seed, "orm": path,
+        "trl": {"accuracy_kept": float(trl_correct.mean()), "ci95": bootstrap_ci(trl_correct),
+                "eval_accuracy_trainer": trl_eval_accuracy, "train_seconds": round(took, 1)},
+        "ours": {"accuracy_all": float(ours_correct.mean()),
+                 "ci95_all": bootstrap_ci(ours_correct),
+                 "accuracy_kept": float(ours_kept.mean()), "ci95_kept": bootstrap_ci(ours_kept),
+                 "accuracy_dropped": float(ours_dropped.mean()) if len(ours_dropped) else None,
+                 "ci95_dropped": bootstrap_ci(ours_dropped)},
+        "ours_minus_trl_kept": float(ours_kept.mean() - trl_correct.mean()),
+        "ours_minus_trl_kept_ci95": bootstrap_ci(ours_kept, paired_with=trl_correct)}
+
+
+def main():
+    args = parse_args()
+    check_orms(args.orms, args.seeds)
     tokenizer = load_tokenizer(args.init)
     train = load_pairs(args.train)[:args.limit]
     heldout = load_pairs(args.eval)
@@ -132,32 +166,9 @@ def main():
     n_train_kept = sum(fits(train_ids, i) for i in range(len(train)))
     kept_ids = {k: [v for v, keep in zip(vs, kept) if keep] for k, vs in eval_ids.items()}
 
-    prompts = [p["prompt"] for p in heldout]
     rows = []
     for path, seed in zip(args.orms, args.seeds):
-        folder = os.path.join(args.out, f"trl_s{seed}")
-        trl_eval_accuracy, took = train_trl(args, seed, tokenizer, train_ids, kept_ids, folder)
-        trl = load_reward_model(folder)
-        r_w = score_encoded(trl, [{"input_ids": ids} for ids in kept_ids["chosen_ids"]], tokenizer.pad_token_id)
-        r_l = score_encoded(trl, [{"input_ids": ids} for ids in kept_ids["rejected_ids"]], tokenizer.pad_token_id)
-        trl_correct = correct(r_w, r_l)
-
-        ours = load_reward_model(path)
-        fmt = RMFormat(load_tokenizer(path), ours, max_length=args.max_length)
-        ours_correct = correct(score(ours, fmt, prompts, [p["chosen"] for p in heldout]),
-                               score(ours, fmt, prompts, [p["rejected"] for p in heldout]))  # ties: wrong
-        ours_kept, ours_dropped = ours_correct[kept], ours_correct[~kept]
-        rows.append({
-            "seed": seed, "orm": path,
-            "trl": {"accuracy_kept": float(trl_correct.mean()), "ci95": bootstrap_ci(trl_correct),
-                    "eval_accuracy_trainer": trl_eval_accuracy, "train_seconds": round(took, 1)},
-            "ours": {"accuracy_all": float(ours_correct.mean()),
-                     "ci95_all": bootstrap_ci(ours_correct),
-                     "accuracy_kept": float(ours_kept.mean()), "ci95_kept": bootstrap_ci(ours_kept),
-                     "accuracy_dropped": float(ours_dropped.mean()) if len(ours_dropped) else None,
-                     "ci95_dropped": bootstrap_ci(ours_dropped)},
-            "ours_minus_trl_kept": float(ours_kept.mean() - trl_correct.mean()),
-            "ours_minus_trl_kept_ci95": bootstrap_ci(ours_kept, paired_with=trl_correct)})
+        rows.append(seed_row(args, path, seed, tokenizer, train_ids, kept_ids, kept, heldout))
         print(json.dumps(rows[-1]), flush=True)
 
     result = {
