@@ -28,7 +28,7 @@ those forwards: the same equation, fewer forwards (SST with K = 5: about 5 rows 
 set of whole pairs of about --batch-size rows. Encoder RMs, and --grouping off, keep one forward per row.
 
 Out: a Hugging Face folder (safetensors, tokenizer, config) for AutoModelForSequenceClassification, plus
-train_log.jsonl (loss, lr, step, rows/s, rows per forward, real tokens/s), reward_stats.json (mean and std
+train_log.jsonl (loss, lr, step, rows/s, rows per forward, real tokens and tokens/s), reward_stats.json (mean and std
 of the trained RM's scores of complete responses, for `04_decode.py --reward-norm std`) and, with --eval,
 held-out full-response accuracy and AR_RM-SC at --eval-prefix-lengths after each epoch (eval.json).
 A model already in the folder stays as it was until the new one is complete (the running log is

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from common.data import check_prompt_overlap, load_prompts
 from common.io import (DataError, ResumableJsonlWriter, add_device_args, add_max_length_arg, check_output_differs,
-                       input_checksums, positive_int, read_jsonl, run_main, write_manifest)
+                       input_checksums, non_negative_int, positive_int, read_jsonl, run_main, write_manifest)
 from common.models import device_fields, device_setup, load_policy, load_tokenizer
 from common.ranks import distributed, earlier_rows, finish_output, leave_ranks, shard_path, wait_for_every_rank
 from common.rewards import load_rm, read_reward_stats
@@ -46,7 +46,9 @@ def parse_args():
     p.add_argument("--rm", default=None, help="reward model folder / hub id (needed by every method that uses one)")
     p.add_argument("--method", choices=list(REGISTRY), required=True, help="search method (see above)")
     p.add_argument("--output", required=True)
-    p.add_argument("--limit", type=positive_int, default=None, help="first N prompts")
+    p.add_argument("--limit", type=positive_int, default=None, help="first N prompts (after --offset)")
+    p.add_argument("--offset", type=non_negative_int, default=0,
+                   help="skip the first N prompts (fresh prompts after those earlier runs decoded)")
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--batch-size", type=positive_int, default=8, help="prompts decoded together")
     p.add_argument("--seed", type=int, default=0)
@@ -173,7 +175,8 @@ def main():
     out_path = shard_path(args.output, rank, world)
     check_output_differs(args.output if rank == 0 else out_path, args.prompts)
     checksums = input_checksums([args.prompts])
-    prompts = load_prompts(args.prompts, args.data_dir, args.limit, advbench_prefill=args.advbench_prefill)
+    prompts = load_prompts(args.prompts, args.data_dir, args.limit, advbench_prefill=args.advbench_prefill,
+                           offset=args.offset)
     if not prompts:
         raise DataError(f"{args.prompts}: no prompts")
     if method.uses_rm and not args.rm:

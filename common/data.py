@@ -287,8 +287,9 @@ def load_pairs(spec, data_dir=None, on_error="raise", stats=None, subset=None, f
 # ---------------------------------------------------------------------------------------------- prompt sets
 
 @records_checksums
-def load_prompts(spec, data_dir=None, limit=None, advbench_prefill=False):
-    """Prompts from a named set or a JSONL file with "id" and "prompt". Rows may carry "reference"/"target"."""
+def load_prompts(spec, data_dir=None, limit=None, advbench_prefill=False, offset=0):
+    """Prompts from a named set or a JSONL file with "id" and "prompt". Rows may carry "reference"/"target".
+    offset, limit: the prompts after the first `offset`, at most `limit` of them."""
     name, _, split = spec.partition(":")
     if os.path.exists(spec):
         rows = [row for _, row in read_rows(spec, "prompts", nonempty=("prompt",))]
@@ -324,6 +325,7 @@ def load_prompts(spec, data_dir=None, limit=None, advbench_prefill=False):
     else:
         raise DataError(f"{spec}: neither a file nor a known prompt set "
                         "(hh-rlhf:heldout, hh-helpful, advbench, tldr, gsm8k, mt-bench)")
+    rows = rows[offset:]
     return rows[:limit] if limit else rows
 
 

@@ -112,7 +112,7 @@ class LogWindow:
         dt = max(time.time() - self.t0, 1e-9)
         return {"step": step, "epoch": epoch, "loss": self.loss / self.n, "lr": lr,
                 "rows_per_s": self.rows * world / dt, "rows_per_forward": self.rows / max(self.forwards / 2, 1),
-                "tokens_per_s": self.tokens * world / dt}
+                "tokens_per_s": self.tokens * world / dt, "tokens": self.tokens * world}
 
 
 # Without a held-out evaluation, reward_stats.json comes from the scores the loss computed anyway: the complete

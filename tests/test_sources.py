@@ -309,3 +309,10 @@ def test_make_data_tries_every_file_and_prints_one_table(no_data_folder, monkeyp
     assert "SPPRM_DATA_DIR" in ways and "SPPRM_HUB_MIRROR" in ways
     # the second time every file that came is cached; nothing is fetched again
     assert [r[1] for r in fetch_all()[:2]] == ["cached", "cached"]
+
+
+def test_prompts_after_an_offset_are_the_next_ones_in_order():
+    """04 --offset: fresh prompts after those earlier runs decoded (Table 1 sized by power)."""
+    every = load_prompts("hh-rlhf:heldout", data_dir=str(REAL))
+    assert load_prompts("hh-rlhf:heldout", data_dir=str(REAL), offset=192, limit=5) == every[192:197]
+    assert load_prompts("hh-rlhf:heldout", data_dir=str(REAL), offset=300) == every[300:] and len(every) == 307
