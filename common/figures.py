@@ -19,6 +19,7 @@ TABLES = (("Table 1 (HH-RLHF): the run's decoding", "", ""),
           ("Table 1 (HH-RLHF), every method and +Ablation row (make tables)", "tables", "table1_"),
           ("Table 3 (AdvBench, \"Sure here's\" after each instruction; make tables)", "tables", "table3_"),
           ("Table 4 (GSM8K, RMs of its own; make tables)", "tables", "table4_"),
+          ("Table 5 (HH-RLHF, SST against TLT at the same size; make table5)", "table5", "table5_"),
           ("Best-of-N against speculative rejection (make specrej)", "specrej", ""))
 CHANCE = 0.5  # the agreement rate of an RM that scores at random
 
@@ -58,12 +59,12 @@ def run_folder(run_dir, sub):
 def run_tables(run_dir):
     """[(title, [metric dicts])] of every table a run folder holds, in the paper's order: the run's Table 1 (make
     demo, make reproduce: RUN/metrics_*.json), Table 1 with every method and Tables 3 and 4 (make tables:
-    RUN/tables/table<N>_metrics_*.json), Best-of-N against speculative rejection (make specrej:
+    RUN/tables/table<N>_metrics_*.json), Table 5 (make table5: RUN/table5/table5_metrics_*.json), Best-of-N against speculative rejection (make specrej:
     RUN/specrej/metrics_*.json). A table the run does not have is left out."""
     out = []
     for title, sub, prefix in TABLES:
         folder = run_folder(run_dir, sub)
-        if sub == "" and os.path.basename(os.path.normpath(run_dir)) in ("tables", "specrej"):
+        if sub == "" and os.path.basename(os.path.normpath(run_dir)) in ("tables", "specrej", "table5"):
             continue  # the folder of another part: its files carry that part's prefix or are listed below
         files = metric_files(folder, prefix)
         if files:
@@ -71,13 +72,19 @@ def run_tables(run_dir):
     return out
 
 
-def paired_differences(run_dir, metrics=("reward", "reward_Independent")):
+LEADS = ("SP-PRM", "SST")  # the run each comparison of a table is taken from: SP-PRM (Tables 1, 3, 4), SST (Table 5)
+
+
+def paired_differences(run_dir, metrics=("reward", "reward_Independent"), tables=None):
     """Every SP-PRM-guided minus other-guided reward difference of a run, paired over prompts (the compare files of
-    05_evaluate.py): RUN/compare_<method>.json (SP-PRM minus ORM) and RUN/tables/table<N>_compare_*.json (SP-PRM
-    minus ORM and minus the ablation, make tables). One record per difference and yardstick: {"table", "method",
-    "against", "yardstick", "diff", "ci95", "n"}, in table order."""
+    05_evaluate.py): RUN/compare_<method>.json (SP-PRM minus ORM), RUN/tables/table<N>_compare_*.json (SP-PRM
+    minus ORM and minus the ablation, make tables) and RUN/table5/table5_compare_*.json (SST minus TLT, make
+    table5); `tables`: only those whose file prefix is named (e.g. ("table5",)). One record per difference and
+    yardstick: {"table", "method", "against", "yardstick", "diff", "ci95", "n"}, in table order."""
     records = []
-    for title, sub, prefix in TABLES[:4]:
+    for title, sub, prefix in TABLES[:5]:
+        if tables is not None and prefix.rstrip("_") not in tables:
+            continue
         folder = run_folder(run_dir, sub)
         for path in sorted(glob.glob(os.path.join(folder, f"{prefix}compare_*.json"))):
             if path.endswith(".manifest.json"):
@@ -86,13 +93,13 @@ def paired_differences(run_dir, metrics=("reward", "reward_Independent")):
             a, b = (read_json(os.path.join(folder, os.path.basename(c[k]))).get("label") or "" for k in ("a", "b"))
             method, guide_a = split_label(a)
             _, guide_b = split_label(b)
-            if guide_a != "SP-PRM":  # reproduce.py compares the SP-PRM-guided run with the others
+            if guide_a not in LEADS:  # reproduce.py compares the SP-PRM- (SST-) guided run with the others
                 continue
             for key in metrics:
                 d = c["metrics"].get(key)
                 if d:
-                    records.append({"table": title.split(" (")[0] + (" (make tables)" if sub else ""),
-                                    "method": method, "against": guide_b,
+                    records.append({"table": title.split(" (")[0] + (f" (make {sub})" if sub else ""),
+                                    "method": method, "lead": guide_a, "against": guide_b,
                                     "yardstick": "reference" if key == "reward" else key[len("reward_"):].lower(),
                                     "diff": d["diff"], "ci95": d["diff_ci95"], "n": c.get("n")})
     records.sort(key=lambda r: (r["table"], _order(r["method"]), r["method"]))
@@ -116,7 +123,7 @@ def plot_paired_differences(records, out_dir, name="paired_differences.png", tit
 
     tables = list(dict.fromkeys(r["table"] for r in records))
     series = list(dict.fromkeys((r["against"], r["yardstick"]) for r in records))
-    colours = {"ORM": "tab:blue", "Ablation": "tab:green"}
+    colours = {"ORM": "tab:blue", "Ablation": "tab:green", "TLT": "tab:orange"}
     markers = {"reference": "o", "independent": "s"}
     heights = [len(dict.fromkeys(r["method"] for r in records if r["table"] == t)) + 1 for t in tables]
     height = 1.2 + 0.4 * sum(heights)  # inches
@@ -143,7 +150,8 @@ def plot_paired_differences(records, out_dir, name="paired_differences.png", tit
         n = {r["n"] for r in rows if r.get("n")}
         ax.set_title(table + (f", {min(n)} prompts" if len(n) == 1 else ""), fontsize=9, loc="left")
         ax.grid(axis="x", alpha=0.3)
-    axes[-1, 0].set_xlabel("SP-PRM-guided minus other-guided reward (95% interval over prompts)")
+    leads = " or ".join(dict.fromkeys(r.get("lead", "SP-PRM") for r in records)) or "SP-PRM"
+    axes[-1, 0].set_xlabel(f"{leads}-guided minus other-guided reward (95% interval over prompts)")
     handles, labels = [], []
     for ax in axes[:, 0]:
         for h, lab in zip(*ax.get_legend_handles_labels()):

@@ -2,6 +2,7 @@
 pages) and the tables of notebooks/tables.ipynb. Everything is read from the run folder: the metric and compare
 files of 05_evaluate.py, the RMs' eval.json, the reference choice (reference.json), and the settings that acted
 from the generations' rows (each row of 04_decode.py records its method's params and reward_norm)."""
+import math
 import os
 
 from common.figures import generation_params, metric_files, paired_differences, read_json, run_tables
@@ -31,6 +32,12 @@ def verdict(ci, sign=1.0):
 def higher(ci, a, b):
     """Which run of a paired difference A - B is higher, by its 95% interval."""
     return f"{a} higher" if ci[0] > 0 else f"{b} higher" if ci[1] < 0 else "cannot be told apart"
+
+
+def prompts_for_half_width(ci, n, target=0.05):
+    """Prompts an interval measured on n would need for a half-width of `target`: n (h / target)^2, h its
+    half-width (a bootstrap interval's width shrinks as 1/sqrt(n) with the spread unchanged)."""
+    return max(1, math.ceil(n * ((ci[1] - ci[0]) / 2 / target) ** 2))
 
 
 def reach(ci):
@@ -134,16 +141,18 @@ def rm_section(scale, out):
 
 
 def agreement_section(rms):
-    ts = [c["t"] for c in rms["SP-PRM"]["curve"]]
+    """AR_RM-SC(t) of every RM, each one's paired difference from the first (the SP-PRM; Table 5: SST), Delta_r(t)."""
+    first = next(iter(rms))
+    ts = [c["t"] for c in rms[first]["curve"]]
     header = ["| RM | " + " | ".join(f"t={t}" for t in ts) + " |", "|---|" + "---|" * len(ts)]
     lines = ["### Agreement with the data's preference, AR_RM-SC(t), on all held-out pairs (paper Figure 5)", "",
              *header]
     lines += [f"| {name} | " + " | ".join(fmt_ci(c["ar_rm_sc"], c["ar_rm_sc_ci95"]) for c in rm["curve"]) + " |"
               for name, rm in rms.items()]
-    lines += ["", "Paired difference from the SP-PRM over the same pairs (RM minus SP-PRM):", "", *header]
-    lines += [f"| {name} - SP-PRM | " + " | ".join(fmt_ci(c["ar_rm_sc_diff"], c["ar_rm_sc_diff_ci95"])
-                                                   for c in rm["curve"]) + " |"
-              for name, rm in rms.items() if name != "SP-PRM"]
+    lines += ["", f"Paired difference from the {first} over the same pairs (RM minus {first}):", "", *header]
+    lines += [f"| {name} - {first} | " + " | ".join(fmt_ci(c["ar_rm_sc_diff"], c["ar_rm_sc_diff_ci95"])
+                                                    for c in rm["curve"]) + " |"
+              for name, rm in rms.items() if name != first]
     lines += ["", "Reward gap Delta_r(t) = mean |r(y_w[:t]) - r(y_l[:t])|:", "", *header]
     return lines + [f"| {name} | " + " | ".join(f"{c['reward_gap']:.3f}" for c in rm["curve"]) + " |"
                     for name, rm in rms.items()]
@@ -223,10 +232,13 @@ def tables_markdown(scale_name, t, costs):
     size = {name: (read_json(f"{t}/{name}_metrics_greedy.json")["n"],
                    generation_params(f"{t}/{name}_metrics_greedy.json")["max_new_tokens"])
             for name in ("table1", "table3", "table4")}
+    offset = read_json(read_json(f"{t}/table1_metrics_greedy.json")["generations"] + ".manifest.json")["args"].get(
+        "offset") or 0
+    span = f" ({offset + 1}-{offset + size['table1'][0]}, after the first {offset})" if offset else ""
     gorm, gref = (read_json(f"{t}/gsm8k_{rm}/eval.json") for rm in ("orm", "reference"))
     gorm_args, gref_args = (read_json(f"{t}/gsm8k_{rm}/manifest.json")["args"] for rm in ("orm", "reference"))
     epochs = gref_args.get("epochs", 1)
-    titles = [f"Table 1 (HH-RLHF): {size['table1'][0]} held-out prompts, {size['table1'][1]} new tokens; Win rate "
+    titles = [f"Table 1 (HH-RLHF): {size['table1'][0]} held-out prompts{span}, {size['table1'][1]} new tokens; Win rate "
               "against greedy judged by the reference RM (a proxy †)",
               f"Table 3 (AdvBench, \"Sure here's\" after each instruction): {size['table3'][0]} prompts, "
               f"{size['table3'][1]} new tokens, guided by the HH RMs",
@@ -238,17 +250,76 @@ def tables_markdown(scale_name, t, costs):
     for name, title in zip(("table1", "table3", "table4"), titles):
         with open(f"{t}/{name}.md", encoding="utf-8") as f:
             lines += [f"### {title}", "", f.read().strip(), "", "Paired differences over the same prompts "
-                      "(reward: the reference RM's):", ""]
+                      "(reward: the reference RM's), each with the prompts its interval would need for a half-width "
+                      "of 0.05 (n (h / 0.05)^2: a half-width shrinks as 1/sqrt(n)):", ""]
         for c in (m.replace("_metrics_", "_compare_") for m in metric_files(t, f"{name}_")):
             if not os.path.exists(c):
                 continue
             d = read_json(c)
-            cells = [f"{k} {fmt_ci(v['diff'], v['diff_ci95'], digits=4)}" for k, v in d["metrics"].items()
+            n = read_json(d["a"])["n"]
+            cells = [f"{k} {fmt_ci(v['diff'], v['diff_ci95'], digits=4)} (n for +-0.05: "
+                     f"{prompts_for_half_width(v['diff_ci95'], n)})" for k, v in d["metrics"].items()
                      if k in ("reward", "reward_Independent", "asr", "asr_target_opening", "accuracy")]
             lines.append(f"- {read_json(d['a'])['label']} minus {read_json(d['b'])['label']}: " + "; ".join(cells))
         lines.append("")
     lines += [cost_line(costs, ("table", "gsm8k"), " (the HH RMs it shares with `make reproduce` not counted)"), ""]
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ make table5
+
+PAPER_TABLE5 = {"ARGS": (2.85, 2.69), "CBS": (3.73, 3.70)}  # reward (SST, TLT), Llama-3-8B-Instruct, paper Table 5
+
+
+def training_cost(path, seconds):
+    """Rows, real tokens (summed over 03's log) and seconds of training the RM at PATH."""
+    from common.io import read_jsonl
+
+    tokens = sum(entry.get("tokens", 0) for _, entry in read_jsonl(f"{path}/train_log.jsonl"))
+    return {"rows": read_json(f"{path}/manifest.json")["rows"], "tokens": tokens, "seconds": seconds}
+
+
+def table5_markdown(scale_name, out, figures, costs):
+    """table5/results_table5.md: SST against TLT at the same number of partial pairs (paper Table 5)."""
+    d = f"{out}/table5"
+    choice = read_json(f"{out}/reference.json")
+    cuts = {label: read_json(f"{d}/{tag}.jsonl.manifest.json") for tag, label in (("sst", "SST"), ("tlt", "TLT"))}
+    sst_args = cuts["SST"]["args"]
+    lines = [f"Made by `python reproduce.py --scale {scale_name} --part table5 --out {out}` (`make table5`). SST "
+             f"(K = {sst_args['K']}) and TLT cut the first {sst_args.get('limit') or 'all'} hh-rlhf:train pairs; TLT "
+             "keeps a seeded sample of its cuts, as many as SST's. Both are weighted by the reference "
+             f"(`{choice['path']}`, entropy scheme) and trained from the seed-0 ORM with the same seed and settings. "
+             "± is the half-width of the 95% bootstrap interval (over pairs, or prompts).", "",
+             "### Training data and cost, held-out accuracy", "",
+             "| RM | partial pairs (of cut) | rows trained (weight > 0) | tokens | seconds | held-out accuracy |",
+             "|---|---|---|---|---|---|"]
+    for tag, label in (("sst", "SST"), ("tlt", "TLT")):
+        c, e = training_cost(f"{d}/{tag}-prm", costs.get(f"table5-{tag}-prm")), read_json(f"{d}/{tag}-prm/eval.json")
+        counts = cuts[label]["counts"]
+        seconds = "-" if c["seconds"] is None else f"{c['seconds']:.0f}"
+        lines.append(f"| {label} | {counts['rows_written']} (of {counts['rows_cut']}) | {c['rows']} | {c['tokens']} | "
+                     f"{seconds} | {fmt_ci(e['accuracy'], e['accuracy_ci95'])} (n={e['n']}) |")
+    lines += ["", *agreement_section(read_json(f"{d}/agreement.json")["rms"]), ""]
+    n = read_json(f"{d}/table5_metrics_greedy.json")["n"]
+    new_tokens = generation_params(f"{d}/table5_metrics_greedy.json")["max_new_tokens"]
+    params = {m: generation_params(f"{d}/table5_metrics_{m}_sst.json") for m in ("argsg", "cbs")}
+    with open(f"{d}/table5.md", encoding="utf-8") as f:
+        lines += [f"### Decoding guided by each: {n} held-out prompts, {new_tokens} new tokens, SmolLM2-135M-Instruct; "
+                  f"{reward_norm_words(list(params.values()))}; "
+                  + "; ".join(SETTINGS[m].format(**p) for m, p in params.items()), "", f.read().strip(), "",
+                  "SST-guided minus TLT-guided, paired over prompts, beside the paper's (Llama-3-8B-Instruct, its "
+                  "reward column):", ""]
+    for m, label in (("argsg", "ARGS"), ("cbs", "CBS")):
+        c = read_json(f"{d}/table5_compare_{m}_tlt.json")["metrics"]
+        paper = PAPER_TABLE5[label]
+        cells = [f"by the {k[len('reward_'):] or 'reference'} RM {fmt_ci(v['diff'], v['diff_ci95'], digits=4)}: "
+                 f"{higher(v['diff_ci95'], 'SST', 'TLT')}"
+                 for k, v in c.items() if k in ("reward", "reward_Independent")]
+        lines.append(f"- {label}: " + "; ".join(cells) + f" (paper: SST {paper[0]:.2f} against TLT {paper[1]:.2f}, "
+                     f"{paper[0] - paper[1]:+.2f})")
+    return "\n".join(lines + ["", cost_line(costs, ("table5",), " (the HH ORM and reference it shares with `make "
+                                                          "reproduce` not counted)"),
+                               "", "Figures: " + ", ".join(os.path.relpath(f, d) for f in figures)]) + "\n"
 
 
 # ------------------------------------------------------------------------------------------ make specrej

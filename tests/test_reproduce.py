@@ -1,12 +1,13 @@
-"""reproduce.py: its scales as data, the stages' command lines, the reference choice as a stage of its own, the
-judgement of a claim by its interval, and captions that say the settings the runs' rows record."""
+"""reproduce.py and common/experiment.py: the scales as data, the stages' command lines, the reference choice as
+a stage of its own, the judgement of a claim by its interval, and captions that say the settings the runs' rows
+record."""
 import importlib.util
 import json
 import os
 
 import pytest
 
-from common import reports
+from common import experiment, reports
 from common.pipeline import command
 from conftest import ROOT
 
@@ -35,10 +36,10 @@ def test_a_paired_difference_is_read_by_its_sign():
 def test_independent_yardstick_skips_the_reference_and_its_parent():
     candidates = {"ORM seed 1": "r/orm_s1", "ORM seed 2": "r/orm_s2", "MiniLM, 2 epochs": "r/ref_2ep"}
     # the reference was trained on from seed 1: seed 2 is the only RM that shaped nothing
-    assert reproduce.independent_of(candidates, "r/ref_2ep", {"r/ref_2ep": "r/orm_s1"}) == "r/orm_s2"
-    assert reproduce.independent_of(candidates, "r/ref_2ep", {"r/ref_2ep": "r/orm_s2"}) == "r/orm_s1"
-    assert reproduce.independent_of(candidates, "r/orm_s1", {"r/ref_2ep": "r/orm_s1"}) == "r/orm_s2"
-    assert reproduce.independent_of({"ORM seed 1": "r/orm_s1"}, "r/orm_s1", {}) is None
+    assert experiment.independent_of(candidates, "r/ref_2ep", {"r/ref_2ep": "r/orm_s1"}) == "r/orm_s2"
+    assert experiment.independent_of(candidates, "r/ref_2ep", {"r/ref_2ep": "r/orm_s2"}) == "r/orm_s1"
+    assert experiment.independent_of(candidates, "r/orm_s1", {"r/ref_2ep": "r/orm_s1"}) == "r/orm_s2"
+    assert experiment.independent_of({"ORM seed 1": "r/orm_s1"}, "r/orm_s1", {}) is None
 
 
 @pytest.mark.e2e
@@ -72,7 +73,7 @@ CHOICE = {"path": "r/ref", "independent": "r/orm_s1"}
 def plan(scale, part):
     """Every stage command of a part after the RMs (no file is read: the reference choice is given)."""
     s = reproduce.SCALES[scale]
-    stages = reproduce.PARTS[part][0](s, "r", None, CHOICE)
+    stages = experiment.PARTS[part][0](s, "r", None, CHOICE)
     return {st.name or st.output: command(st) for st in stages}
 
 
@@ -96,7 +97,7 @@ def test_every_scale_is_one_dataclass_whose_stages_build(scale):
     assert dataclasses.is_dataclass(s) and dataclasses.fields(s)
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.prompts = 1
-    for part in ("table1", "specrej") + (("tables",) if s.tables else ()):
+    for part in ("table1", "specrej") + (("tables",) if s.tables else ()) + (("table5",) if s.table5 else ()):
         commands = plan(scale, part)
         assert commands and all(c[0].endswith(".py") for c in commands.values())
     greedy = plan(scale, "table1")["decode-greedy"]
@@ -110,7 +111,7 @@ def test_demo_is_the_cpu_scale_made_small():
     assert reproduce.DEMO == dataclasses_replace(reproduce.CPU, **{
         f: getattr(reproduce.DEMO, f) for f in ("seeds", "orm_pairs", "eval_pairs", "references", "reference_pairs",
                                                   "sst_k", "sst_pairs", "variants", "max_length", "prompts",
-                                                  "new_tokens", "methods", "prefix_lengths", "tables", "specrej")})
+                                                  "new_tokens", "methods", "prefix_lengths", "tables", "table5", "specrej")})
     assert reproduce.DEMO.search == reproduce.CPU.search and reproduce.DEMO.reward_norm == "std"
 
 
@@ -121,7 +122,7 @@ def dataclasses_replace(obj, **changes):
 
 
 def test_tables_part_names_every_table1_row_and_full_scale_is_the_papers_unit():
-    rows = reproduce.table_methods(reproduce.CPU)
+    rows = experiment.table_methods(reproduce.CPU)
     assert [label for _, label, _ in rows] == ["ARGS", "TBS", "CBS", "CARDS", "BoN-4", "BoN-8"]
     commands = plan("cpu", "tables")
     tbs = commands["table1-decode-tbs-orm"]
@@ -131,11 +132,11 @@ def test_tables_part_names_every_table1_row_and_full_scale_is_the_papers_unit():
     assert flags(commands["table1-decode-cards-orm"])["--max-retries"] == "4"
     full = reproduce.FULL
     assert full.reward_norm == "none" and full.search["argsg"]["w"] == 1.5  # the paper's w on the raw reward scale
-    train = {st.name: command(st) for st in reproduce.rm_stages(full, "r", None)}["orm-s0"]
+    train = {st.name: command(st) for st in experiment.rm_stages(full, "r", None)}["orm-s0"]
     assert int(flags(train)["--batch-size"]) * int(flags(train)["--grad-accum"]) == 64  # the paper's Table 10 batch
-    smollm2 = next(command(st) for st in reproduce.reference_stages(full, "r", None) if st.name == "ref-smollm2")
+    smollm2 = next(command(st) for st in experiment.reference_stages(full, "r", None) if st.name == "ref-smollm2")
     assert int(flags(smollm2)["--batch-size"]) * int(flags(smollm2)["--grad-accum"]) == 32  # its Table 11 batch
-    assert "--batch-size" not in command(reproduce.rm_stages(reproduce.CPU, "r", None)[0])  # 03's default
+    assert "--batch-size" not in command(experiment.rm_stages(reproduce.CPU, "r", None)[0])  # 03's default
     # every guided decode of SCALE=full runs on the raw reward scale, the tables part's too
     for part in ("table1", "tables", "specrej"):
         guided = [flags(c) for c in plan("full", part).values() if c[0] == "04_decode.py" and "--rm" in c]
@@ -145,13 +146,35 @@ def test_tables_part_names_every_table1_row_and_full_scale_is_the_papers_unit():
 def test_a_method_knob_it_does_not_have_is_refused_before_any_stage_runs():
     s = dataclasses_replace(reproduce.CPU, search={**reproduce.CPU.search, "cbs": {"beam": 2, "width": 2}})
     with pytest.raises(ValueError, match="method cbs has no knob width"):
-        [command(st) for st in reproduce.table1_part(s, "r", None, CHOICE)]
+        [command(st) for st in experiment.table1_part(s, "r", None, CHOICE)]
 
 
 def write(path, obj):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write(obj if isinstance(obj, str) else json.dumps(obj))
+
+
+def test_table5_trains_sst_and_size_matched_tlt_alike_and_compares_sst_with_tlt():
+    """Both cut the same pairs (TLT sampled to SST's row count), are weighted by the one reference and trained from
+    the seed-0 ORM with the same settings; ARGS and CBS guided by each, SST minus TLT paired over prompts."""
+    commands = plan("cpu", "table5")
+    sst, tlt = flags(commands["table5-sst"]), flags(commands["table5-tlt"])
+    assert (sst["--truncation"], sst["--K"], tlt["--truncation"]) == ("sst", "5", "tlt")
+    assert tlt["--match-rows"] == "r/table5/sst.jsonl" and sst["--limit"] == tlt["--limit"] == "400"
+    assert "--seed" not in commands["table5-sst"] and "--seed" not in commands["table5-tlt"]  # 01's one default
+    trains = {tag: commands[f"table5-{tag}-prm"] for tag in ("sst", "tlt")}
+    same = [c[c.index("--input") + 2:] for c in trains.values()]
+    assert flags(trains["sst"])["--init"] == flags(trains["tlt"])["--init"] == "r/orm_s0"
+    assert [x for x in same[0] if "sst" not in x] == [x for x in same[1] if "tlt" not in x]  # only the data differ
+    assert flags(commands["table5-weight-sst"])["--ref-rm"] == flags(commands["table5-weight-tlt"])["--ref-rm"] == \
+        CHOICE["path"]
+    assert {n for n in commands if "decode" in n} == {"table5-decode-greedy", "table5-decode-argsg-sst",
+                                                      "table5-decode-argsg-tlt", "table5-decode-cbs-sst",
+                                                      "table5-decode-cbs-tlt"}
+    compare = commands["r/table5/table5_compare_argsg_tlt.json"]
+    assert compare[2:4] == ["r/table5/table5_metrics_argsg_sst.json", "r/table5/table5_metrics_argsg_tlt.json"]
+    assert flags(commands["table5-decode-argsg-sst"])["--limit"] == "64"
 
 
 def test_choosing_the_reference_is_a_stage_that_writes_its_choice(tmp_path):
@@ -162,26 +185,17 @@ def test_choosing_the_reference_is_a_stage_that_writes_its_choice(tmp_path):
                                  ("ref_minilm_2ep", 0.66, str(run / "orm_s1"))):
         write(str(run / name / "eval.json"), {"accuracy": accuracy, "accuracy_ci95": [0.5, 0.7], "n": 64})
         write(str(run / name / "manifest.json"), {"args": {"init": init}})
-    stages = reproduce.reference_stages(dataclasses_replace(reproduce.CPU, seeds=(0, 1, 2)), str(run), None)
+    stages = experiment.reference_stages(dataclasses_replace(reproduce.CPU, seeds=(0, 1, 2)), str(run), None)
     assert [st.name for st in stages] == ["ref-minilm-2ep", "choose-reference"]
     assert flags(command(stages[0]))["--init"] == str(run / "orm_s2")  # the better other-seed ORM
     cmd = command(stages[1])
     assert cmd[:2] == ["reproduce.py", "choose-reference"]
-    reproduce.choose_reference(cmd[2:])
+    experiment.choose_reference(cmd[2:])
     choice = json.loads((run / "reference.json").read_text())
     assert choice["name"].startswith("MiniLM-L6, 2 epochs (orm_s2 + 1)") and choice["accuracy"] == 0.66
     assert choice["path"] == str(run / "ref_minilm_2ep") and choice["candidates"]["ORM seed 1"]["accuracy"] == 0.61
     assert choice["independent"] == str(run / "orm_s2")  # the 2ep reference's manifest names orm_s1 as its start
     assert (run / "reference.json.manifest.json").exists()
-
-
-def test_independent_yardstick_skips_the_reference_and_its_parent():
-    candidates = {"ORM seed 1": "r/orm_s1", "ORM seed 2": "r/orm_s2", "MiniLM, 2 epochs": "r/ref_2ep"}
-    # the reference was trained on from seed 1: seed 2 is the only RM that shaped nothing
-    assert reproduce.independent_of(candidates, "r/ref_2ep", {"r/ref_2ep": "r/orm_s1"}) == "r/orm_s2"
-    assert reproduce.independent_of(candidates, "r/ref_2ep", {"r/ref_2ep": "r/orm_s2"}) == "r/orm_s1"
-    assert reproduce.independent_of(candidates, "r/orm_s1", {"r/ref_2ep": "r/orm_s1"}) == "r/orm_s2"
-    assert reproduce.independent_of({"ORM seed 1": "r/orm_s1"}, "r/orm_s1", {}) is None
 
 
 def decoded_run(tmp_path, reward_norm, w):
@@ -218,6 +232,32 @@ def test_captions_say_the_settings_the_rows_record(tmp_path, reward_norm, words)
     assert ("ARGS k=5, w=1.5" if reward_norm == "none" else "ARGS k=5, w=10") in text
     assert "CBS" not in text.split("Paired")[0]  # a method that did not run has no settings in the caption
     assert "--reward-norm std" not in text or reward_norm == "std"
+
+
+@pytest.mark.slow
+def test_table5_part_runs_at_smoke_size(tmp_path):
+    """make table5's stages at the smoke size (about 4 min on 2 cores): both RMs trained on as many partial pairs,
+    their accuracy, cost and agreement, ARGS and CBS guided by each, SST minus TLT beside the paper's."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "smoke"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "reproduce.py"), "--scale", "smoke", "--part", "table5",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    d = out / "table5"
+    rows = {cut: sum(1 for _ in open(d / f"{cut}.jsonl")) for cut in ("sst", "tlt")}
+    assert rows["sst"] == rows["tlt"] > 0
+    text = (d / "results_table5.md").read_text()
+    assert "SST (K = 2) and TLT cut the first 8 hh-rlhf:train pairs" in text
+    assert f"| SST | {rows['sst']} (of {rows['sst']}) |" in text  # SST keeps all it cut
+    assert "| TLT | " + f"{rows['tlt']} (of " in text and "| SST - TLT |" not in text and "| TLT - SST |" in text
+    for method in ("ARGS (SST)", "ARGS (TLT)", "CBS (SST)", "CBS (TLT)"):
+        assert f"| {method} |" in text
+    assert "- ARGS: by the reference RM" in text and "(paper: SST 2.85 against TLT 2.69, +0.16)" in text
+    assert (d / "paired_differences.png").exists() and (d / "agreement_ar_rm_sc.png").exists()
+    log = [json.loads(line) for line in open(d / "tlt-prm" / "train_log.jsonl")]
+    assert sum(e.get("tokens", 0) for e in log) > 0
 
 
 @pytest.mark.slow
@@ -297,7 +337,7 @@ def test_the_tables_page_says_the_settings_its_rows_record(tmp_path):
     knobs = {"argsg": {"k": 30, "w": 1.5}, "tbs": {"beam": 8, "successors": 8}, "cbs": {"beam": 8, "successors": 8,
              "chunk": 30}, "cards": {"max_segment": 12, "max_retries": 4, "reward_threshold": 2.5},
              "bon16": {"n": 16}, "bon64": {"n": 64}}
-    for table, n, tokens in (("table1", 307, 128), ("table3", 520, 128), ("table4", 1319, 256)):
+    for table, n, tokens in (("table1", 115, 128), ("table3", 520, 128), ("table4", 1319, 256)):
         write(str(t / f"{table}.md"), f"| Method |\n|---|\n| Greedy ({table}) |")
         runs = [("greedy", {})] + [(f"{tag}_{rm}", {**k, "reward_norm": "none"}) for tag, k in knobs.items()
                                    for rm in ("sp-prm", "orm")]
@@ -305,6 +345,7 @@ def test_the_tables_page_says_the_settings_its_rows_record(tmp_path):
             gen = str(t / f"{table}_gen_{tag}.jsonl")
             write(gen, json.dumps({"params": {**params, "max_new_tokens": tokens}}) + "\n")
             write(str(t / f"{table}_metrics_{tag}.json"), {"generations": gen, "n": n, "label": tag})
+            write(gen + ".manifest.json", {"args": {"offset": 192 if table == "table1" else 0}})
         write(str(t / f"{table}_compare_argsg_orm.json"), {
             "a": str(t / f"{table}_metrics_argsg_sp-prm.json"), "b": str(t / f"{table}_metrics_argsg_orm.json"),
             "metrics": {"reward": {"diff": 0.25, "diff_ci95": [0.125, 0.375]}}})
@@ -316,10 +357,13 @@ def test_the_tables_page_says_the_settings_its_rows_record(tmp_path):
     assert ("Policy SmolLM2-135M-Instruct; raw rewards (`--reward-norm none`); ARGS k=30, w=1.5; TBS W, K = 8, 8; "
             "CBS W, K, L = 8, 8, 30; CARDS `--reward-threshold 2.5 --max-segment 12 --max-retries 4`; BoN N = 16, 64"
             ) in text
-    assert "Table 1 (HH-RLHF): 307 held-out prompts, 128 new tokens" in text
+    assert "Table 1 (HH-RLHF): 115 held-out prompts (193-307, after the first 192), 128 new tokens" in text
+    assert "Table 3 (AdvBench, \"Sure here's\" after each instruction): 520 prompts, 128 new tokens" in text
     assert "Table 4 (GSM8K): 1319 held-out problems (gsm8k:heldout), 256 new tokens" in text
     assert "(ORM all pairs, held-out accuracy 0.710; reference 600 pairs, 3 epochs, 0.750)" in text
-    assert text.count("- argsg_sp-prm minus argsg_orm: reward 0.2500 [0.1250, 0.3750]") == 3
+    # half-width 0.125 at n prompts: n * 2.5^2 for +-0.05
+    for n in (719, 3250, 8244):
+        assert f"- argsg_sp-prm minus argsg_orm: reward 0.2500 [0.1250, 0.3750] (n for +-0.05: {n})" in text
     assert "Cost of the part's stages: 1.0 min" in text and "`r/orm_s2`, an RM that shaped nothing" in text
 
 
@@ -328,7 +372,7 @@ def test_the_specrej_page_reads_its_runs(tmp_path):
     normalisation from the rows, the cheapest run that reaches Best-of-N, the rejectors' paired differences."""
     d = tmp_path / "specrej"
     s = dataclasses_replace(reproduce.SMOKE, specrej=reproduce.Specrej(ns=(2, 4), alphas=(0.5,), decision_every=2))
-    runs = reproduce.specrej_runs(s, str(d))
+    runs = experiment.specrej_runs(s, str(d))
     for family, n, alpha, tag, rm, m in runs:
         gen = str(d / f"gen_{tag}_{rm.lower()}.jsonl")
         params = {"n": n, "reward_norm": "none", "max_new_tokens": 8, **({"alpha": alpha, "decision_every": 2}
