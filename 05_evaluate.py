@@ -55,8 +55,9 @@ import numpy as np
 
 from common.data import check_prompt_overlap, load_pairs, load_prompts, read_rows
 from common.judge import add_judge_args, prefix_labels
-from common.io import (DataError, atomic_open, check_output_differs, input_checksums, non_negative_int, positive_int,
-                       prefix_lengths, probability, read_jsonl, run_main, write_json, write_jsonl, write_manifest)
+from common.io import (DataError, atomic_open, check_output_differs, fraction, input_checksums, non_negative_int,
+                       positive_int, prefix_lengths, probability, read_jsonl, run_main, write_json, write_jsonl,
+                       write_manifest)
 from common.metrics import (agreement_rate, attack_success, bootstrap_ci, coherence, contains_target_opening,
                             diversity, gsm8k_correct, markdown_table, mean_with_ci, require_finite_scores,
                             reward_gap, rouge_l)
@@ -117,11 +118,15 @@ def parse_args():
                    help="04_decode.py --save-candidates output (e.g. Best-of-N): each row's \"candidates\"")
     k.add_argument("--rm", action="append", required=True,
                    help="NAME=PATH, repeatable; every RM after the first gets its paired difference from the first")
-    k.add_argument("--reference", required=True, help="the RM whose complete-response scores are the truth")
+    k.add_argument("--reference", required=True, help="the RM whose complete-response scores are the truth; "
+                   "'self': each RM's own (how well its prefix scores foretell its final ranking)")
     k.add_argument("--prefix-lengths", type=prefix_lengths, default=[4, 8, 16, 24],
                    help="t: the RM's first t tokens of each sample")
     k.add_argument("--alpha", type=probability, default=0.5,
                    help="the rejected share of one decision (speculative rejection's keep rule)")
+    k.add_argument("--alpha-max", type=fraction, default=None,
+                   help="also write each RM's adaptive rejection schedule, alpha(t) = A * clip(tau(t), 0, 1), for "
+                        "04_decode.py --alpha auto:OUTPUT:NAME (calibrate with --reference self)")
 
     r = sub.add_parser("reward-stats", parents=[scoring],
                        help="reward_stats.json for any RM (a hub ORM too), for 04 --reward-norm std; the same as "
@@ -455,7 +460,7 @@ def read_candidates(path):
     return rows
 
 
-def consistency_point(prefix, truth, by_prompt, rejection):
+def consistency_point(prefix, truth, by_prompt, rejection, t):
     """At one t: per prompt, Kendall's tau between an RM's prefix scores of its samples and the reference's
     complete scores, and whether the reference's best sample survives one decision of speculative rejection
     (its keep rule, common/search/methods.py: the top ceil((1 - alpha) m) by the prefix score, ties by index)."""
@@ -468,58 +473,77 @@ def consistency_point(prefix, truth, by_prompt, rejection):
         r, y = prefix[idx], truth[idx]
         value = kendalltau(r, y).statistic
         tau.append(0.0 if math.isnan(value) else float(value))  # all tied: no order at all
-        kept = sorted(range(len(idx)), key=lambda j: (-r[j], j))[:rejection.kept(len(idx))]
+        kept = sorted(range(len(idx)), key=lambda j: (-r[j], j))[:rejection.kept(len(idx), t)]
         alive.append(float(int(np.argmax(y)) in kept))
     return tau, alive
 
 
+def consistency_curve(prefix, truth, by_prompt, rejection, lengths, seed, first=None):
+    """One RM's consistency points at each t (prefix[:, k]: its scores of the first lengths[k] tokens), with the
+    paired difference from `first` (name, taus, survives) when given; and its per-prompt taus and survivals."""
+    curve, taus, survives = [], [], []
+    for k, t in enumerate(lengths):
+        tau, alive = consistency_point(prefix[:, k], truth, by_prompt, rejection, t)
+        taus.append(tau)
+        survives.append(alive)
+        point = {"t": t, "kendall_tau": float(np.mean(tau)), "kendall_tau_ci95": bootstrap_ci(tau, seed),
+                 "best_survives": float(np.mean(alive)), "best_survives_ci95": bootstrap_ci(alive, seed)}
+        if first is not None:
+            point.update(diff_vs=first[0], kendall_tau_diff=float(np.mean(tau) - np.mean(first[1][k])),
+                         kendall_tau_diff_ci95=bootstrap_ci(tau, seed, paired_with=first[1][k]),
+                         best_survives_diff=float(np.mean(alive) - np.mean(first[2][k])),
+                         best_survives_diff_ci95=bootstrap_ci(alive, seed, paired_with=first[2][k]))
+        curve.append(point)
+    return curve, taus, survives
+
+
 def run_consistency(args, device, dtype):
     """Per t, for every RM: Kendall's tau between its scores of the samples' first t tokens and the reference's
-    scores of the complete samples (mean over prompts), and the share of prompts whose best complete sample
-    (by the reference) survives one rejection of the lowest alpha share at t. 95% bootstrap intervals over
-    prompts; every RM after the first also gets its paired difference from the first."""
+    scores of the complete samples (mean over prompts; --reference self: the RM's own), and the share of prompts
+    whose best complete sample (by the reference) survives one rejection of the lowest alpha share at t. 95%
+    bootstrap intervals over prompts; every RM after the first also gets its paired difference from the first.
+    With --alpha-max, each RM's adaptive rejection schedule (common/search/methods.py, consistency_schedule)."""
     from common.rewards import load_rm, score, score_prefixes
-    from common.search.methods import make_method
+    from common.search.methods import consistency_schedule, make_method
 
     check_output_differs(args.output, args.generations)
     rows = read_candidates(args.generations)
     specs = [rm_spec(x) for x in args.rm]
-    check_prompt_overlap(rows, args.generations, [args.reference] + [p for _, p in specs], args.data_dir,
-                         args.allow_train_overlap)
+    own = args.reference == "self"
+    check_prompt_overlap(rows, args.generations, ([] if own else [args.reference]) + [p for _, p in specs],
+                         args.data_dir, args.allow_train_overlap)
     owners = [i for i, r in enumerate(rows) for _ in r["candidates"]]
     prompts = [rows[i]["prompt"] for i in owners]
     texts = [c for r in rows for c in r["candidates"]]
-    model, fmt = load_rm(args.reference, args.max_length, args.rm_format, device, dtype)
-    truth = np.array(score(model, fmt, prompts, texts, args.batch_size))
     sample_of = lambda n: f"row {rows[owners[n]]['id']!r}, a candidate"  # noqa: E731
-    require_finite_scores(truth, args.reference, sample_of)
-    truncated = {"reference": fmt.truncated}
+
+    def complete_scores(model, fmt, path):
+        scores = np.array(score(model, fmt, prompts, texts, args.batch_size))
+        require_finite_scores(scores, path, sample_of)
+        return scores
+
+    truncated = {}
+    if not own:
+        model, fmt = load_rm(args.reference, args.max_length, args.rm_format, device, dtype)
+        truth, truncated["reference"] = complete_scores(model, fmt, args.reference), fmt.truncated
     by_prompt = [np.array([j for j, o in enumerate(owners) if o == i]) for i in range(len(rows))]
     rejection = make_method("specrej", alpha=args.alpha)
     lengths = args.prefix_lengths
     result = {"generations": args.generations, "n_prompts": len(rows), "reference": args.reference,
-              "alpha": args.alpha, "prefix_lengths": lengths, "rms": {}}
+              "alpha": args.alpha, "alpha_max": args.alpha_max, "prefix_lengths": lengths, "rms": {}}
     first = None
     for name, path in specs:
         model, fmt = load_rm(path, args.max_length, args.rm_format, device, dtype)
+        if own:
+            truth = complete_scores(model, fmt, path)
         prefix = np.array(score_prefixes(model, fmt, prompts, texts, lengths, args.batch_size))  # [samples, t]
         require_finite_scores(prefix, path, lambda n: f"{sample_of(n // len(lengths))}, t={lengths[n % len(lengths)]}")
         truncated[name] = fmt.truncated
-        curve, taus, survives = [], [], []
-        for k, t in enumerate(lengths):
-            tau, alive = consistency_point(prefix[:, k], truth, by_prompt, rejection)
-            taus.append(tau)
-            survives.append(alive)
-            point = {"t": t, "kendall_tau": float(np.mean(tau)), "kendall_tau_ci95": bootstrap_ci(tau, args.seed),
-                     "best_survives": float(np.mean(alive)), "best_survives_ci95": bootstrap_ci(alive, args.seed)}
-            if first is not None:
-                point.update(diff_vs=first[0], kendall_tau_diff=float(np.mean(tau) - np.mean(first[1][k])),
-                             kendall_tau_diff_ci95=bootstrap_ci(tau, args.seed, paired_with=first[1][k]),
-                             best_survives_diff=float(np.mean(alive) - np.mean(first[2][k])),
-                             best_survives_diff_ci95=bootstrap_ci(alive, args.seed, paired_with=first[2][k]))
-            curve.append(point)
+        curve, taus, survives = consistency_curve(prefix, truth, by_prompt, rejection, lengths, args.seed, first)
         first = first or (name, taus, survives)
         result["rms"][name] = {"path": path, "curve": curve, "truncated_inputs": fmt.truncated}
+        if args.alpha_max is not None:
+            result["rms"][name]["alpha_schedule"] = consistency_schedule(curve, args.alpha_max)
         log.info("%s: %s", name, [(c["t"], round(c["kendall_tau"], 3), round(c["best_survives"], 3)) for c in curve])
     result["truncated_inputs"] = truncated
     write_json(args.output, result)

@@ -169,7 +169,14 @@ class Reference:
                 s["score"] = self.search_reward(p["prompt"], s["tokens"])
             if all(s["done"] for s in in_play):
                 break
-            keep = max(1, math.ceil(round((1 - alpha) * len(in_play), 9)))
+            depth = L * (len(kept) + 1)  # new tokens every sample in play has grown at this decision
+            if isinstance(alpha, str):  # a schedule: the alpha of the deepest listed t <= depth (else the first)
+                steps = [(int(t), float(a)) for t, a in (x.split(":") for x in alpha.split(","))]
+                at = [a for t, a in steps if t <= depth]
+                rate = at[-1] if at else steps[0][1]
+            else:
+                rate = alpha
+            keep = max(1, math.ceil(round((1 - rate) * len(in_play), 9)))
             ranked = sorted(in_play, key=lambda s: (-s["score"], s["lineage"]))
             dropped += [s for s in ranked[keep:] if s["done"]]
             in_play = sorted(ranked[:keep], key=lambda s: s["lineage"])

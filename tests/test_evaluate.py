@@ -455,6 +455,33 @@ def test_prefix_consistency_against_a_literal_computation(tmp_path, smol_tokeniz
             assert point["kendall_tau_ci95"][0] <= point["kendall_tau"] <= point["kendall_tau_ci95"][1]
     assert "kendall_tau_diff" in got["rms"]["SP-PRM"]["curve"][0]
 
+    # --reference self: each RM against its own complete scores, and the adaptive schedule alpha_max * clip(tau)
+    run_script("05_evaluate.py", "consistency", "--generations", gen, "--rm", f"ORM={orm}", "--rm", f"SP-PRM={prm}",
+               "--reference", "self", "--prefix-lengths", "1,3", "--alpha-max", "0.8", "--output", tmp_path / "s.json")
+    own = json.loads((tmp_path / "s.json").read_text())
+    for name, path in (("ORM", orm), ("SP-PRM", prm)):
+        tok = load_tokenizer(path)
+        model = load_reward_model(path, tokenizer=tok).eval()
+        fmt = RMFormat(tok, model)
+        taus = []
+        for t in (1, 3):
+            per_prompt = [kendalltau(score(model, fmt, [r["prompt"]] * 5, [fmt.cut(c, t) for c in r["candidates"]]),
+                                     score(model, fmt, [r["prompt"]] * 5, r["candidates"])).statistic for r in rows]
+            taus.append(np.mean([0.0 if math.isnan(x) else x for x in per_prompt]))
+        assert [c["kendall_tau"] for c in own["rms"][name]["curve"]] == pytest.approx(taus, abs=1e-6)
+        expected = ",".join(f"{t}:{round(0.8 * min(1, max(0, x)), 3):g}" for t, x in zip((1, 3), taus))
+        assert own["rms"][name]["alpha_schedule"] == expected
+    # 04 --alpha auto:FILE:RM decodes with that schedule and records it (not the file) as what acted
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"id": r["id"], "prompt": r["prompt"]} for r in rows[:2]])
+    from test_search import save_tiny_policy
+
+    policy = save_tiny_policy(tmp_path / "policy", smol_tokenizer)
+    run_script("04_decode.py", "--prompts", prompts, "--policy", policy, "--rm", prm, "--method", "specrej",
+               "--n", 4, "--decision-every", 1, "--alpha", f"auto:{tmp_path / 's.json'}:SP-PRM",
+               "--max-new-tokens", 3, "--output", tmp_path / "spec.jsonl")
+    decoded = [json.loads(line) for line in (tmp_path / "spec.jsonl").read_text().splitlines()]
+    assert {d["params"]["alpha"] for d in decoded} == {own["rms"]["SP-PRM"]["alpha_schedule"]}
+
 
 class RawServer:
     """Answers every connection with the same raw bytes (a broken HTTP reply), counting the requests."""

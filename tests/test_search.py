@@ -1,7 +1,10 @@
+import json
+import re
+
 import pytest
 import torch
 
-from common.search import Policy, RewardModel, Search
+from common.search import Policy, RewardModel, Search, make_method
 from conftest import tiny_config, tiny_rm
 from reference_search import Reference
 
@@ -271,6 +274,41 @@ def test_speculative_rejection_matches_reference(policy, decoder_rm, rm_path, ba
     for p, g in zip(PROMPTS, got):
         prefill = policy.tokenizer(p["prefill"], add_special_tokens=False).input_ids if p.get("prefill") else []
         assert g["stats"]["kept"] == ref.speculative_rejection(p, policy.fmt.prompt_ids(p["prompt"]), prefill)[1]
+
+
+@pytest.mark.parametrize("rm_path", ["cached", "text"])
+def test_speculative_rejection_with_an_alpha_schedule_matches_reference(policy, decoder_rm, rm_path):
+    """A schedule rejects by depth: 25% at t = 3 (before the first listed depth: its alpha), 75% from t = 6 on,
+    so 4 samples keep 3, then 1; the reference applies the schedule literally."""
+    got = check(policy, "specrej", decoder_rm, rm_path, 4, n=4, alpha="5:0.25,6:0.75", decision_every=3,
+                max_new_tokens=9, seed=3, temperature=0.8)
+    kept = [g["stats"]["kept"] for g in got]
+    assert all(k == [3, 1][:len(k)] for k in kept) and [3, 1] in kept, kept
+    constant = Search(policy, "specrej", decoder_rm, rm_path, n=4, alpha="0:0.5", decision_every=3,
+                      max_new_tokens=9, seed=3).run(PROMPTS)
+    fixed = Search(policy, "specrej", decoder_rm, rm_path, n=4, alpha=0.5, decision_every=3,
+                   max_new_tokens=9, seed=3).run(PROMPTS)
+    assert [c["tokens"] for c in constant] == [f["tokens"] for f in fixed]
+
+
+def test_alpha_auto_reads_the_schedule_calibrated_from_prefix_consistency(tmp_path):
+    """alpha(t) = alpha_max * clip(tau(t), 0, 1) from a consistency file; auto:FILE[:RM] records the schedule
+    itself; a bad schedule or file is one clear error."""
+    from common.search.methods import consistency_schedule
+
+    curve = [{"t": 16, "kendall_tau": 0.3}, {"t": 32, "kendall_tau": -0.2}, {"t": 64, "kendall_tau": 0.95}]
+    assert consistency_schedule(curve, 0.8) == "16:0.24,32:0,64:0.76"
+    calib = tmp_path / "consistency.json"
+    calib.write_text(json.dumps({"rms": {"ORM": {"alpha_schedule": "16:0.24,32:0,64:0.76"},
+                                         "SP-PRM": {"alpha_schedule": "16:0.5,64:0.9"}}}))
+    method = make_method("specrej", alpha=f"auto:{calib}:SP-PRM")
+    assert method.params()["alpha"] == "16:0.5,64:0.9"
+    assert [method.alpha_at(t) for t in (0, 16, 63, 64, 500)] == [0.5, 0.5, 0.5, 0.9, 0.9]
+    for bad, says in [(f"auto:{calib}", "name one"), (f"auto:{calib}:PRM", "no schedule for 'PRM'"),
+                      (f"auto:{tmp_path}/none.json", "not a readable consistency file"),
+                      ("16:0.5,8:0.6", "depths must increase"), ("16:1.5", "is not t:alpha"), (1.5, "not in [0, 1]")]:
+        with pytest.raises(ValueError, match=re.escape(says)):
+            make_method("specrej", alpha=bad)
 
 
 @pytest.mark.parametrize("rm_path", ["cached", "text"])

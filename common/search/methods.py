@@ -17,6 +17,7 @@ tests/reference_search.py.
 """
 import math
 from abc import ABC, abstractmethod
+from argparse import ArgumentTypeError
 from dataclasses import MISSING, dataclass, field, fields
 from typing import ClassVar
 
@@ -470,6 +471,67 @@ class CARDS(Sampled):
 
 # ------------------------------------------------------------------------------------------ speculative rejection
 
+def schedule_steps(text):
+    """[(t, alpha)] of a schedule 't:alpha,t:alpha,...' (t: new tokens, increasing; alpha in [0, 1])."""
+    steps = []
+    for part in text.split(","):
+        t, sep, a = part.partition(":")
+        try:
+            step = (int(t), float(a))
+        except ValueError:
+            step = None
+        if not sep or step is None or step[0] < 0 or not 0 <= step[1] <= 1:
+            raise ArgumentTypeError(f"alpha schedule {text!r}: {part!r} is not t:alpha (t new tokens, alpha in "
+                                    "[0, 1])")
+        if steps and step[0] <= steps[-1][0]:
+            raise ArgumentTypeError(f"alpha schedule {text!r}: depths must increase")
+        steps.append(step)
+    return steps
+
+
+def rejection_rate(value):
+    """Speculative rejection's alpha: a share in [0, 1] rejected at every decision point; a schedule
+    't:alpha,...' (a decision after d new tokens rejects the alpha of the largest t <= d, before the first t
+    the first alpha); or 'auto:FILE[:RM]', the schedule FILE (05_evaluate.py consistency --alpha-max) holds
+    for RM (the only one there if not named). Returns a float or the schedule's canonical text."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not 0 <= value <= 1:
+            raise ArgumentTypeError(f"alpha {value} is not in [0, 1]")
+        return float(value)
+    if ":" not in value:
+        return fraction(value)
+    if value.startswith("auto:"):
+        value = calibrated_schedule(value[len("auto:"):])
+    return ",".join(f"{t}:{a:g}" for t, a in schedule_steps(value))
+
+
+def calibrated_schedule(spec):
+    """The schedule a consistency file holds for one RM: FILE (its only schedule) or FILE:RM."""
+    import json
+
+    path, rm = (spec, "") if spec.endswith(".json") or ":" not in spec else spec.rsplit(":", 1)
+    try:
+        with open(path) as f:
+            rms = json.load(f)["rms"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ArgumentTypeError(f"alpha auto:{spec}: {path} is not a readable consistency file ({e})") from None
+    named = {name: entry["alpha_schedule"] for name, entry in rms.items() if entry.get("alpha_schedule")}
+    if rm and rm not in named:
+        raise ArgumentTypeError(f"alpha auto:{spec}: {path} holds no schedule for {rm!r} (it has {sorted(named)})")
+    if not rm and len(named) != 1:
+        raise ArgumentTypeError(f"alpha auto:{spec}: {path} holds {len(named)} schedules {sorted(named)}; "
+                                "name one (auto:FILE:RM)")
+    return named[rm] if rm else next(iter(named.values()))
+
+
+def consistency_schedule(curve, alpha_max):
+    """The adaptive rule: at each measured depth t, reject alpha_max * clip(tau(t), 0, 1), where tau(t) is the
+    RM's prefix consistency there (Kendall's tau between its scores of the first t tokens and the complete
+    samples' scores, `05_evaluate.py consistency`): little where the prefix ranking says little, up to
+    alpha_max where it ranks as the end does. curve: [{"t", "kendall_tau"}] by increasing t."""
+    return ",".join(f"{c['t']}:{round(alpha_max * min(1.0, max(0.0, c['kendall_tau'])), 3):g}" for c in curve)
+
+
 @register
 @dataclass
 class SpeculativeRejection(BestOfN):
@@ -477,17 +539,33 @@ class SpeculativeRejection(BestOfN):
     N samples, but every L new tokens the m samples still in play are ranked by the RM's current score (a live
     sample by its prefix, a finished one by its final score) and only the top ceil((1 - alpha) m) go on (at
     least one); the answer is the best finished sample. Sample j draws the tokens of Best-of-N's sample j, so
-    with alpha 0 it is Best-of-N."""
+    with alpha 0 it is Best-of-N. alpha may change with depth (a schedule, `rejection_rate`): the authors note
+    that a fixed rate is suboptimal where the RM's prefix ranking is unreliable early."""
     name = "specrej"
     serves = True
-    alpha: float = knob(0.5, fraction, "share of the samples in play rejected at each decision point")
+    alpha: float = knob(0.5, rejection_rate, "share of the samples in play rejected at each decision point: a "
+                        "number in [0, 1], a schedule 't:alpha,...' (t: new tokens), or auto:FILE[:RM] (the "
+                        "schedule `05_evaluate.py consistency --alpha-max` wrote)")
     decision_every: int = knob(32, positive_int, "new tokens L between decision points")
+
+    def __post_init__(self):
+        try:  # a schedule from a file is recorded as the schedule that acts
+            self.alpha = rejection_rate(self.alpha)
+        except ArgumentTypeError as e:
+            raise ValueError(str(e)) from None
 
     def decision_points(self, L):
         return range(self.decision_every, L, self.decision_every)
 
-    def kept(self, m):
-        return max(1, math.ceil(round((1 - self.alpha) * m, 9)))
+    def alpha_at(self, depth):
+        """The share rejected at a decision after `depth` new tokens."""
+        if not isinstance(self.alpha, str):
+            return self.alpha
+        steps = schedule_steps(self.alpha)
+        return next((a for t, a in reversed(steps) if t <= depth), steps[0][1])
+
+    def kept(self, m, depth=0):
+        return max(1, math.ceil(round((1 - self.alpha_at(depth)) * m, 9)))
 
     def start(self, rows):
         return {"kept": [[] for _ in rows]}
@@ -501,7 +579,8 @@ class SpeculativeRejection(BestOfN):
             in_play = [j for j in range(self.n) if not partial.dropped[i][j]]
             if all(partial.done[i][j] for j in in_play):  # nothing left to decide
                 continue
-            keep = self.kept(len(in_play))
+            depth = max(len(partial.chains[i][j]) for j in in_play if not partial.done[i][j])
+            keep = self.kept(len(in_play), depth)
             ranked = sorted(in_play, key=lambda j: (-scores[i][j], j))
             stop += [(i, j) for j in ranked[keep:]]
             batch.state["kept"][r.prompt].append(keep)
