@@ -323,6 +323,8 @@ def run_metrics(args, device, dtype):
             run.out[key], run.out[f"{key}_ci95"] = mean_with_ci(v, args.seed)
     # what the generations cost: totals, and the mean per response (the same counts for every method)
     stats = [r.get("stats") or {} for r in rows]
+    for pr, st in zip(run.per_row, stats):  # per prompt too: intervals of compute (reproduce's reach ratio)
+        pr.update({k: st[k] for k in COMPUTE if isinstance(st.get(k), (int, float))})
     run.out["compute"] = {k: float(sum(s.get(k, 0) or 0 for s in stats)) for k in COMPUTE}
     run.out["compute_per_response"] = {k: v / len(rows) for k, v in run.out["compute"].items()}
     peaks = [s["peak_memory_mb"] for s in stats if isinstance(s.get("peak_memory_mb"), (int, float))]

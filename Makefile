@@ -1,4 +1,4 @@
-# SP-PRM: make setup | make demo | make test | make test-e2e | make test-slow | make test-gpu | make gpu-check | make bench | make data | make reproduce | make tables | make table5 | make specrej | make parity | make setup-vllm | make test-vllm
+# SP-PRM: make setup | make demo | make test | make test-e2e | make test-slow | make test-gpu | make gpu-check | make bench | make data | make reproduce | make tables | make table5 | make specrej | make payoff | make parity | make setup-vllm | make test-vllm
 PYTHON ?= python3
 # TORCH=cuda: the same torch version, built for CUDA (from TORCH_INDEX), for a GPU box. PyTorch builds the pinned
 # torch for CUDA 12.6 (cu126: NVIDIA driver 525.60 or newer, the default here) and CUDA 13.0 (cu130: driver 580
@@ -21,7 +21,7 @@ REQUIRE_CUDA := $(PY) -c "import sys, torch; torch.cuda.is_available() or sys.ex
 (CUDA {torch.version.cuda}) sees no GPU: this needs a CUDA device, a driver for that CUDA and make setup TORCH=cuda'); \
 print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'on', torch.cuda.get_device_name(0))"
 
-.PHONY: setup demo reproduce tables table5 specrej parity test test-e2e test-slow test-gpu gpu-check bench data clean-demo setup-vllm test-vllm
+.PHONY: setup demo reproduce tables table5 specrej payoff parity test test-e2e test-slow test-gpu gpu-check bench data clean-demo setup-vllm test-vllm
 
 setup: $(STAMP)
 
@@ -59,6 +59,12 @@ tables: setup
 # Best-of-N against speculative rejection guided by the ORM and by the SP-PRM, on make reproduce's RMs
 specrej: setup
 	$(PY) reproduce.py --scale $(SCALE) --part specrej --out $(OUT)
+
+# What a process RM buys: Best-of-N against speculative rejection at 128 new tokens with decoder RMs of its own
+# (SmolLM2's lower layers, scored on the cached path), fixed and adaptive (calibrated) rejection, reward against
+# compute and the compute at which rejection reaches Best-of-16's reward
+payoff: setup
+	$(PY) reproduce.py --scale $(SCALE) --part payoff --out $(OUT)
 
 # Paper Table 5: SST against TLT at the same number of partial pairs, from make reproduce's ORM and reference
 table5: setup

@@ -42,13 +42,22 @@ from common.pipeline import Pipeline
 
 @dataclass(frozen=True)
 class Specrej:
-    """make specrej: Best-of-N at each N against speculative rejection at the same N and each alpha."""
+    """make specrej: Best-of-N at each N against speculative rejection at each N and alpha, guided by make
+    reproduce's ORM and SP-PRM. make payoff: the same at long replies with decoder RMs of its own (rm_init)."""
     prompts: int = None
-    ns: tuple = (4, 8, 16)
-    alphas: tuple = (0.5, 0.75)
+    ns: tuple = (4, 8, 16)                   # Best-of-N's N (the largest: the yardstick run)
+    alphas: tuple = (0.5, 0.75)              # a share, or "auto": the schedule calibrated on other prompts
     new_tokens: int = 32
     decision_every: int = 8
     prefix_lengths: tuple = (4, 8, 16, 24)   # RM tokens at which prefix consistency is measured
+    specrej_ns: tuple = None                 # speculative rejection's N (None: ns)
+    rm_init: str = None                      # decoder RMs of the part's own from this backbone (None: make
+    rm_pairs: int = None                     # reproduce's RMs); their train pairs, SST's K and 03's --lr
+    sst_k: int = 5
+    rm_lr: float = None
+    alpha_max: float = 0.8                   # "auto": alpha(t) = alpha_max * clip(tau(t), 0, 1)
+    calibration_prompts: int = 16            # "auto": held-out prompts after the decoded ones
+    target_n: int = None                     # the Best-of-N every run is measured against (None: the largest)
 
 
 @dataclass(frozen=True)
@@ -103,6 +112,7 @@ class Scale:
     sweep_w: tuple = ()           # ARGS w run beyond search["argsg"]["w"]
     tables: Tables = None         # None: the scale has no tables part
     table5: Table5 = None         # None: the scale has no table5 part
+    payoff: Specrej = None        # None: the scale has no payoff part
     device: str = None            # every model stage's --device (None: each stage's auto)
     reward_norm: str = "std"      # 04's --reward-norm of every guided run (w is in its units)
     rm_batch: dict = None         # "encoder"/"decoder" -> 03's batch settings (the paper's batch)
@@ -115,6 +125,13 @@ CPU = Scale(seeds=(0, 1, 2), orm_pairs=None, eval_pairs=None, references=("minil
             methods=("argsg", "cbs", "bon"),
             search={"argsg": {"k": 5, "w": 10.0}, "cbs": {"beam": 2, "successors": 2, "chunk": 8}, "bon": {"n": 4}},
             prefix_lengths=(5, 10, 15, 20, 30, 40, 50), specrej=Specrej(prompts=64),
+            # What a process RM buys at replies long enough for rejection to pay: decoder RMs on SmolLM2-135M's
+            # lower 6 layers (the full model trains at about 1 pair/s here: hours), which share the policy's
+            # tokenizer, so a prefix costs its new tokens. Said before running: held-out accuracy under 0.56 is
+            # too weak to rank, and the part then falls back to the MiniLM RMs (rm_init=None).
+            payoff=Specrej(prompts=64, ns=(4, 8, 16, 32), specrej_ns=(16, 32), alphas=(0.5, "auto"), new_tokens=128,
+                           decision_every=16, prefix_lengths=(16, 32, 64, 96), rm_init="smollm2-135m-l6",
+                           rm_pairs=1000, rm_lr=2e-5, calibration_prompts=16, target_n=16),
             # Table 1 sized by power: at 16 prompts its SP-PRM minus ORM differences had 95% half-widths up to 0.15
             # (ARGS 0.150, CARDS 0.152, TBS 0.090, CBS 0.086, BoN 0.02; docs/tables-results.md); a half-width shrinks
             # as 1/sqrt(n), so +-0.05 needs n = 16 * (h / 0.05)^2 = 148 prompts for the widest. The held-out prompts no
@@ -127,7 +144,7 @@ CPU = Scale(seeds=(0, 1, 2), orm_pairs=None, eval_pairs=None, references=("minil
 # the pipeline end to end in minutes; its numbers show it working, not the method's effect
 DEMO = replace(CPU, seeds=(0,), orm_pairs=128, eval_pairs=64, references=("minilm-pairs",), reference_pairs=320,
                sst_k=5, sst_pairs=48, variants=("entropy",), max_length=128, prompts=8, new_tokens=24,
-               methods=("argsg", "bon"), prefix_lengths=(5, 10, 20, 50), tables=None, table5=None,
+               methods=("argsg", "bon"), prefix_lengths=(5, 10, 20, 50), tables=None, table5=None, payoff=None,
                specrej=Specrej(prompts=3, ns=(2, 4), alphas=(0.5,), new_tokens=8, decision_every=2,
                                prefix_lengths=(2, 4)))
 # a few minutes, to try the cpu pipeline end to end (numbers meaningless)
@@ -139,18 +156,25 @@ SMOKE = replace(CPU, seeds=(0, 1), orm_pairs=48, eval_pairs=32, references=(), s
                                 prefix_lengths=(2, 4)),
                 tables=Tables(prompts=2, new_tokens=4, bon_ns=(2, 3), cards=CARDS_SMALL,
                               gsm8k=GSM8K(orm_pairs=24, reference_pairs=48, prompts=2, new_tokens=6)),
-                table5=Table5(pairs=8, sst_k=2, prompts=2, new_tokens=4))
+                table5=Table5(pairs=8, sst_k=2, prompts=2, new_tokens=4),
+                payoff=Specrej(prompts=2, ns=(2, 4), specrej_ns=(4,), alphas=(0.5, "auto"), new_tokens=6,
+                               decision_every=2, prefix_lengths=(2, 4), rm_init="smollm2-135m-l6", rm_pairs=8,
+                               sst_k=2, calibration_prompts=2))
 # one GPU (untested on a GPU; docs/gpu.md counts its work): all held-out prompts, the paper's search settings,
 # a SmolLM2 reference
 PAPER_SEARCH = {"argsg": {"k": 30, "w": 1.5}, "cbs": {"beam": 8, "successors": 8, "chunk": 30}, "bon": {"n": 16}}
 GPU = replace(CPU, device="cuda", references=("smollm2",), sst_k=5, prompts=None, new_tokens=128, batch_size=32,
               search=PAPER_SEARCH, specrej=Specrej(new_tokens=128, decision_every=32, prefix_lengths=(8, 16, 32, 64)),
-              tables=Tables(gsm8k=GSM8K(reference_epochs=3)), table5=Table5(new_tokens=128))
+              tables=Tables(gsm8k=GSM8K(reference_epochs=3)), table5=Table5(new_tokens=128),
+              # the payoff at the speculative-rejection authors' lengths, with decoder RMs on the full SmolLM2-135M
+              payoff=Specrej(prompts=256, ns=(4, 8, 16, 32), specrej_ns=(16, 32), alphas=(0.5, "auto"),
+                             new_tokens=1024, decision_every=128, prefix_lengths=(128, 256, 512, 768),
+                             rm_init="smollm2-135m-instruct", calibration_prompts=32, target_n=16))
 # the gpu scale's stages at a size the CPU runs in minutes (tests/test_reproduce.py; numbers meaningless)
 GPU_SMOKE = replace(GPU, device=None, seeds=(0, 1), orm_pairs=24, eval_pairs=16, sst_pairs=24, prompts=3,
                     new_tokens=6, batch_size=4, search={"argsg": {"k": 3, "w": 1.5},
                                                         "cbs": {"beam": 2, "successors": 2, "chunk": 3}, "bon": {"n": 2}},
-                    prefix_lengths=(5, 10), tables=None, table5=None, specrej=SMOKE.specrej)
+                    prefix_lengths=(5, 10), tables=None, table5=None, specrej=SMOKE.specrej, payoff=SMOKE.payoff)
 # the uncut sizes with the paper's search settings: w = 1.5 on the RMs' raw scale, the paper's training batch
 # (its Tables 10 and 11: 64 pairs for an encoder RM, 32 for a decoder RM, through gradient accumulation)
 FULL = replace(GPU, reward_norm="none", rm_batch={"encoder": {"batch_size": 8, "grad_accum": 8},
@@ -174,7 +198,9 @@ def main():
                         "method row and the +Ablation rows, Table 3 (AdvBench) and Table 4 (GSM8K, its own RMs), at "
                         "the scale's `tables` sizes (make tables); specrej: Best-of-N against speculative rejection "
                         "guided by the ORM and by the SP-PRM (the same RMs; make specrej); table5: SST against TLT "
-                        "at the same size, from the same ORM and reference (paper Table 5; make table5)")
+                        "at the same size, from the same ORM and reference (paper Table 5; make table5); payoff: "
+                        "Best-of-N against speculative rejection at long replies with decoder RMs of its own and "
+                        "adaptive rejection, reward against compute (make payoff)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", choices=DEVICES, default=None,
                    help="every model stage's --device (default: the scale's: cuda for gpu and full, which then "
@@ -182,7 +208,7 @@ def main():
     args = p.parse_args()
     s, out, data = SCALES[args.scale], args.out, args.data_dir
     if args.part == "tables" and (s.tables is None or "uniform" not in s.variants) or \
-            args.part == "table5" and s.table5 is None:
+            args.part in ("table5", "payoff") and getattr(s, args.part) is None:
         print(f"error: the {args.scale} scale has no {args.part} part (its sizes or the ablation RM)", file=sys.stderr)
         return 2
     os.makedirs(f"{out}/{'' if args.part == 'table1' else args.part}", exist_ok=True)
@@ -193,8 +219,10 @@ def main():
     pipeline.run_stages(experiment.reference_stages(s, out, data))
     choice = reports.read_json(f"{out}/reference.json")
     print(f"reference RM: {choice['name']} ({choice['path']}), held-out accuracy {choice['accuracy']:.3f}")
-    # the specrej part needs only the SP-PRM, the tables part the SP-PRM and the ablation, table5 its own RMs
-    schemes = {"table1": s.variants, "tables": s.variants[:2], "specrej": s.variants[:1], "table5": ()}[args.part]
+    # the specrej part needs only the SP-PRM, the tables part the SP-PRM and the ablation, table5 its own RMs,
+    # payoff its own and the SP-PRM beside them
+    schemes = {"table1": s.variants, "tables": s.variants[:2], "specrej": s.variants[:1], "table5": (),
+               "payoff": s.variants[:1]}[args.part]
     pipeline.run_stages(experiment.variant_stages(s, out, data, schemes, choice["path"]))
     part, report = experiment.PARTS[args.part]
     pipeline.run_stages(part(s, out, data, choice))

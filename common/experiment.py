@@ -207,58 +207,128 @@ def table_methods(s):
     return rows + [(f"bon{n}", f"BoN-{n}", ("bon", {"n": n})) for n in s.tables.bon_ns]
 
 
-def specrej_part(s, out, data, choice):
-    """Best-of-N at each N and speculative rejection at the same N and each alpha, each guided by the ORM and by
-    the SP-PRM; the prefix consistency of both RMs on Best-of-N's largest sample set; each run against the
-    largest Best-of-N guided by the same RM, and the ORM-rejector against the SP-PRM-rejector."""
-    x, d = s.specrej, f"{out}/specrej"
-    orm, sp, n_max = f"{out}/orm_s{s.seeds[0]}", f"{out}/sp-prm", max(x.ns)
+def specrej_part(s, out, data, choice, name="specrej"):
+    """Best-of-N at each N and speculative rejection at each of its N and alpha, each guided by the ORM and by
+    the SP-PRM (make reproduce's, or with `rm_init` decoder RMs of the part's own); "auto" alphas take the
+    schedule calibrated on other held-out prompts; the prefix consistency of both RMs on Best-of-N's largest
+    sample set; each run against the target Best-of-N guided by the same RM, and the ORM-rejector against the
+    SP-PRM-rejector. name: the scale's field and the folder (specrej, payoff)."""
+    x, d = getattr(s, name), f"{out}/{name}"
+    n_max = max(x.ns)
+    if x.rm_init:
+        stages, guides = decoder_rm_stages(s, x, d, out, data, choice["path"], name)
+    else:
+        stages, guides = [], {"orm": f"{out}/orm_s{s.seeds[0]}", "sp-prm": f"{out}/sp-prm"}
     held_out = dict(prompts="hh-rlhf:heldout", limit=x.prompts, max_new_tokens=x.new_tokens, data_dir=data)
     views = dict(yardsticks(s, choice["path"], [], choice["independent"]), metrics="reward,length")
-    stages, runs, guides = [], specrej_runs(s, d), {"orm": orm, "sp-prm": sp}
+    runs = specrej_runs(x, d)
+    if "auto" in x.alphas:
+        stages += calibration_stages(s, x, d, guides, data, name)
     for family, n, alpha, tag, rm_label, m in runs:
         rm = rm_label.lower()
         gen = f"{d}/gen_{tag}_{rm}.jsonl"
-        method = ("bon", {"n": n}) if alpha is None else \
-            ("specrej", {"n": n, "alpha": alpha, "decision_every": x.decision_every})
-        stages += [decode(f"specrej-decode-{tag}-{rm}", gen, s, method=method, rm=guides[rm],
-                          save_candidates=alpha is None and n == n_max or None, **held_out),
-                   Stage("05_evaluate.py metrics", m, name=f"specrej-eval-{tag}-{rm}", settings=dict(
-                       **views, generations=gen, label=f"{family}, N={n} ({rm_label})"))]
-    stages.append(Stage("05_evaluate.py consistency", f"{d}/consistency.json", name="specrej-consistency",
-                        settings=dict(generations=f"{d}/gen_bon{n_max}_orm.jsonl", rm=(f"SP-PRM={sp}", f"ORM={orm}"),
+        run = partial(decode, f"{name}-decode-{tag}-{rm}", gen, s, rm=guides[rm],
+                      save_candidates=alpha is None and n == n_max or None, **held_out)
+        if alpha is None:
+            stages.append(run(method=("bon", {"n": n})))
+        elif alpha == "auto":  # built when the calibration exists: its command line spells the schedule
+            stages.append(partial(calibrated_run, run, n, x.decision_every, f"{d}/calibration.json:{rm_label}"))
+        else:
+            stages.append(run(method=("specrej", {"n": n, "alpha": alpha, "decision_every": x.decision_every})))
+        stages.append(Stage("05_evaluate.py metrics", m, name=f"{name}-eval-{tag}-{rm}", settings=dict(
+            **views, generations=gen, label=f"{family}, N={n} ({rm_label})")))
+    stages.append(Stage("05_evaluate.py consistency", f"{d}/consistency.json", name=f"{name}-consistency",
+                        settings=dict(generations=f"{d}/gen_bon{n_max}_orm.jsonl",
+                                      rm=(f"SP-PRM={guides['sp-prm']}", f"ORM={guides['orm']}"),
                                       reference=choice["path"], prefix_lengths=commas(x.prefix_lengths),
-                                      alpha=x.alphas[0], max_length=s.max_length)))
+                                      alpha=next((a for a in x.alphas if a != "auto"), 0.5),
+                                      max_length=s.max_length)))
     for *_, tag, rm_label, m in runs:
         if rm_label == "ORM":  # the ORM-rejector minus the SP-PRM-rejector, paired over prompts
             stages.append(compare(m, m.replace("_orm.json", "_sp-prm.json"), f"{d}/compare_{tag}.json"))
-    for rm in ("orm", "sp-prm"):  # every run against the largest Best-of-N guided by the same RM
-        bon = f"{d}/metrics_bon{n_max}_{rm}.json"
+    for rm in ("orm", "sp-prm"):  # every run against the target Best-of-N guided by the same RM
+        bon = f"{d}/metrics_bon{x.target_n or n_max}_{rm}.json"
         stages += [compare(m, bon, m.replace("metrics_", "vs_bon_")) for *_, m in runs
                    if m.endswith(f"_{rm}.json") and m != bon]
     return stages
 
 
-def specrej_runs(s, d):
-    """(family, N, alpha, tag, guide label, metrics file) of every run of the specrej part."""
-    x = s.specrej
-    settings = [("Best-of-N", n, None) for n in x.ns] + [(f"specrej alpha={a:g}", n, a) for a in x.alphas for n in x.ns]
+def calibrated_run(run, n, decision_every, calibration):
+    """The decode stage of speculative rejection with the schedule CALIBRATION (FILE:RM) holds."""
+    from common.search.methods import calibrated_schedule
+
+    schedule = calibrated_schedule(calibration)
+    return [run(method=("specrej", {"n": n, "alpha": schedule, "decision_every": decision_every}))]
+
+
+def decoder_rm_stages(s, x, d, out, data, reference, name):
+    """Decoder RMs of the part's own from `x.rm_init` (sharing the policy's tokenizer, so the engine scores
+    prefixes on its cached path): an ORM, its SP-PRM (SST cuts, the reference's entropy weights) and its
+    ablation (uniform weights), each variant trained from that ORM; their agreement curves beside make
+    reproduce's MiniLM ORM and SP-PRM and the reference."""
+    decoder = dict(kind="decoder", save_steps=50, **({"lr": x.rm_lr} if x.rm_lr else {}))
+    orm, rms = f"{d}/orm", {"sp-prm": f"{d}/sp-prm", "orm": f"{d}/orm", "ablation": f"{d}/ablation"}
+    stages = [train(f"{name}-orm", orm, x.rm_init, "hh-rlhf:train", s, data, seed=s.seeds[0], limit=x.rm_pairs,
+                    **decoder),
+              Stage("01_build_partial.py", f"{d}/sst.jsonl", name=f"{name}-sst", settings=dict(
+                  input="hh-rlhf:train", tokenizer=x.rm_init, truncation="sst", K=x.sst_k, limit=x.rm_pairs,
+                  data_dir=data))]
+    for scheme, variant in (("entropy", "sp-prm"), ("uniform", "ablation")):
+        weighted = f"{d}/weighted_{scheme}.jsonl"
+        stages += [partial(seed_cache, f"{d}/weighted_entropy.jsonl.scores.jsonl", weighted + ".scores.jsonl"),
+                   Stage("02_weight.py", weighted, name=f"{name}-weight-{scheme}", settings=dict(
+                       input=f"{d}/sst.jsonl", ref_rm=reference, scheme=scheme, max_length=s.max_length,
+                       resume=True)),
+                   train(f"{name}-{variant}", rms[variant], orm, weighted, s, data, **decoder)]
+    labels = {"sp-prm": "SP-PRM", "orm": "ORM", "ablation": "Ablation"}
+    stages.append(Stage("05_evaluate.py agreement", f"{d}/agreement.json", name=f"{name}-agreement", settings=dict(
+        pairs="hh-rlhf:heldout", rm=(*(f"{labels[k]} ({x.rm_init})={p}" for k, p in rms.items()),
+                                     f"SP-PRM (minilm-l6)={out}/sp-prm", f"ORM (minilm-l6)={out}/orm_s{s.seeds[0]}",
+                                     f"Reference={reference}"),
+        prefix_lengths=commas(s.prefix_lengths), max_length=s.max_length, limit=s.eval_pairs, data_dir=data)))
+    return stages, {"orm": orm, "sp-prm": rms["sp-prm"]}
+
+
+def calibration_stages(s, x, d, guides, data, name):
+    """The adaptive rule's calibration, on held-out prompts after the decoded ones: Best-of-N's largest sample
+    set there, and each rejector's consistency with its own final ranking at the decision points, turned into
+    its schedule alpha(t) = alpha_max * clip(tau(t), 0, 1) (05 consistency --reference self --alpha-max)."""
+    n_max, gen = max(x.ns), f"{d}/calibration_bon.jsonl"
+    depths = list(range(x.decision_every, x.new_tokens, x.decision_every))
+    return [decode(f"{name}-calibration-decode", gen, s, method=("bon", {"n": n_max}), rm=guides["orm"],
+                   save_candidates=True, prompts="hh-rlhf:heldout", offset=x.prompts, limit=x.calibration_prompts,
+                   max_new_tokens=x.new_tokens, data_dir=data),
+            Stage("05_evaluate.py consistency", f"{d}/calibration.json", name=f"{name}-calibration", settings=dict(
+                generations=gen, rm=(f"ORM={guides['orm']}", f"SP-PRM={guides['sp-prm']}"), reference="self",
+                prefix_lengths=commas(depths), alpha_max=x.alpha_max, max_length=s.max_length))]
+
+
+def specrej_runs(x, d):
+    """(family, N, alpha, tag, guide label, metrics file) of every run of a specrej part (x: its settings)."""
+    settings = [("Best-of-N", n, None) for n in x.ns] + \
+        [(f"specrej alpha={a:g}" if a != "auto" else "specrej alpha=auto", n, a)
+         for a in x.alphas for n in (x.specrej_ns or x.ns)]
     return [(family, n, alpha, tag, label, f"{d}/metrics_{tag}_{label.lower()}.json")
             for label in ("ORM", "SP-PRM") for family, n, alpha in settings
-            for tag in [f"bon{n}" if alpha is None else f"specrej{n}_a{alpha:g}"]]
+            for tag in [f"bon{n}" if alpha is None else f"specrej{n}_a{alpha if alpha == 'auto' else f'{alpha:g}'}"]]
 
 
-def specrej_report(s, scale_name, out, pipeline):
+def specrej_report(s, scale_name, out, pipeline, name="specrej"):
     from common.figures import plot_consistency, plot_reward_vs_compute
     from common.io import write_json
 
-    d = f"{out}/specrej"
-    points = reports.specrej_points(specrej_runs(s, d))
+    x, d = getattr(s, name), f"{out}/{name}"
+    points = reports.specrej_points(specrej_runs(x, d))
     write_json(f"{d}/points.json", points)  # the figure's input, for notebooks/figures.ipynb
     consistency = reports.read_json(f"{d}/consistency.json")
-    figures = [plot_reward_vs_compute(points, d), plot_consistency(consistency, d)]
-    reports.write(f"{d}/results_specrej.md",
-                  reports.specrej_markdown(scale_name, out, points, consistency, figures, pipeline.costs()))
+    reach = reports.reach_ratios(points, x.target_n or max(x.ns))
+    write_json(f"{d}/reach.json", reach)
+    figures = [plot_reward_vs_compute(points, d, yardstick=y, x=c, name=f"{name}_{y}_vs_{c}.png")
+               for y in ("independent", "reference") if y in reach for c in ("compute", "seconds")]
+    figures.append(plot_consistency(consistency, d))
+    reports.write(f"{d}/results_{name}.md", reports.specrej_markdown(
+        scale_name, out, points, consistency, figures, pipeline.costs(), reach=reach, part=name,
+        calibration=reports.read_json(f"{d}/calibration.json") if "auto" in x.alphas else None))
 
 
 def tables_report(s, scale_name, out, pipeline):
@@ -307,7 +377,8 @@ def table5_report(s, scale_name, out, pipeline):
 
 
 PARTS = {"table1": (table1_part, table1_report), "tables": (tables_part, tables_report),
-         "specrej": (specrej_part, specrej_report), "table5": (table5_part, table5_report)}
+         "specrej": (specrej_part, specrej_report), "table5": (table5_part, table5_report),
+         "payoff": (partial(specrej_part, name="payoff"), partial(specrej_report, name="payoff"))}
 
 
 def choose_reference(argv):

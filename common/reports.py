@@ -40,7 +40,7 @@ def prompts_for_half_width(ci, n, target=0.05):
     return max(1, math.ceil(n * ((ci[1] - ci[0]) / 2 / target) ** 2))
 
 
-def reach(ci):
+def reach_words(ci):
     """Whether a paired difference from the reference run is below it, above it, or cannot be told apart."""
     return "below" if ci[1] < 0 else "above" if ci[0] > 0 else "cannot be told apart"
 
@@ -324,44 +324,124 @@ def table5_markdown(scale_name, out, figures, costs):
 
 # ------------------------------------------------------------------------------------------ make specrej
 
-def specrej_markdown(scale_name, out, points, consistency, figures, costs):
-    """specrej/results_specrej.md: Best-of-N against speculative rejection, each guided by the ORM and the SP-PRM."""
+def specrej_markdown(scale_name, out, points, consistency, figures, costs, reach=None, part="specrej",
+                     calibration=None):
+    """PART/results_PART.md: Best-of-N against speculative rejection, each guided by the ORM and the SP-PRM; with
+    `reach` (reach_ratios), the compute at which each rejector reaches its Best-of-N's reward first."""
     n_max = max(p["n"] for p in points)
+    target_n = reach["target_n"] if reach else n_max
     params = generation_params(next(p["file"] for p in points if p["alpha"] is not None))
     vs_bon = {p["file"]: read_json(p["file"].replace("metrics_", "vs_bon_"))["metrics"]["reward"]
               for p in points if os.path.exists(p["file"].replace("metrics_", "vs_bon_"))}
-    lines = [f"Made by `python reproduce.py --scale {scale_name} --part specrej --out {out}`: "
+    lines = [f"Made by `python reproduce.py --scale {scale_name} --part {part} --out {out}`: "
              f"{consistency['n_prompts']} held-out prompts, {params['max_new_tokens']} new tokens, a decision every "
              f"{params['decision_every']} tokens, {reward_norm_words([params], flag=False)}. Reward = the "
              "reference RM's score; Independent = an RM that shaped nothing. Compute = policy + RM tokens computed "
-             "per reply. Every interval is a 95% bootstrap interval over prompts.", "",
-             "| run | guided by | compute | reward (reference) | reward (independent) | reward - Best-of-"
-             f"{n_max} (same RM, paired) |", "|---|---|---|---|---|---|"]
+             "per reply. Every interval is a 95% bootstrap interval over prompts.", ""]
+    lines += reach_section(reach) if reach else []
+    lines += calibration_section(calibration) if calibration else []
+    lines += ["| run | guided by | compute | seconds | reward (reference) | reward (independent) | reward - "
+              f"Best-of-{target_n} (same RM, paired) |", "|---|---|---|---|---|---|---|"]
     for p in sorted(points, key=lambda p: (p["rm"], p["family"], p["n"])):
         d = vs_bon.get(p["file"])
-        lines.append(f"| {p['family']}, N={p['n']} | {p['rm']} | {p['compute']:.0f} | "
+        lines.append(f"| {p['family']}, N={p['n']} | {p['rm']} | {p['compute']:.0f} | {p['seconds']:.2f} | "
                      f"{fmt_ci(p['reward_mean'], p['reward_mean_ci95'], digits=4)} | "
                      + (fmt_ci(p["independent"], p["independent_ci95"], digits=4) if p["independent"] is not None
                         else "-") + " | "
-                     + (fmt_ci(d["diff"], d["diff_ci95"], digits=4) + f": {reach(d['diff_ci95'])}" if d else "-")
+                     + (fmt_ci(d["diff"], d["diff_ci95"], digits=4) + f": {reach_words(d['diff_ci95'])}" if d else "-")
                      + " |")
-    lines += ["", f"Compute needed to reach Best-of-{n_max}'s reward (the cheapest run whose paired difference "
-                  f"from Best-of-{n_max} guided by the same RM is not below zero):", ""]
+    lines += ["", f"Compute needed to reach Best-of-{target_n}'s reward (the cheapest run whose paired difference "
+                  f"from Best-of-{target_n} guided by the same RM, by the reference RM, is not below zero):", ""]
     for rm in ("ORM", "SP-PRM"):
-        full = next(p for p in points if p["rm"] == rm and p["n"] == n_max and p["alpha"] is None)
+        full = next(p for p in points if p["rm"] == rm and p["n"] == target_n and p["alpha"] is None)
         ok = [p for p in points if p["rm"] == rm and (p is full or (
-            p["file"] in vs_bon and reach(vs_bon[p["file"]]["diff_ci95"]) != "below"))]
+            p["file"] in vs_bon and reach_words(vs_bon[p["file"]]["diff_ci95"]) != "below"))]
         best = min(ok, key=lambda p: p["compute"])
         lines.append(f"- rejector {rm}: {best['family']}, N={best['n']}: {best['compute']:.0f} tokens per reply, "
-                     f"{best['compute'] / full['compute']:.2f}x Best-of-{n_max}'s {full['compute']:.0f}.")
+                     f"{best['compute'] / full['compute']:.2f}x Best-of-{target_n}'s {full['compute']:.0f}.")
     lines += ["", "ORM-rejector minus SP-PRM-rejector reward (reference RM), paired over prompts:", ""]
     for p in sorted((p for p in points if p["rm"] == "ORM"), key=lambda p: (p["family"], p["n"])):
         d = read_json(p["file"].replace("metrics_", "compare_").replace("_orm.json", ".json"))["metrics"]["reward"]
         lines.append(f"- {p['family']}, N={p['n']}: {fmt_ci(d['diff'], d['diff_ci95'], digits=4)}: "
                      f"{higher(d['diff_ci95'], 'the ORM-rejector', 'the SP-PRM-rejector')}")
     lines += consistency_section(consistency, n_max)
-    lines += ["", cost_line(costs, ("specrej",)), "", "Figures: " + ", ".join(os.path.relpath(f, out) for f in figures)]
+    lines += ["", cost_line(costs, (part,)), "", "Figures: " + ", ".join(os.path.relpath(f, out) for f in figures)]
     return "\n".join(lines) + "\n"
+
+
+# the yardsticks of a specrej part: name -> (its per-prompt reward in 05's rows, its words)
+YARDSTICKS = {"independent": ("reward_Independent", "the independent RM"), "reference": ("reward", "the reference RM")}
+
+
+def per_prompt(point, key, cost):
+    """(ids, rewards by the yardstick's `key`, costs) of one run, per prompt in id order (05's rows file): cost
+    "compute" is policy + RM tokens, "seconds" the wall seconds 04 recorded."""
+    from common.io import read_jsonl
+
+    need = (key, "seconds") if cost == "seconds" else (key, "policy_tokens", "rm_tokens")
+    rows = sorted((r for _, r in read_jsonl(os.path.splitext(point["file"])[0] + ".rows.jsonl", required=need)),
+                  key=lambda r: str(r["id"]))
+    costs = [r["seconds"] if cost == "seconds" else r["policy_tokens"] + r["rm_tokens"] for r in rows]
+    return [r["id"] for r in rows], [float(r[key]) for r in rows], [float(c) for c in costs]
+
+
+def reach_ratios(points, target_n, seed=0):
+    """Per yardstick and cost (policy + RM tokens, seconds): for each rejector, the cost at which its
+    speculative-rejection runs reach the reward of its own Best-of-target_n (the least cost ratio among the
+    runs whose mean reward is at least Best-of-N's), with 95% intervals over prompts (common/metrics.py,
+    reach_ratio); and the share of resamples in which the SP-PRM-rejector reaches it at less cost than the
+    ORM-rejector (both resampled alike)."""
+    import numpy as np
+
+    from common.metrics import reach_ratio
+
+    out = {"target_n": target_n}
+    for yardstick, (key, _) in YARDSTICKS.items():
+        if yardstick == "independent" and any(p["independent"] is None for p in points):
+            continue  # no independent RM at this scale
+        out[yardstick] = {}
+        for cost in ("compute", "seconds"):
+            found = {}
+            for rm in ("ORM", "SP-PRM"):
+                target = next(p for p in points if p["rm"] == rm and p["n"] == target_n and p["alpha"] is None)
+                ids, goal, goal_cost = per_prompt(target, key, cost)
+                runs = [per_prompt(p, key, cost) for p in points if p["rm"] == rm and p["alpha"] is not None]
+                if any(r[0] != ids for r in runs):
+                    raise ValueError(f"the {rm}-guided runs did not decode the same prompts")
+                found[rm] = reach_ratio(goal, goal_cost, [(r, c) for _, r, c in runs], seed, keep_resamples=True)
+            cheaper = float(np.mean(found["SP-PRM"].pop("resamples") < found["ORM"].pop("resamples")))
+            out[yardstick][cost] = {**found, "sp_prm_cheaper_share": cheaper}
+    return out
+
+
+def reach_section(reach):
+    """The headline: the cost at which speculative rejection reaches Best-of-N's reward, per rejector."""
+    n = reach["target_n"]
+    words = lambda r: "not reached" if math.isinf(r) else f"{r:.2f}x"  # noqa: E731
+    lines = [f"**Cost at which speculative rejection reaches Best-of-{n}'s reward, over Best-of-{n}'s cost** (each "
+             f"rejector against its own Best-of-{n}; the cheapest of its runs whose mean reward is at least "
+             "Best-of-N's; 95% bootstrap intervals over prompts; an upper end 'not reached': in more than 2.5% of "
+             "resamples no run reaches it):", "",
+             "| yardstick | cost | ORM-rejector | SP-PRM-rejector | SP-PRM cheaper in (share of resamples) |",
+             "|---|---|---|---|---|"]
+    for yardstick, (_, label) in YARDSTICKS.items():
+        for cost, by in reach.get(yardstick, {}).items():
+            cells = [f"{words(by[rm]['ratio'])} [{words(by[rm]['ci95'][0])}, {words(by[rm]['ci95'][1])}]"
+                     for rm in ("ORM", "SP-PRM")]
+            lines.append(f"| {label} | {'policy + RM tokens' if cost == 'compute' else 'seconds'} | {cells[0]} | "
+                         f"{cells[1]} | {by['sp_prm_cheaper_share']:.2f} |")
+    return lines + [""]
+
+
+def calibration_section(calibration):
+    """The adaptive rule's schedules and the consistency they came from."""
+    lines = [f"Adaptive rejection (alpha=auto): alpha(t) = {calibration['alpha_max']:g} * clip(tau(t), 0, 1), tau(t) "
+             "each rejector's Kendall's tau between its prefix scores at t and its own final scores, measured on "
+             f"{calibration['n_prompts']} other held-out prompts (Best-of-N's samples there):", ""]
+    for rm, entry in calibration["rms"].items():
+        taus = ", ".join(f"t={c['t']}: {c['kendall_tau']:.2f}" for c in entry["curve"])
+        lines.append(f"- {rm}: tau {taus}; schedule `{entry['alpha_schedule']}`")
+    return lines + [""]
 
 
 def specrej_points(runs):

@@ -154,3 +154,28 @@ def test_seed_interval_by_hand():
     assert mean == pytest.approx(0.594)
     assert ci == pytest.approx([0.594 - 0.026289, 0.594 + 0.026289], abs=1e-5)
     assert seed_interval([0.5]) == (0.5, [0.5, 0.5])
+
+
+def test_reach_ratio_by_hand_and_against_a_literal_resampling():
+    """The least compute ratio of the runs that reach the target's mean reward; its interval recomputed from
+    the same resampled prompts by a plain loop."""
+    from common.metrics import reach_ratio
+
+    bon_r, bon_c = [1.0, 2.0, 3.0, 2.0], [100.0, 100.0, 100.0, 100.0]       # mean reward 2.0, compute 100
+    cheap_low = ([1.0, 1.0, 2.0, 2.0], [10.0, 10.0, 10.0, 10.0])            # 1.5 < 2.0: never counts here
+    half = ([2.0, 2.0, 2.0, 2.0], [40.0, 60.0, 50.0, 50.0])                 # 2.0 >= 2.0 at 50: 0.5
+    dear = ([3.0, 3.0, 3.0, 3.0], [80.0, 80.0, 80.0, 80.0])                 # 3.0 at 80: 0.8
+    got = reach_ratio(bon_r, bon_c, [cheap_low, half, dear], seed=3, n_resamples=500)
+    assert got["ratio"] == 0.5
+    assert reach_ratio(bon_r, bon_c, [cheap_low])["ratio"] == math.inf
+
+    idx = np.random.default_rng(3).integers(0, 4, (500, 4))
+    literal = []
+    for rows in idx:
+        goal, cost = np.mean([bon_r[i] for i in rows]), np.mean([bon_c[i] for i in rows])
+        reached = [np.mean([c[i] for i in rows]) / cost for r, c in (cheap_low, half, dear)
+                   if np.mean([r[i] for i in rows]) >= goal]
+        literal.append(min(reached) if reached else math.inf)
+    literal.sort()
+    assert got["ci95"] == [literal[int(np.ceil(0.025 * 500)) - 1], literal[int(np.ceil(0.975 * 500)) - 1]]
+    assert got["reached_share"] == pytest.approx(np.mean(np.isfinite(literal)))

@@ -136,3 +136,21 @@ def test_deepspeeds_no_gpu_warning_is_kept_out_on_a_cpu_machine():
     ds = logging.getLogger("DeepSpeed")
     assert not torch.cuda.is_available()  # the CPU tests hide any GPU
     assert not ds.filter(record(message)) and ds.filter(record("Setting ds_accelerator to cuda (auto detect)"))
+
+
+def test_the_six_layer_smollm2_is_the_lower_part_of_the_full_model():
+    """smollm2-135m-l6: the full model's embeddings and first 6 decoder layers (its layer-6 state, through the
+    final norm, is the cut model's output state) and the policy's tokenizer, so its RMs score on the cached path."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from common.models import SMOLLM2, SMOLLM2_L6, load_tokenizer, resolve_model_path
+
+    full = AutoModelForCausalLM.from_pretrained(resolve_model_path(SMOLLM2)).eval()
+    cut = AutoModelForCausalLM.from_pretrained(resolve_model_path(SMOLLM2_L6)).eval()
+    assert (cut.config.num_hidden_layers, full.config.num_hidden_layers) == (6, 30)
+    ids = load_tokenizer(SMOLLM2)("Human: is the sky blue?", return_tensors="pt").input_ids
+    assert load_tokenizer(SMOLLM2_L6)("Human: is the sky blue?").input_ids == ids[0].tolist()
+    with torch.no_grad():
+        lower = full.model.norm(full(ids, output_hidden_states=True).hidden_states[6])
+        assert torch.allclose(cut(ids, output_hidden_states=True).hidden_states[-1], lower, atol=1e-5)

@@ -63,7 +63,8 @@ def test_gpu_scale_runs_end_to_end_at_its_smoke_size(gpu_smoke_run):
     assert "Compute needed to reach Best-of-4's reward" in specrej and "Kendall's tau" in specrej
     kept = [json.loads(line)["stats"]["kept"] for line in open(out / "specrej" / "gen_specrej4_a0.5_orm.jsonl")]
     assert any(kept) and all(k[0] == 2 for k in kept if k)  # ceil(0.5 * 4) go on after the first decision
-    for figure in ("specrej_reward_vs_compute.png", "specrej_prefix_consistency.png"):
+    for figure in ("specrej_reference_vs_compute.png", "specrej_reference_vs_seconds.png",
+                   "specrej_prefix_consistency.png"):
         assert (out / "specrej" / figure).exists()
 
 
@@ -74,7 +75,7 @@ def plan(scale, part):
     """Every stage command of a part after the RMs (no file is read: the reference choice is given)."""
     s = reproduce.SCALES[scale]
     stages = experiment.PARTS[part][0](s, "r", None, CHOICE)
-    return {st.name or st.output: command(st) for st in stages}
+    return {st.name or st.output: command(st) for st in stages if not callable(st)}  # steps: run, not spelled
 
 
 def flags(cmd):
@@ -97,7 +98,8 @@ def test_every_scale_is_one_dataclass_whose_stages_build(scale):
     assert dataclasses.is_dataclass(s) and dataclasses.fields(s)
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.prompts = 1
-    for part in ("table1", "specrej") + (("tables",) if s.tables else ()) + (("table5",) if s.table5 else ()):
+    for part in ("table1", "specrej") + (("tables",) if s.tables else ()) + (("table5",) if s.table5 else ()) + \
+            (("payoff",) if s.payoff else ()):
         commands = plan(scale, part)
         assert commands and all(c[0].endswith(".py") for c in commands.values())
     greedy = plan(scale, "table1")["decode-greedy"]
@@ -111,7 +113,8 @@ def test_demo_is_the_cpu_scale_made_small():
     assert reproduce.DEMO == dataclasses_replace(reproduce.CPU, **{
         f: getattr(reproduce.DEMO, f) for f in ("seeds", "orm_pairs", "eval_pairs", "references", "reference_pairs",
                                                   "sst_k", "sst_pairs", "variants", "max_length", "prompts",
-                                                  "new_tokens", "methods", "prefix_lengths", "tables", "table5", "specrej")})
+                                                  "new_tokens", "methods", "prefix_lengths", "tables", "table5", "specrej",
+                                                  "payoff")})
     assert reproduce.DEMO.search == reproduce.CPU.search and reproduce.DEMO.reward_norm == "std"
 
 
@@ -261,6 +264,36 @@ def test_table5_part_runs_at_smoke_size(tmp_path):
 
 
 @pytest.mark.slow
+def test_payoff_part_runs_at_smoke_size(tmp_path):
+    """make payoff's stages at the smoke size: decoder RMs of its own on SmolLM2's lower layers, scored on the
+    engine's cached path; the adaptive schedule calibrated on other prompts and spelled on the command line;
+    alpha 0 would be Best-of-N (tests/test_search.py); the page leads with the reach ratio."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "smoke"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "reproduce.py"), "--scale", "smoke", "--part", "payoff",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    d = out / "payoff"
+    calibration = json.loads((d / "calibration.json").read_text())
+    assert calibration["reference"] == "self" and set(calibration["rms"]) == {"ORM", "SP-PRM"}
+    for rm in ("ORM", "SP-PRM"):
+        rows = [json.loads(line) for line in open(d / f"gen_specrej4_aauto_{rm.lower()}.jsonl")]
+        assert {r["params"]["alpha"] for r in rows} == {calibration["rms"][rm]["alpha_schedule"]}
+        assert {r["stats"]["rm_path"] for r in rows} == {"cached"}  # a decoder RM with the policy's tokenizer
+    commands = json.loads((out / "stage_commands.json").read_text())
+    assert calibration["rms"]["SP-PRM"]["alpha_schedule"] in commands["payoff-decode-specrej4_aauto-sp-prm"]
+    text = (d / "results_payoff.md").read_text()
+    assert text.index("Cost at which speculative rejection reaches Best-of-4's reward") < text.index("| run |")
+    assert "Adaptive rejection (alpha=auto)" in text
+    agreement = json.loads((d / "agreement.json").read_text())
+    assert "SP-PRM (smollm2-135m-l6)" in agreement["rms"] and "ORM (minilm-l6)" in agreement["rms"]
+    for figure in ("payoff_independent_vs_compute.png", "payoff_reference_vs_seconds.png"):
+        assert (d / figure).exists()
+
+
+@pytest.mark.slow
 def test_tables_part_runs_every_row_at_smoke_size(tmp_path):
     """make tables' stages at the smoke size: Table 1 with every method guided by three RMs, Table 3 on AdvBench
     with both ASR measures, Table 4 with GSM8K RMs of its own (13 min on 2 cores)."""
@@ -372,7 +405,7 @@ def test_the_specrej_page_reads_its_runs(tmp_path):
     normalisation from the rows, the cheapest run that reaches Best-of-N, the rejectors' paired differences."""
     d = tmp_path / "specrej"
     s = dataclasses_replace(reproduce.SMOKE, specrej=reproduce.Specrej(ns=(2, 4), alphas=(0.5,), decision_every=2))
-    runs = experiment.specrej_runs(s, str(d))
+    runs = experiment.specrej_runs(s.specrej, str(d))
     for family, n, alpha, tag, rm, m in runs:
         gen = str(d / f"gen_{tag}_{rm.lower()}.jsonl")
         params = {"n": n, "reward_norm": "none", "max_new_tokens": 8, **({"alpha": alpha, "decision_every": 2}
@@ -398,3 +431,33 @@ def test_the_specrej_page_reads_its_runs(tmp_path):
     assert "- Best-of-N, N=2: 0.0500 [0.0100, 0.0900]: the ORM-rejector higher" in text
     assert "| SP-PRM | 2 | 0.500 [0.100, 0.900] | 1.000 [1.000, 1.000] | - |" in text
     assert "Cost of the part's stages: 2.0 min." in text
+
+
+def test_the_reach_ratio_headline_reads_per_prompt_rows(tmp_path):
+    """The payoff page leads with the cost at which each rejector's speculative rejection reaches its own
+    Best-of-N's reward: per prompt rewards and costs from 05's rows files; here every prompt alike, so the
+    intervals are points: the ORM reaches Best-of-4 only at N=4 (40 of 80 tokens: 0.50x), the SP-PRM already at
+    N=2 (20 of 80: 0.25x), cheaper in every resample."""
+    d = tmp_path / "payoff"
+    x = reproduce.Specrej(ns=(2, 4), alphas=(0.5,), decision_every=2, target_n=4)
+    runs = experiment.specrej_runs(x, str(d))
+    reward = {("ORM", None, 4): 0.4, ("ORM", 0.5, 2): 0.2, ("ORM", 0.5, 4): 0.4,
+              ("SP-PRM", None, 4): 0.4, ("SP-PRM", 0.5, 2): 0.45, ("SP-PRM", 0.5, 4): 0.5}
+    for family, n, alpha, tag, rm, m in runs:
+        compute = 10 * n * (0.5 if alpha else 1)
+        r = reward.get((rm, alpha, n), 0.1)
+        write(m, {"compute_per_response": {"policy_tokens": compute, "rm_tokens": compute, "seconds": compute / 10},
+                  "reward_mean": r, "reward_mean_ci95": [r, r], "independent": r, "reward_Independent_mean": r,
+                  "reward_Independent_mean_ci95": [r, r]})
+        write(m.replace(".json", ".rows.jsonl"), "".join(json.dumps(
+            {"id": i, "reward": r, "reward_Independent": r, "policy_tokens": compute, "rm_tokens": compute,
+             "seconds": compute / 10}) + "\n" for i in ("a", "b", "c")))
+    reach = reports.reach_ratios(reports.specrej_points(runs), 4)
+    for yardstick in ("independent", "reference"):
+        for cost in ("compute", "seconds"):
+            by = reach[yardstick][cost]
+            assert (by["ORM"]["ratio"], by["ORM"]["ci95"]) == (0.5, [0.5, 0.5])
+            assert (by["SP-PRM"]["ratio"], by["SP-PRM"]["ci95"]) == (0.25, [0.25, 0.25])
+            assert by["sp_prm_cheaper_share"] == 1.0
+    lines = reports.reach_section(reach)
+    assert "| the independent RM | policy + RM tokens | 0.50x [0.50x, 0.50x] | 0.25x [0.25x, 0.25x] | 1.00 |" in lines
