@@ -55,6 +55,10 @@ class Specrej:
     rm_pairs: int = None                     # reproduce's RMs); their train pairs, SST's K and 03's --lr
     sst_k: int = 5
     rm_lr: float = None
+    # their input budget: at 512 the RM's cache holds a prompt of up to 256 tokens whole, so a partial reply is
+    # read by its new tokens (at 256 a prompt of over 128 keeps a tail, and every short reply beside the whole
+    # prompt is read afresh: the truncation rule, docs/scoring.md)
+    rm_max_length: int = 512
     alpha_max: float = 0.8                   # "auto": alpha(t) = alpha_max * clip(tau(t), 0, 1)
     calibration_prompts: int = 16            # "auto": held-out prompts after the decoded ones
     target_n: int = None                     # the Best-of-N every run is measured against (None: the largest)

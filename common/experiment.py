@@ -21,10 +21,10 @@ def commas(values):
 
 def train(name, output, init, pairs, s, data, kind="encoder", evaluate="hh-rlhf:heldout", **settings):
     """03_train.py from `init` on `pairs`, evaluated on held-out pairs."""
-    return Stage("03_train.py", output, name=name, settings=dict(
+    return Stage("03_train.py", output, name=name, settings={**dict(
         input=pairs, init=init, resume=True, max_length=s.max_length, eval=evaluate, data_dir=data,
-        eval_limit=s.eval_pairs if evaluate.startswith("hh-rlhf") else None, **(s.rm_batch or {}).get(kind, {}),
-        **settings))
+        eval_limit=s.eval_pairs if evaluate.startswith("hh-rlhf") else None, **(s.rm_batch or {}).get(kind, {})),
+        **settings})
 
 
 def rm_stages(s, out, data):
@@ -242,7 +242,7 @@ def specrej_part(s, out, data, choice, name="specrej"):
                                       rm=(f"SP-PRM={guides['sp-prm']}", f"ORM={guides['orm']}"),
                                       reference=choice["path"], prefix_lengths=commas(x.prefix_lengths),
                                       alpha=next((a for a in x.alphas if a != "auto"), 0.5),
-                                      max_length=s.max_length)))
+                                      max_length=rm_max_length(s, x))))
     for *_, tag, rm_label, m in runs:
         if rm_label == "ORM":  # the ORM-rejector minus the SP-PRM-rejector, paired over prompts
             stages.append(compare(m, m.replace("_orm.json", "_sp-prm.json"), f"{d}/compare_{tag}.json"))
@@ -266,7 +266,8 @@ def decoder_rm_stages(s, x, d, out, data, reference, name):
     prefixes on its cached path): an ORM, its SP-PRM (SST cuts, the reference's entropy weights) and its
     ablation (uniform weights), each variant trained from that ORM; their agreement curves beside make
     reproduce's MiniLM ORM and SP-PRM and the reference."""
-    decoder = dict(kind="decoder", save_steps=50, **({"lr": x.rm_lr} if x.rm_lr else {}))
+    decoder = dict(kind="decoder", save_steps=50, max_length=x.rm_max_length,
+                   **({"lr": x.rm_lr} if x.rm_lr else {}))
     orm, rms = f"{d}/orm", {"sp-prm": f"{d}/sp-prm", "orm": f"{d}/orm", "ablation": f"{d}/ablation"}
     stages = [train(f"{name}-orm", orm, x.rm_init, "hh-rlhf:train", s, data, seed=s.seeds[0], limit=x.rm_pairs,
                     **decoder),
@@ -300,7 +301,12 @@ def calibration_stages(s, x, d, guides, data, name):
                    max_new_tokens=x.new_tokens, data_dir=data),
             Stage("05_evaluate.py consistency", f"{d}/calibration.json", name=f"{name}-calibration", settings=dict(
                 generations=gen, rm=(f"ORM={guides['orm']}", f"SP-PRM={guides['sp-prm']}"), reference="self",
-                prefix_lengths=commas(depths), alpha_max=x.alpha_max, max_length=s.max_length))]
+                prefix_lengths=commas(depths), alpha_max=x.alpha_max, max_length=rm_max_length(s, x)))]
+
+
+def rm_max_length(s, x):
+    """The RM input budget of a specrej part's scoring: its decoder RMs' own, else the scale's."""
+    return x.rm_max_length if x.rm_init else s.max_length
 
 
 def specrej_runs(x, d):
@@ -325,7 +331,7 @@ def specrej_report(s, scale_name, out, pipeline, name="specrej"):
     write_json(f"{d}/reach.json", reach)
     figures = [plot_reward_vs_compute(points, d, yardstick=y, x=c, name=f"{name}_{y}_vs_{c}.png")
                for y in ("independent", "reference") if y in reach for c in ("compute", "seconds")]
-    figures.append(plot_consistency(consistency, d))
+    figures.append(plot_consistency(consistency, d, name=f"{name}_prefix_consistency.png"))
     reports.write(f"{d}/results_{name}.md", reports.specrej_markdown(
         scale_name, out, points, consistency, figures, pipeline.costs(), reach=reach, part=name,
         calibration=reports.read_json(f"{d}/calibration.json") if "auto" in x.alphas else None))

@@ -289,8 +289,16 @@ def test_payoff_part_runs_at_smoke_size(tmp_path):
     assert "Adaptive rejection (alpha=auto)" in text
     agreement = json.loads((d / "agreement.json").read_text())
     assert "SP-PRM (smollm2-135m-l6)" in agreement["rms"] and "ORM (minilm-l6)" in agreement["rms"]
-    for figure in ("payoff_independent_vs_compute.png", "payoff_reference_vs_seconds.png"):
+    for figure in ("payoff_reference_vs_compute.png", "payoff_reference_vs_seconds.png",
+                   "payoff_prefix_consistency.png"):  # the smoke scale has no independent RM
         assert (d / figure).exists()
+    # the decoder RMs read 512 tokens: the cache holds these prompts whole, so speculative rejection at alpha 0
+    # (the calibrated schedule here) reads each sample token once, as Best-of-N does
+    bon = [json.loads(line)["stats"] for line in open(d / "gen_bon4_orm.jsonl")]
+    for rm in ("orm", "sp-prm"):
+        spec = [json.loads(line)["stats"] for line in open(d / f"gen_specrej4_aauto_{rm}.jsonl")]
+        if all(set(s["kept"]) == {4} for s in spec):
+            assert [s["rm_tokens"] for s in spec] == [b["rm_tokens"] for b in bon]
 
 
 @pytest.mark.slow
