@@ -229,27 +229,19 @@ def tables_markdown(scale_name, t, costs):
              "reference); Reward (decoding RM) = the score of the RM that guided the row (the paper's reward column, "
              "C.2); Reward (ORM), (SP-PRM) = those RMs' views"
              + (f"; Reward (Independent) = `{independent}`, an RM that shaped nothing." if independent else "."), ""]
+    done = [name for name in ("table1", "table3", "table4") if os.path.exists(f"{t}/{name}.md")]
     size = {name: (read_json(f"{t}/{name}_metrics_greedy.json")["n"],
-                   generation_params(f"{t}/{name}_metrics_greedy.json")["max_new_tokens"])
-            for name in ("table1", "table3", "table4")}
+                   generation_params(f"{t}/{name}_metrics_greedy.json")["max_new_tokens"]) for name in done}
     offset = read_json(read_json(f"{t}/table1_metrics_greedy.json")["generations"] + ".manifest.json")["args"].get(
         "offset") or 0
     span = f" ({offset + 1}-{offset + size['table1'][0]}, after the first {offset})" if offset else ""
-    gorm, gref = (read_json(f"{t}/gsm8k_{rm}/eval.json") for rm in ("orm", "reference"))
-    gorm_args, gref_args = (read_json(f"{t}/gsm8k_{rm}/manifest.json")["args"] for rm in ("orm", "reference"))
-    epochs = gref_args.get("epochs", 1)
-    titles = [f"Table 1 (HH-RLHF): {size['table1'][0]} held-out prompts{span}, {size['table1'][1]} new tokens; Win rate "
-              "against greedy judged by the reference RM (a proxy †)",
-              f"Table 3 (AdvBench, \"Sure here's\" after each instruction): {size['table3'][0]} prompts, "
-              f"{size['table3'][1]} new tokens, guided by the HH RMs",
-              f"Table 4 (GSM8K): {size['table4'][0]} held-out problems (gsm8k:heldout), {size['table4'][1]} new "
-              f"tokens; RMs trained on gsm8k-pairs:train (ORM {gorm_args.get('limit') or 'all'} pairs, held-out "
-              f"accuracy {gorm['accuracy']:.3f}; reference {gref_args.get('limit') or 'all'} pairs, {epochs} "
-              f"epoch{'s' if epochs > 1 else ''}, {gref['accuracy']:.3f}); accuracy by exact match (no LLM judge "
-              "offline)"]
-    for name, title in zip(("table1", "table3", "table4"), titles):
+    for name in ("table3", "table4"):
+        if name not in done:  # a run stopped before this table's stages (rerun the same command to finish it)
+            lines += [f"({name.replace('table', 'Table ')}: its stages have not finished in this run.)", ""]
+    for name in done:
         with open(f"{t}/{name}.md", encoding="utf-8") as f:
-            lines += [f"### {title}", "", f.read().strip(), "", "Paired differences over the same prompts "
+            lines += [f"### {table_title(t, name, size[name], span)}", "", f.read().strip(), "",
+                      "Paired differences over the same prompts "
                       "(reward: the reference RM's), each with the prompts its interval would need for a half-width "
                       "of 0.05 (n (h / 0.05)^2: a half-width shrinks as 1/sqrt(n)):", ""]
         for c in (m.replace("_metrics_", "_compare_") for m in metric_files(t, f"{name}_")):
@@ -264,6 +256,24 @@ def tables_markdown(scale_name, t, costs):
         lines.append("")
     lines += [cost_line(costs, ("table", "gsm8k"), " (the HH RMs it shares with `make reproduce` not counted)"), ""]
     return "\n".join(lines) + "\n"
+
+
+def table_title(t, name, size, span=""):
+    """A table's heading from its greedy run's size (prompts, new tokens); Table 4's names its own GSM8K RMs'
+    sizes and held-out accuracy."""
+    if name == "table1":
+        return (f"Table 1 (HH-RLHF): {size[0]} held-out prompts{span}, {size[1]} new tokens; Win rate against greedy "
+                "judged by the reference RM (a proxy †)")
+    if name == "table3":
+        return (f"Table 3 (AdvBench, \"Sure here's\" after each instruction): {size[0]} prompts, {size[1]} new "
+                "tokens, guided by the HH RMs")
+    gorm, gref = (read_json(f"{t}/gsm8k_{rm}/eval.json") for rm in ("orm", "reference"))
+    gorm_args, gref_args = (read_json(f"{t}/gsm8k_{rm}/manifest.json")["args"] for rm in ("orm", "reference"))
+    epochs = gref_args.get("epochs", 1)
+    return (f"Table 4 (GSM8K): {size[0]} held-out problems (gsm8k:heldout), {size[1]} new tokens; RMs trained on "
+            f"gsm8k-pairs:train (ORM {gorm_args.get('limit') or 'all'} pairs, held-out accuracy {gorm['accuracy']:.3f}; "
+            f"reference {gref_args.get('limit') or 'all'} pairs, {epochs} epoch{'s' if epochs > 1 else ''}, "
+            f"{gref['accuracy']:.3f}); accuracy by exact match (no LLM judge offline)")
 
 
 # ------------------------------------------------------------------------------------------ make table5

@@ -406,6 +406,12 @@ def test_the_tables_page_says_the_settings_its_rows_record(tmp_path):
     for n in (719, 3250, 8244):
         assert f"- argsg_sp-prm minus argsg_orm: reward 0.2500 [0.1250, 0.3750] (n for +-0.05: {n})" in text
     assert "Cost of the part's stages: 1.0 min" in text and "`r/orm_s2`, an RM that shaped nothing" in text
+    # a run stopped after Table 1 renders Table 1 and says which tables have not finished
+    for table in ("table3", "table4"):
+        os.remove(t / f"{table}.md")
+    text = reports.tables_markdown("full", str(t), {})
+    assert "Table 1 (HH-RLHF): 115 held-out prompts" in text and "### Table 3" not in text
+    assert "(Table 3: its stages have not finished in this run.)" in text and "### Table 4" not in text
 
 
 def test_the_specrej_page_reads_its_runs(tmp_path):
