@@ -440,7 +440,28 @@ def reach_section(reach):
                      for rm in ("ORM", "SP-PRM")]
             lines.append(f"| {label} | {'policy + RM tokens' if cost == 'compute' else 'seconds'} | {cells[0]} | "
                          f"{cells[1]} | {by['sp_prm_cheaper_share']:.2f} |")
-    return lines + [""]
+    return lines + [""] + reach_verdict(reach) + [""]
+
+
+def reach_verdict(reach, at_most=0.35):
+    """The question as the field asks it, answered by interval: does the SP-PRM as rejector reach Best-of-N's
+    reward (by the independent RM where there is one) at <= at_most of its policy + RM tokens, and at less
+    compute than the ORM as rejector?"""
+    yardstick = "independent" if "independent" in reach else "reference"
+    by = reach[yardstick]["compute"]
+    ratio, (lo, hi) = by["SP-PRM"]["ratio"], by["SP-PRM"]["ci95"]
+    if hi <= at_most:
+        answer = f"yes: its whole interval is at or below {at_most:g}x"
+    elif math.isinf(ratio) or lo > at_most:
+        answer = f"no: {'no run reaches it' if math.isinf(ratio) else f'its interval lies above {at_most:g}x'}"
+    else:
+        answer = f"not decided at this size: the interval holds {at_most:g}x"
+    cheaper = by["sp_prm_cheaper_share"]
+    return [f"- Does the SP-PRM as rejector reach Best-of-{reach['target_n']}'s reward (by {YARDSTICKS[yardstick][1]}) "
+            f"at <= {at_most:g}x its policy + RM tokens? {answer}.",
+            f"- At less compute than the ORM as rejector? In {cheaper:.0%} of resamples "
+            + ("(yes, beyond the noise)." if cheaper >= 0.975 else "(no, beyond the noise)." if cheaper <= 0.025
+               else "(cannot be told apart).")]
 
 
 def calibration_section(calibration):

@@ -3,6 +3,7 @@ a stage of its own, the judgement of a claim by its interval, and captions that 
 record."""
 import importlib.util
 import json
+import math
 import os
 
 import pytest
@@ -475,3 +476,18 @@ def test_the_reach_ratio_headline_reads_per_prompt_rows(tmp_path):
             assert by["sp_prm_cheaper_share"] == 1.0
     lines = reports.reach_section(reach)
     assert "| the independent RM | policy + RM tokens | 0.50x [0.50x, 0.50x] | 0.25x [0.25x, 0.25x] | 1.00 |" in lines
+    assert ("- Does the SP-PRM as rejector reach Best-of-4's reward (by the independent RM) at <= 0.35x its policy + "
+            "RM tokens? yes: its whole interval is at or below 0.35x.") in lines
+    assert "- At less compute than the ORM as rejector? In 100% of resamples (yes, beyond the noise)." in lines
+
+
+@pytest.mark.parametrize("ratio,ci,cheaper,answer,than", [
+    (0.3, [0.2, 0.5], 0.6, "not decided at this size: the interval holds 0.35x", "(cannot be told apart)"),
+    (0.5, [0.4, 0.9], 0.01, "no: its interval lies above 0.35x", "(no, beyond the noise)"),
+    (math.inf, [0.3, math.inf], 0.5, "no: no run reaches it", "(cannot be told apart)")])
+def test_the_reach_verdict_is_worded_by_its_interval(ratio, ci, cheaper, answer, than):
+    reach = {"target_n": 16, "reference": {"compute": {"SP-PRM": {"ratio": ratio, "ci95": ci},
+                                                       "sp_prm_cheaper_share": cheaper}}}
+    lines = reports.reach_verdict(reach)
+    assert lines[0].endswith(f"(by the reference RM) at <= 0.35x its policy + RM tokens? {answer}.")
+    assert lines[1].endswith(than + ".")
