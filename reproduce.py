@@ -173,7 +173,8 @@ GPU = replace(CPU, device="cuda", references=("smollm2",), sst_k=5, prompts=None
               # the payoff at the speculative-rejection authors' lengths, with decoder RMs on the full SmolLM2-135M
               payoff=Specrej(prompts=256, ns=(4, 8, 16, 32), specrej_ns=(16, 32), alphas=(0.5, "auto"),
                              new_tokens=1024, decision_every=128, prefix_lengths=(128, 256, 512, 768),
-                             rm_init="smollm2-135m-instruct", calibration_prompts=32, target_n=16))
+                             rm_init="smollm2-135m-instruct", rm_max_length=2048, calibration_prompts=32,
+                             target_n=16))
 # the gpu scale's stages at a size the CPU runs in minutes (tests/test_reproduce.py; numbers meaningless)
 GPU_SMOKE = replace(GPU, device=None, seeds=(0, 1), orm_pairs=24, eval_pairs=16, sst_pairs=24, prompts=3,
                     new_tokens=6, batch_size=4, search={"argsg": {"k": 3, "w": 1.5},

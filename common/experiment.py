@@ -220,7 +220,9 @@ def specrej_part(s, out, data, choice, name="specrej"):
     else:
         stages, guides = [], {"orm": f"{out}/orm_s{s.seeds[0]}", "sp-prm": f"{out}/sp-prm"}
     held_out = dict(prompts="hh-rlhf:heldout", limit=x.prompts, max_new_tokens=x.new_tokens, data_dir=data)
-    views = dict(yardsticks(s, choice["path"], [], choice["independent"]), metrics="reward,length")
+    # the yardsticks read as much as the guides (an encoder RM stops at its position table: MiniLM's 512)
+    views = dict(yardsticks(s, choice["path"], [], choice["independent"]), metrics="reward,length",
+                 max_length=rm_max_length(s, x))
     runs = specrej_runs(x, d)
     if "auto" in x.alphas:
         stages += calibration_stages(s, x, d, guides, data, name)
@@ -294,6 +296,8 @@ def calibration_stages(s, x, d, guides, data, name):
     """The adaptive rule's calibration, on held-out prompts after the decoded ones: Best-of-N's largest sample
     set there, and each rejector's consistency with its own final ranking at the decision points, turned into
     its schedule alpha(t) = alpha_max * clip(tau(t), 0, 1) (05 consistency --reference self --alpha-max)."""
+    if x.prompts is None:
+        raise ValueError(f"{name}: alpha auto calibrates on the prompts after the decoded ones: set its prompts")
     n_max, gen = max(x.ns), f"{d}/calibration_bon.jsonl"
     depths = list(range(x.decision_every, x.new_tokens, x.decision_every))
     return [decode(f"{name}-calibration-decode", gen, s, method=("bon", {"n": n_max}), rm=guides["orm"],
@@ -321,19 +325,23 @@ def specrej_runs(x, d):
 
 def specrej_report(s, scale_name, out, pipeline, name="specrej"):
     from common.figures import plot_consistency, plot_reward_vs_compute
-    from common.io import write_json
+    from common.io import DataError, write_json
 
     x, d = getattr(s, name), f"{out}/{name}"
     points = reports.specrej_points(specrej_runs(x, d))
     write_json(f"{d}/points.json", points)  # the figure's input, for notebooks/figures.ipynb
     consistency = reports.read_json(f"{d}/consistency.json")
-    reach = reports.reach_ratios(points, x.target_n or max(x.ns))
-    write_json(f"{d}/reach.json", reach)
+    try:
+        reach = reports.reach_ratios(points, x.target_n or max(x.ns))
+        write_json(f"{d}/reach.json", reports.json_safe(reach))
+    except DataError as e:  # rows written before 05 recorded each prompt's compute
+        print(f"note: no reach ratio ({e}); rerun the part's metrics stages (--redo {name}-eval-...)")
+        reach = {}
     figures = [plot_reward_vs_compute(points, d, yardstick=y, x=c, name=f"{name}_{y}_vs_{c}.png")
                for y in ("independent", "reference") if y in reach for c in ("compute", "seconds")]
     figures.append(plot_consistency(consistency, d, name=f"{name}_prefix_consistency.png"))
     reports.write(f"{d}/results_{name}.md", reports.specrej_markdown(
-        scale_name, out, points, consistency, figures, pipeline.costs(), reach=reach, part=name,
+        scale_name, out, points, consistency, figures, pipeline.costs(), reach=reach or None, part=name,
         calibration=reports.read_json(f"{d}/calibration.json") if "auto" in x.alphas else None))
 
 

@@ -399,8 +399,9 @@ def reach_ratios(points, target_n, seed=0):
     """Per yardstick and cost (policy + RM tokens, seconds): for each rejector, the cost at which its
     speculative-rejection runs reach the reward of its own Best-of-target_n (the least cost ratio among the
     runs whose mean reward is at least Best-of-N's), with 95% intervals over prompts (common/metrics.py,
-    reach_ratio); and the share of resamples in which the SP-PRM-rejector reaches it at less cost than the
-    ORM-rejector (both resampled alike)."""
+    reach_ratio); and the shares of resamples in which the SP-PRM-rejector reaches it at less cost than the
+    ORM-rejector and at more (both resampled alike; ties, both unreached among them, count in neither).
+    Ratios that no resample reaches are inf (json_safe writes them as null)."""
     import numpy as np
 
     from common.metrics import reach_ratio
@@ -419,9 +420,19 @@ def reach_ratios(points, target_n, seed=0):
                 if any(r[0] != ids for r in runs):
                     raise ValueError(f"the {rm}-guided runs did not decode the same prompts")
                 found[rm] = reach_ratio(goal, goal_cost, [(r, c) for _, r, c in runs], seed, keep_resamples=True)
-            cheaper = float(np.mean(found["SP-PRM"].pop("resamples") < found["ORM"].pop("resamples")))
-            out[yardstick][cost] = {**found, "sp_prm_cheaper_share": cheaper}
+            sp, orm = found["SP-PRM"].pop("resamples"), found["ORM"].pop("resamples")
+            out[yardstick][cost] = {**found, "sp_prm_cheaper_share": float(np.mean(sp < orm)),
+                                    "orm_cheaper_share": float(np.mean(orm < sp))}
     return out
+
+
+def json_safe(obj):
+    """OBJ with every infinite float as None (JSON has no inf)."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [json_safe(v) for v in obj]
+    return None if isinstance(obj, float) and math.isinf(obj) else obj
 
 
 def reach_section(reach):
@@ -431,15 +442,15 @@ def reach_section(reach):
     lines = [f"**Cost at which speculative rejection reaches Best-of-{n}'s reward, over Best-of-{n}'s cost** (each "
              f"rejector against its own Best-of-{n}; the cheapest of its runs whose mean reward is at least "
              "Best-of-N's; 95% bootstrap intervals over prompts; an upper end 'not reached': in more than 2.5% of "
-             "resamples no run reaches it):", "",
-             "| yardstick | cost | ORM-rejector | SP-PRM-rejector | SP-PRM cheaper in (share of resamples) |",
+             "resamples no run reaches it; seconds: a batch's wall seconds shared by its prompts):", "",
+             "| yardstick | cost | ORM-rejector | SP-PRM-rejector | SP-PRM cheaper / ORM cheaper (shares of resamples) |",
              "|---|---|---|---|---|"]
     for yardstick, (_, label) in YARDSTICKS.items():
         for cost, by in reach.get(yardstick, {}).items():
             cells = [f"{words(by[rm]['ratio'])} [{words(by[rm]['ci95'][0])}, {words(by[rm]['ci95'][1])}]"
                      for rm in ("ORM", "SP-PRM")]
             lines.append(f"| {label} | {'policy + RM tokens' if cost == 'compute' else 'seconds'} | {cells[0]} | "
-                         f"{cells[1]} | {by['sp_prm_cheaper_share']:.2f} |")
+                         f"{cells[1]} | {by['sp_prm_cheaper_share']:.2f} / {by['orm_cheaper_share']:.2f} |")
     return lines + [""] + reach_verdict(reach) + [""]
 
 
@@ -449,18 +460,20 @@ def reach_verdict(reach, at_most=0.35):
     compute than the ORM as rejector?"""
     yardstick = "independent" if "independent" in reach else "reference"
     by = reach[yardstick]["compute"]
-    ratio, (lo, hi) = by["SP-PRM"]["ratio"], by["SP-PRM"]["ci95"]
+    lo, hi = by["SP-PRM"]["ci95"]
     if hi <= at_most:
         answer = f"yes: its whole interval is at or below {at_most:g}x"
-    elif math.isinf(ratio) or lo > at_most:
-        answer = f"no: {'no run reaches it' if math.isinf(ratio) else f'its interval lies above {at_most:g}x'}"
+    elif math.isinf(lo):
+        answer = "no: in over 97.5% of resamples no run reaches it"
+    elif lo > at_most:
+        answer = f"no: its interval lies above {at_most:g}x"
     else:
         answer = f"not decided at this size: the interval holds {at_most:g}x"
-    cheaper = by["sp_prm_cheaper_share"]
+    sp, orm = by["sp_prm_cheaper_share"], by["orm_cheaper_share"]
     return [f"- Does the SP-PRM as rejector reach Best-of-{reach['target_n']}'s reward (by {YARDSTICKS[yardstick][1]}) "
             f"at <= {at_most:g}x its policy + RM tokens? {answer}.",
-            f"- At less compute than the ORM as rejector? In {cheaper:.0%} of resamples "
-            + ("(yes, beyond the noise)." if cheaper >= 0.975 else "(no, beyond the noise)." if cheaper <= 0.025
+            f"- At less compute than the ORM as rejector? Less in {sp:.0%} of resamples, more in {orm:.0%} "
+            + ("(yes, beyond the noise)." if sp >= 0.975 else "(no, beyond the noise)." if orm >= 0.975
                else "(cannot be told apart).")]
 
 

@@ -304,7 +304,10 @@ def test_alpha_auto_reads_the_schedule_calibrated_from_prefix_consistency(tmp_pa
     method = make_method("specrej", alpha=f"auto:{calib}:SP-PRM")
     assert method.params()["alpha"] == "16:0.5,64:0.9"
     assert [method.alpha_at(t) for t in (0, 16, 63, 64, 500)] == [0.5, 0.5, 0.5, 0.9, 0.9]
+    malformed = tmp_path / "malformed.json"
+    malformed.write_text(json.dumps({"rms": ["ORM"]}))
     for bad, says in [(f"auto:{calib}", "name one"), (f"auto:{calib}:PRM", "no schedule for 'PRM'"),
+                      (f"auto:{malformed}", "not a readable consistency file"),
                       (f"auto:{tmp_path}/none.json", "not a readable consistency file"),
                       ("16:0.5,8:0.6", "depths must increase"), ("16:1.5", "is not t:alpha"), (1.5, "not in [0, 1]")]:
         with pytest.raises(ValueError, match=re.escape(says)):

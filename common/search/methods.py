@@ -509,13 +509,15 @@ def calibrated_schedule(spec):
     """The schedule a consistency file holds for one RM: FILE (its only schedule) or FILE:RM."""
     import json
 
-    path, rm = (spec, "") if spec.endswith(".json") or ":" not in spec else spec.rsplit(":", 1)
+    import os
+
+    path, rm = (spec, "") if os.path.exists(spec) or ":" not in spec else spec.rsplit(":", 1)
     try:
         with open(path) as f:
             rms = json.load(f)["rms"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        named = {name: entry["alpha_schedule"] for name, entry in rms.items() if entry.get("alpha_schedule")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ArgumentTypeError(f"alpha auto:{spec}: {path} is not a readable consistency file ({e})") from None
-    named = {name: entry["alpha_schedule"] for name, entry in rms.items() if entry.get("alpha_schedule")}
     if rm and rm not in named:
         raise ArgumentTypeError(f"alpha auto:{spec}: {path} holds no schedule for {rm!r} (it has {sorted(named)})")
     if not rm and len(named) != 1:
