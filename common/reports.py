@@ -235,9 +235,6 @@ def tables_markdown(scale_name, t, costs):
     offset = read_json(read_json(f"{t}/table1_metrics_greedy.json")["generations"] + ".manifest.json")["args"].get(
         "offset") or 0
     span = f" ({offset + 1}-{offset + size['table1'][0]}, after the first {offset})" if offset else ""
-    for name in ("table3", "table4"):
-        if name not in done:  # a run stopped before this table's stages (rerun the same command to finish it)
-            lines += [f"({name.replace('table', 'Table ')}: its stages have not finished in this run.)", ""]
     for name in done:
         with open(f"{t}/{name}.md", encoding="utf-8") as f:
             lines += [f"### {table_title(t, name, size[name], span)}", "", f.read().strip(), "",
@@ -254,6 +251,9 @@ def tables_markdown(scale_name, t, costs):
                      if k in ("reward", "reward_Independent", "asr", "asr_target_opening", "accuracy")]
             lines.append(f"- {read_json(d['a'])['label']} minus {read_json(d['b'])['label']}: " + "; ".join(cells))
         lines.append("")
+    for name in ("table3", "table4"):
+        if name not in done:  # a run stopped before this table's stages (rerun the same command to finish it)
+            lines += [f"({name.replace('table', 'Table ')}: its stages have not finished in this run.)", ""]
     lines += [cost_line(costs, ("table", "gsm8k"), " (the HH RMs it shares with `make reproduce` not counted)"), ""]
     return "\n".join(lines) + "\n"
 
