@@ -18,6 +18,7 @@ tests/reference_search.py.
 import math
 from abc import ABC, abstractmethod
 from argparse import ArgumentTypeError
+from functools import lru_cache
 from dataclasses import MISSING, dataclass, field, fields
 from typing import ClassVar
 
@@ -471,8 +472,9 @@ class CARDS(Sampled):
 
 # ------------------------------------------------------------------------------------------ speculative rejection
 
+@lru_cache(maxsize=64)  # alpha_at reads the schedule at every decision of every row: parse each text once
 def schedule_steps(text):
-    """[(t, alpha)] of a schedule 't:alpha,t:alpha,...' (t: new tokens, increasing; alpha in [0, 1])."""
+    """((t, alpha), ...) of a schedule 't:alpha,t:alpha,...' (t: new tokens, increasing; alpha in [0, 1])."""
     steps = []
     for part in text.split(","):
         t, sep, a = part.partition(":")
@@ -486,7 +488,7 @@ def schedule_steps(text):
         if steps and step[0] <= steps[-1][0]:
             raise ArgumentTypeError(f"alpha schedule {text!r}: depths must increase")
         steps.append(step)
-    return steps
+    return tuple(steps)
 
 
 def rejection_rate(value):
