@@ -347,14 +347,16 @@ def specrej_markdown(scale_name, out, points, consistency, figures, costs, reach
              f"{consistency['n_prompts']} held-out prompts, {params['max_new_tokens']} new tokens, a decision every "
              f"{params['decision_every']} tokens, {reward_norm_words([params], flag=False)}. Reward = the "
              "reference RM's score; Independent = an RM that shaped nothing. Compute = policy + RM tokens computed "
-             "per reply. Every interval is a 95% bootstrap interval over prompts.", ""]
+             "per reply; ends before the limit = the share of chosen replies that stop before the new-token limit "
+             "(a reply that stops early leaves rejection less to save). Every interval is a 95% bootstrap interval over prompts.", ""]
     lines += reach_section(reach) if reach else []
     lines += calibration_section(calibration) if calibration else []
-    lines += ["| run | guided by | compute | seconds | reward (reference) | reward (independent) | reward - "
-              f"Best-of-{target_n} (same RM, paired) |", "|---|---|---|---|---|---|---|"]
+    lines += ["| run | guided by | compute | seconds | ends before the limit | reward (reference) | reward "
+              f"(independent) | reward - Best-of-{target_n} (same RM, paired) |", "|---|---|---|---|---|---|---|---|"]
     for p in sorted(points, key=lambda p: (p["rm"], p["family"], p["n"])):
         d = vs_bon.get(p["file"])
-        lines.append(f"| {p['family']}, N={p['n']} | {p['rm']} | {p['compute']:.0f} | {p['seconds']:.2f} | "
+        early = "-" if p.get("ended_early") is None else f"{p['ended_early']:.0%}"
+        lines.append(f"| {p['family']}, N={p['n']} | {p['rm']} | {p['compute']:.0f} | {p['seconds']:.2f} | {early} | "
                      f"{fmt_ci(p['reward_mean'], p['reward_mean_ci95'], digits=4)} | "
                      + (fmt_ci(p["independent"], p["independent_ci95"], digits=4) if p["independent"] is not None
                         else "-") + " | "
@@ -500,8 +502,23 @@ def specrej_points(runs):
                        "rm_tokens": c["rm_tokens"], "seconds": c["seconds"], "reward_mean": metric["reward_mean"],
                        "reward_mean_ci95": metric["reward_mean_ci95"],
                        "independent": metric.get("reward_Independent_mean"),
-                       "independent_ci95": metric.get("reward_Independent_mean_ci95")})
+                       "independent_ci95": metric.get("reward_Independent_mean_ci95"),
+                       "ended_early": ended_early(path)})
     return points
+
+
+def ended_early(metrics_path):
+    """The share of a run's replies that end (EOS or a stop string) before its max_new_tokens, from 05's rows
+    file; None where the rows predate their token counts. A reply that ends early leaves rejection less to
+    save: the payoff needs replies that run long."""
+    from common.io import read_jsonl
+
+    rows_path = os.path.splitext(metrics_path)[0] + ".rows.jsonl"
+    counts = [r.get("new_tokens") for _, r in read_jsonl(rows_path)] if os.path.exists(rows_path) else []
+    if not counts or None in counts:
+        return None
+    limit = generation_params(metrics_path)["max_new_tokens"]
+    return sum(c < limit for c in counts) / len(counts)
 
 
 def consistency_section(consistency, n_max):

@@ -433,6 +433,9 @@ def test_the_specrej_page_reads_its_runs(tmp_path):
             write(m.replace("metrics_", "vs_bon_"), {"metrics": {"reward": {
                 "diff": -0.2, "diff_ci95": [-0.3, -0.1] if n == 2 else [-0.1, 0.1]}}})
         write(str(d / f"compare_{tag}.json"), {"metrics": {"reward": {"diff": 0.05, "diff_ci95": [0.01, 0.09]}}})
+        if n == 4:  # one of four replies ends before the 8-token limit; N=2's rows predate the token counts
+            write(m.replace(".json", ".rows.jsonl"), "".join(json.dumps({"id": i, "new_tokens": k}) + "\n"
+                                                            for i, k in enumerate((8, 3, 8, 8))))
     consistency = {"n_prompts": 3, "alpha": 0.5, "rms": {"SP-PRM": {"curve": [
         {"t": 2, "kendall_tau": 0.5, "kendall_tau_ci95": [0.1, 0.9], "best_survives": 1.0,
          "best_survives_ci95": [1.0, 1.0]}]}}}
@@ -444,6 +447,7 @@ def test_the_specrej_page_reads_its_runs(tmp_path):
     assert "- rejector ORM: specrej alpha=0.5, N=4: 40 tokens per reply, 0.50x Best-of-4's 80." in text
     assert "- Best-of-N, N=2: 0.0500 [0.0100, 0.0900]: the ORM-rejector higher" in text
     assert "| SP-PRM | 2 | 0.500 [0.100, 0.900] | 1.000 [1.000, 1.000] | - |" in text
+    assert "| Best-of-N, N=4 | ORM | 80 | 1.00 | 25% | " in text and "| Best-of-N, N=2 | ORM | 40 | 1.00 | - | " in text
     assert "Cost of the part's stages: 2.0 min." in text
 
 
