@@ -342,7 +342,8 @@ def specrej_report(s, scale_name, out, pipeline, name="specrej"):
     figures.append(plot_consistency(consistency, d, name=f"{name}_prefix_consistency.png"))
     reports.write(f"{d}/results_{name}.md", reports.specrej_markdown(
         scale_name, out, points, consistency, figures, pipeline.costs(), reach=reach or None, part=name,
-        calibration=reports.read_json(f"{d}/calibration.json") if "auto" in x.alphas else None))
+        calibration=reports.read_json(f"{d}/calibration.json") if "auto" in x.alphas else None,
+        decoder_rms=x.rm_init))
 
 
 def tables_report(s, scale_name, out, pipeline):

@@ -335,9 +335,10 @@ def table5_markdown(scale_name, out, figures, costs):
 # ------------------------------------------------------------------------------------------ make specrej
 
 def specrej_markdown(scale_name, out, points, consistency, figures, costs, reach=None, part="specrej",
-                     calibration=None):
+                     calibration=None, decoder_rms=None):
     """PART/results_PART.md: Best-of-N against speculative rejection, each guided by the ORM and the SP-PRM; with
-    `reach` (reach_ratios), the compute at which each rejector reaches its Best-of-N's reward first."""
+    `reach` (reach_ratios), the compute at which each rejector reaches its Best-of-N's reward first; with
+    `decoder_rms` (the part's rm_init), its own decoder RMs' held-out accuracy and agreement curves."""
     n_max = max(p["n"] for p in points)
     target_n = reach["target_n"] if reach else n_max
     params = generation_params(next(p["file"] for p in points if p["alpha"] is not None))
@@ -377,6 +378,7 @@ def specrej_markdown(scale_name, out, points, consistency, figures, costs, reach
         lines.append(f"- {p['family']}, N={p['n']}: {fmt_ci(d['diff'], d['diff_ci95'], digits=4)}: "
                      f"{higher(d['diff_ci95'], 'the ORM-rejector', 'the SP-PRM-rejector')}")
     lines += consistency_section(consistency, n_max)
+    lines += ["", *decoder_rms_section(f"{out}/{part}", decoder_rms)] if decoder_rms else []
     lines += ["", cost_line(costs, (part,)), "", "Figures: " + ", ".join(os.path.relpath(f, out) for f in figures)]
     return "\n".join(lines) + "\n"
 
@@ -477,6 +479,20 @@ def reach_verdict(reach, at_most=0.35):
             f"- At less compute than the ORM as rejector? Less in {sp:.0%} of resamples, more in {orm:.0%} "
             + ("(yes, beyond the noise)." if sp >= 0.975 else "(no, beyond the noise)." if orm >= 0.975
                else "(cannot be told apart).")]
+
+
+TOO_WEAK = 0.56  # said before the payoff ran: a decoder RM whose held-out accuracy is under this cannot rank
+
+
+def decoder_rms_section(d, rm_init):
+    """The payoff's own decoder RMs: held-out accuracy against the bar said before running, and their agreement
+    curves beside the MiniLM ones and the reference."""
+    lines = [f"### The decoder RMs ({rm_init}): held-out accuracy (bar said before running: {TOO_WEAK:g})", ""]
+    for tag, label in (("orm", "ORM"), ("sp-prm", "SP-PRM"), ("ablation", "Ablation")):
+        e = read_json(f"{d}/{tag}/eval.json")
+        verdict = "too weak to rank" if e["accuracy"] < TOO_WEAK else "above the bar"
+        lines.append(f"- {label}: {fmt_ci(e['accuracy'], e['accuracy_ci95'])} (n={e['n']}): {verdict}")
+    return lines + ["", *agreement_section(read_json(f"{d}/agreement.json")["rms"]), ""]
 
 
 def calibration_section(calibration):

@@ -501,6 +501,23 @@ def test_the_reach_verdict_is_worded_by_its_interval(ci, shares, answer, than):
     assert lines[1].endswith(than + ".")
 
 
+def test_the_payoff_page_judges_its_decoder_rms_by_the_bar_said_before_running(tmp_path):
+    d = tmp_path / "payoff"
+    for tag, accuracy in (("orm", 0.583), ("sp-prm", 0.559), ("ablation", 0.56)):
+        write(str(d / tag / "eval.json"), {"accuracy": accuracy, "accuracy_ci95": [accuracy - 0.05, accuracy + 0.05],
+                                           "n": 307})
+    curve = [{"t": 16, "ar_rm_sc": 0.55, "ar_rm_sc_ci95": [0.5, 0.6], "ar_rm_sc_diff": 0.0,
+              "ar_rm_sc_diff_ci95": [0.0, 0.0], "reward_gap": 0.25}]
+    write(str(d / "agreement.json"), {"rms": {"SP-PRM (smollm2-135m-l6)": {"curve": curve},
+                                              "ORM (minilm-l6)": {"curve": curve}}})
+    lines = reports.decoder_rms_section(str(d), "smollm2-135m-l6")
+    assert lines[0] == "### The decoder RMs (smollm2-135m-l6): held-out accuracy (bar said before running: 0.56)"
+    assert lines[2:5] == ["- ORM: 0.583 [0.533, 0.633] (n=307): above the bar",
+                          "- SP-PRM: 0.559 [0.509, 0.609] (n=307): too weak to rank",
+                          "- Ablation: 0.560 [0.510, 0.610] (n=307): above the bar"]
+    assert "| ORM (minilm-l6) - SP-PRM (smollm2-135m-l6) | 0.000 [0.000, 0.000] |" in lines
+
+
 def test_the_reach_file_holds_null_where_no_run_reaches(tmp_path):
     from common.io import write_json
 
