@@ -55,6 +55,8 @@ class Specrej:
     rm_pairs: int = None                     # reproduce's RMs); their train pairs, SST's K and 03's --lr
     sst_k: int = 5
     rm_lr: float = None
+    rm_bar: float = 0.56                     # said before running: under this held-out accuracy a decoder RM
+                                             # cannot rank, and make reproduce's MiniLM RMs guide instead
     # their input budget: at 512 the RM's cache holds a prompt of up to 256 tokens whole, so a partial reply is
     # read by its new tokens (at 256 a prompt of over 128 keeps a tail, and every short reply beside the whole
     # prompt is read afresh: the truncation rule, docs/scoring.md)
@@ -132,7 +134,7 @@ CPU = Scale(seeds=(0, 1, 2), orm_pairs=None, eval_pairs=None, references=("minil
             # What a process RM buys at replies long enough for rejection to pay: decoder RMs on SmolLM2-135M's
             # lower 6 layers (the full model trains at about 1 pair/s here: hours), which share the policy's
             # tokenizer, so a prefix costs its new tokens. Said before running: held-out accuracy under 0.56 is
-            # too weak to rank, and the part then falls back to the MiniLM RMs (rm_init=None).
+            # too weak to rank, and the part then falls back to the MiniLM RMs (rm_bar; experiment.py applies it).
             payoff=Specrej(prompts=64, ns=(4, 8, 16, 32), specrej_ns=(16, 32), alphas=(0.5, "auto"), new_tokens=128,
                            decision_every=16, prefix_lengths=(16, 32, 64, 96), rm_init="smollm2-135m-l6",
                            rm_pairs=1000, rm_lr=2e-5, calibration_prompts=16, target_n=16),
@@ -163,7 +165,7 @@ SMOKE = replace(CPU, seeds=(0, 1), orm_pairs=48, eval_pairs=32, references=(), s
                 table5=Table5(pairs=8, sst_k=2, prompts=2, new_tokens=4),
                 payoff=Specrej(prompts=2, ns=(2, 4), specrej_ns=(4,), alphas=(0.5, "auto"), new_tokens=6,
                                decision_every=2, prefix_lengths=(2, 4), rm_init="smollm2-135m-l6", rm_pairs=8,
-                               sst_k=2, calibration_prompts=2))
+                               sst_k=2, calibration_prompts=2, rm_bar=0.0))  # no bar: 8 pairs rank nothing
 # one GPU (untested on a GPU; docs/gpu.md counts its work): all held-out prompts, the paper's search settings,
 # a SmolLM2 reference
 PAPER_SEARCH = {"argsg": {"k": 30, "w": 1.5}, "cbs": {"beam": 8, "successors": 8, "chunk": 30}, "bon": {"n": 16}}

@@ -214,11 +214,30 @@ def specrej_part(s, out, data, choice, name="specrej"):
     sample set; each run against the target Best-of-N guided by the same RM, and the ORM-rejector against the
     SP-PRM-rejector. name: the scale's field and the folder (specrej, payoff)."""
     x, d = getattr(s, name), f"{out}/{name}"
+    minilm = {"orm": f"{out}/orm_s{s.seeds[0]}", "sp-prm": f"{out}/sp-prm"}
+    if not x.rm_init:
+        return guided_stages(s, x, d, data, choice, name, minilm)
+    stages, decoder = decoder_rm_stages(s, x, d, out, data, choice["path"], name)
+    return stages + [partial(guides_by_the_bar, s, x, d, data, choice, name, decoder, minilm)]
+
+
+def guides_by_the_bar(s, x, d, data, choice, name, decoder, minilm):
+    """The rule said before running: the decoder RMs guide if each one's held-out accuracy reaches x.rm_bar;
+    under it one of them is too weak to rank, and make reproduce's MiniLM RMs guide instead, their compute
+    counted as it is (an encoder re-reads prompt and prefix at every decision)."""
+    accuracy = {rm: reports.read_json(f"{path}/eval.json")["accuracy"] for rm, path in decoder.items()}
+    weak = {rm: a for rm, a in accuracy.items() if a < x.rm_bar}
+    if weak:
+        print(f"note: {name}: held-out accuracy under the bar {x.rm_bar:g}: "
+              + ", ".join(f"{rm} ({x.rm_init}) {a:.3f}" for rm, a in weak.items())
+              + "; the MiniLM RMs guide (the rule said before running)")
+    return guided_stages(s, x, d, data, choice, name, minilm if weak else decoder)
+
+
+def guided_stages(s, x, d, data, choice, name, guides):
+    """The part's decoding, evaluation and comparisons with GUIDES ({"orm", "sp-prm"} -> RM folder)."""
     n_max = max(x.ns)
-    if x.rm_init:
-        stages, guides = decoder_rm_stages(s, x, d, out, data, choice["path"], name)
-    else:
-        stages, guides = [], {"orm": f"{out}/orm_s{s.seeds[0]}", "sp-prm": f"{out}/sp-prm"}
+    stages = []
     held_out = dict(prompts="hh-rlhf:heldout", limit=x.prompts, max_new_tokens=x.new_tokens, data_dir=data)
     # the yardsticks read as much as the guides (an encoder RM stops at its position table: MiniLM's 512)
     views = dict(yardsticks(s, choice["path"], [], choice["independent"]), metrics="reward,length",
@@ -226,7 +245,7 @@ def specrej_part(s, out, data, choice, name="specrej"):
     runs = specrej_runs(x, d)
     if "auto" in x.alphas:
         stages += calibration_stages(s, x, d, guides, data, name)
-    for family, n, alpha, tag, rm_label, m in runs:
+    for family, n, alpha, tag, rm_label, m in headline_first(runs, x.target_n or n_max):
         rm = rm_label.lower()
         gen = f"{d}/gen_{tag}_{rm}.jsonl"
         run = partial(decode, f"{name}-decode-{tag}-{rm}", gen, s, rm=guides[rm],
@@ -253,6 +272,14 @@ def specrej_part(s, out, data, choice, name="specrej"):
         stages += [compare(m, bon, m.replace("metrics_", "vs_bon_")) for *_, m in runs
                    if m.endswith(f"_{rm}.json") and m != bon]
     return stages
+
+
+def headline_first(runs, target_n):
+    """specrej_runs in the order a stopped run is most useful in: the target Best-of-N, then the rejection runs,
+    then the other Best-of-N, each with both rejectors side by side."""
+    per_rm = len(runs) // 2  # specrej_runs lists the ORM's runs, then the SP-PRM's in the same order
+    group = lambda run: 0 if run[2] is None and run[1] == target_n else 1 if run[2] is not None else 2  # noqa: E731
+    return [runs[i] for i in sorted(range(len(runs)), key=lambda i: (group(runs[i]), i % per_rm, i // per_rm))]
 
 
 def calibrated_run(run, n, decision_every, calibration):
@@ -343,7 +370,7 @@ def specrej_report(s, scale_name, out, pipeline, name="specrej"):
     reports.write(f"{d}/results_{name}.md", reports.specrej_markdown(
         scale_name, out, points, consistency, figures, pipeline.costs(), reach=reach or None, part=name,
         calibration=reports.read_json(f"{d}/calibration.json") if "auto" in x.alphas else None,
-        decoder_rms=x.rm_init))
+        decoder_rms=(x.rm_init, x.rm_bar) if x.rm_init else None))
 
 
 def tables_report(s, scale_name, out, pipeline):

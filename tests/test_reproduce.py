@@ -501,6 +501,34 @@ def test_the_reach_verdict_is_worded_by_its_interval(ci, shares, answer, than):
     assert lines[1].endswith(than + ".")
 
 
+@pytest.mark.parametrize("sp_prm_accuracy,guide", [(0.544, "minilm"), (0.56, "decoder")])
+def test_the_payoff_applies_the_bar_said_before_running(tmp_path, capsys, sp_prm_accuracy, guide):
+    """A decoder RM under the bar cannot rank: then make reproduce's MiniLM RMs guide every run, calibration
+    included; at the bar the part's own decoder RMs guide."""
+    s = dataclasses_replace(reproduce.CPU, payoff=dataclasses_replace(reproduce.CPU.payoff, prompts=4))
+    decoder = {"orm": str(tmp_path / "payoff" / "orm"), "sp-prm": str(tmp_path / "payoff" / "sp-prm")}
+    minilm = {"orm": "r/orm_s0", "sp-prm": "r/sp-prm"}
+    for rm, accuracy in (("orm", 0.583), ("sp-prm", sp_prm_accuracy)):
+        write(os.path.join(decoder[rm], "eval.json"), {"accuracy": accuracy})
+    choice = {"path": "r/orm_s2", "independent": "r/orm_s1"}
+    stages = experiment.guides_by_the_bar(s, s.payoff, str(tmp_path / "payoff"), "data", choice, "payoff", decoder,
+                                          minilm)
+    decodes = [st for st in stages if not callable(st) and st.script == "04_decode.py"]
+    expected = minilm if guide == "minilm" else decoder
+    assert {st.settings["rm"] for st in decodes} == set(expected.values())
+    assert all(st.settings["rm"] == expected["orm"] for st in decodes if st.name.endswith("-orm"))
+    said = capsys.readouterr().out
+    assert ("held-out accuracy under the bar 0.56: sp-prm (smollm2-135m-l6) 0.544" in said) == (guide == "minilm")
+
+
+def test_a_stopped_payoff_has_its_headline_runs_first():
+    runs = experiment.specrej_runs(reproduce.CPU.payoff, "d")
+    order = [(tag, rm) for _, _, _, tag, rm, _ in experiment.headline_first(runs, 16)]
+    assert sorted(order) == sorted((tag, rm) for _, _, _, tag, rm, _ in runs)
+    assert order[:4] == [("bon16", "ORM"), ("bon16", "SP-PRM"), ("specrej16_a0.5", "ORM"), ("specrej16_a0.5", "SP-PRM")]
+    assert order[-2:] == [("bon32", "ORM"), ("bon32", "SP-PRM")]
+
+
 def test_the_payoff_page_judges_its_decoder_rms_by_the_bar_said_before_running(tmp_path):
     d = tmp_path / "payoff"
     for tag, accuracy in (("orm", 0.583), ("sp-prm", 0.559), ("ablation", 0.56)):
@@ -510,11 +538,13 @@ def test_the_payoff_page_judges_its_decoder_rms_by_the_bar_said_before_running(t
               "ar_rm_sc_diff_ci95": [0.0, 0.0], "reward_gap": 0.25}]
     write(str(d / "agreement.json"), {"rms": {"SP-PRM (smollm2-135m-l6)": {"curve": curve},
                                               "ORM (minilm-l6)": {"curve": curve}}})
-    lines = reports.decoder_rms_section(str(d), "smollm2-135m-l6")
-    assert lines[0] == "### The decoder RMs (smollm2-135m-l6): held-out accuracy (bar said before running: 0.56)"
-    assert lines[2:5] == ["- ORM: 0.583 [0.533, 0.633] (n=307): above the bar",
+    lines = reports.decoder_rms_section(str(d), "smollm2-135m-l6", 0.56)
+    assert lines[0] == ("### The decoder RMs (smollm2-135m-l6): held-out accuracy against the bar said before running "
+                        "(0.56)")
+    assert lines[2:5] == ["- ORM: 0.583 [0.533, 0.633] (n=307): reaches the bar",
                           "- SP-PRM: 0.559 [0.509, 0.609] (n=307): too weak to rank",
-                          "- Ablation: 0.560 [0.510, 0.610] (n=307): above the bar"]
+                          "- Ablation: 0.560 [0.510, 0.610] (n=307): reaches the bar"]
+    assert lines[6].startswith("The decoder SP-PRM fell under the bar: every run here is guided by make reproduce's")
     assert "| ORM (minilm-l6) - SP-PRM (smollm2-135m-l6) | 0.000 [0.000, 0.000] |" in lines
 
 
