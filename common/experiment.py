@@ -238,7 +238,8 @@ def guided_stages(s, x, d, data, choice, name, guides):
     """The part's decoding, evaluation and comparisons with GUIDES ({"orm", "sp-prm"} -> RM folder)."""
     n_max = max(x.ns)
     stages = []
-    held_out = dict(prompts="hh-rlhf:heldout", limit=x.prompts, max_new_tokens=x.new_tokens, data_dir=data)
+    held_out = dict(prompts="hh-rlhf:heldout", limit=x.prompts, max_new_tokens=x.new_tokens, data_dir=data,
+                    **guide_budget(x))
     # the yardsticks read as much as the guides (an encoder RM stops at its position table: MiniLM's 512)
     views = dict(yardsticks(s, choice["path"], [], choice["independent"]), metrics="reward,length",
                  max_length=rm_max_length(s, x))
@@ -329,10 +330,16 @@ def calibration_stages(s, x, d, guides, data, name):
     depths = list(range(x.decision_every, x.new_tokens, x.decision_every))
     return [decode(f"{name}-calibration-decode", gen, s, method=("bon", {"n": n_max}), rm=guides["orm"],
                    save_candidates=True, prompts="hh-rlhf:heldout", offset=x.prompts, limit=x.calibration_prompts,
-                   max_new_tokens=x.new_tokens, data_dir=data),
+                   max_new_tokens=x.new_tokens, data_dir=data, **guide_budget(x)),
             Stage("05_evaluate.py consistency", f"{d}/calibration.json", name=f"{name}-calibration", settings=dict(
                 generations=gen, rm=(f"ORM={guides['orm']}", f"SP-PRM={guides['sp-prm']}"), reference="self",
                 prefix_lengths=commas(depths), alpha_max=x.alpha_max, max_length=rm_max_length(s, x)))]
+
+
+def guide_budget(x):
+    """04's --max-length of a part with decoder RMs of its own: their budget, whichever RMs guide (an encoder
+    guide then reads as much as the yardsticks); none for make reproduce's RMs (their training value)."""
+    return {"max_length": x.rm_max_length} if x.rm_init else {}
 
 
 def rm_max_length(s, x):

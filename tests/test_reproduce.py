@@ -517,6 +517,7 @@ def test_the_payoff_applies_the_bar_said_before_running(tmp_path, capsys, sp_prm
     expected = minilm if guide == "minilm" else decoder
     assert {st.settings["rm"] for st in decodes} == set(expected.values())
     assert all(st.settings["rm"] == expected["orm"] for st in decodes if st.name.endswith("-orm"))
+    assert {st.settings["max_length"] for st in decodes} == {512}  # an encoder guide reads what the yardsticks do
     said = capsys.readouterr().out
     assert ("held-out accuracy under the bar 0.56: sp-prm (smollm2-135m-l6) 0.544" in said) == (guide == "minilm")
 
