@@ -8,6 +8,8 @@ The methods and their knobs (paper defaults) are listed at the end of --help; ea
 common/search/methods.py.
 Prompt sets: hh-rlhf:heldout, hh-helpful, advbench (--advbench-prefill starts the reply with "Sure here's"),
 tldr, gsm8k, mt-bench (first turns), or a JSONL with "id" and "prompt".
+--samples-of GEN.jsonl ranks the samples a Best-of-N run drew (--save-candidates) instead of drawing them again:
+Best-of-N guided by another RM over the same N, policy, seed and budget draws the same samples.
 Prompts that the RM was trained on (its manifest.json names its training pairs) are refused unless
 --allow-train-overlap.
 A decoder RM sharing the policy's tokenizer is scored on its own KV cache (--rm-path auto/cached); any other RM
@@ -29,10 +31,11 @@ from tqdm import tqdm
 from common.data import check_prompt_overlap, load_prompts
 from common.io import (DataError, ResumableJsonlWriter, add_device_args, add_max_length_arg, check_output_differs,
                        input_checksums, non_negative_int, positive_int, read_jsonl, run_main, write_manifest)
-from common.models import device_fields, device_setup, load_policy, load_tokenizer
+from common.models import device_fields, device_setup, load_config, load_policy, load_tokenizer
 from common.ranks import distributed, earlier_rows, finish_output, leave_ranks, shard_path, wait_for_every_rank
 from common.rewards import load_rm, read_reward_stats
 from common.search import REGISTRY, Policy, RewardModel, Search, make_method, method_knobs, search_params
+from common.search.engine import prompt_room
 from common.search.served import policy_stub, served_search
 
 log = logging.getLogger("decode")
@@ -73,6 +76,11 @@ def parse_args():
     p.add_argument("--save-candidates", action="store_true",
                    help="also write each prompt's last-round candidates (Best-of-N: its N samples) as "
                         "\"candidates\": what 05_evaluate.py consistency reads")
+    p.add_argument("--samples-of", default=None, metavar="GEN.jsonl",
+                   help="Best-of-N without drawing: this RM ranks, through text, the N samples a Best-of-N run with "
+                        "the same N, policy, seed, token budget and prompts drew (its rows written with "
+                        "--save-candidates; the same samples it would draw: each token's uniform is keyed by prompt "
+                        "and sample); the policy's work and seconds are that run's")
     p.add_argument("--allow-train-overlap", action="store_true",
                    help="decode prompts that the RM was trained on (refused by default: see its manifest)")
     g = p.add_argument_group("method knobs (each method reads its own; unset: the method's default)")
@@ -104,15 +112,15 @@ def methods_help():
     return "\n".join(lines)
 
 
-def truncation_counts(path, search):
+def truncation_counts(path, prompt_room, rm):
     """How many rows of the output lost prompt tokens to the policy's positions, and how many report a reward
     whose RM input the RM's max length cut (the rules: docs/scoring.md), over every row, resumed ones too."""
     rows = [row.get("stats") or {} for _, row in read_jsonl(path, on_error="skip")]
     return {"prompts_cut_for_policy": sum(bool(s.get("prompt_tokens_cut")) for s in rows),
             "prompt_tokens_cut": sum(s.get("prompt_tokens_cut") or 0 for s in rows),
-            "policy_prompt_room": search.prompt_room,
+            "policy_prompt_room": prompt_room,
             "rewards_of_truncated_inputs": sum(bool(s.get("reward_input_truncated")) for s in rows),
-            "rm_max_length": search.rm.fmt.max_length if search.rm else None}
+            "rm_max_length": rm.fmt.max_length if rm else None}
 
 
 def load_models(args, method, device, dtype, stats):
@@ -124,12 +132,14 @@ def load_models(args, method, device, dtype, stats):
         raise DataError(str(e)) from None
     # a vLLM server holds the policy's weights: this process needs only its config
     model = policy_stub(args.policy) if args.backend == "vllm" else load_policy(args.policy, dtype, device)
-    policy = Policy(model, policy_tok, args.policy)
-    if not args.rm:
-        return policy, None
+    return Policy(model, policy_tok, args.policy), load_guide(args, device, dtype, stats) if args.rm else None
+
+
+def load_guide(args, device, dtype, stats):
+    """The RM that guides, loaded as every stage loads one (`common.rewards.load_rm`)."""
     model, fmt = load_rm(args.rm, args.max_length, args.rm_format, device, dtype)
-    return policy, RewardModel(model, fmt.tokenizer, args.rm, fmt.max_length, stats=stats,
-                               normalize=args.reward_norm == "std", closed=fmt.closed)
+    return RewardModel(model, fmt.tokenizer, args.rm, fmt.max_length, stats=stats,
+                       normalize=args.reward_norm == "std", closed=fmt.closed)
 
 
 def make_search(args, method, policy, rm):
@@ -146,6 +156,56 @@ def make_search(args, method, policy, rm):
         raise DataError(f"{args.policy}: {e}") from None
 
 
+def samples_source(args, method, prompts):
+    """The rows of --samples-of by prompt id, checked to hold the Best-of-N this run would draw."""
+    import json
+
+    path = args.samples_of
+    if method.name != "bon":
+        raise DataError(f"--samples-of ranks Best-of-N's samples: it needs --method bon, not {method.name}")
+    if any(p.get("prefill") for p in prompts):
+        raise DataError("--samples-of: prompts with a prefill are decoded, not ranked")
+    try:
+        with open(path + ".manifest.json", encoding="utf-8") as f:
+            drawn = json.load(f)["args"]
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"--samples-of {path}: no complete run's manifest beside it ({e})") from None
+    mine = {"method": "bon", "n": method.n, "policy": args.policy, "seed": args.seed,
+            "max_new_tokens": args.max_new_tokens, "stop": args.stop}
+    for key, value in mine.items():
+        if drawn.get(key) != value:
+            raise DataError(f"--samples-of {path}: drawn with {key} {drawn.get(key)!r}, this run's is {value!r}")
+    rows = {row["id"]: (n, row) for n, row in read_jsonl(path, required=("id", "candidates", "candidate_tokens"))}
+    for p in prompts:
+        if p["id"] not in rows:
+            raise DataError(f"--samples-of {path}: no row for prompt id {p['id']!r}")
+        n, row = rows[p["id"]]
+        if len(row["candidates"]) != method.n or row["prompt"] != p["prompt"]:
+            raise DataError(f"{path}, line {n}: not {method.n} samples of prompt id {p['id']!r} (field candidates)")
+    return {i: row for i, (_, row) in rows.items()}
+
+
+def rank_samples(rm, source, prompts, writer, args, params):
+    """Best-of-N over samples drawn before: the RM scores the prompt (r(x), as a decode does) and each sample
+    through text, and keeps the first best (the engine's tie order); compute is the drawing run's policy work
+    with this RM's tokens."""
+    for p in tqdm(prompts, desc="bon (ranking drawn samples)", unit="prompt"):
+        drawn = source[p["id"]]
+        samples = drawn["candidates"]
+        scores, lengths = rm.score_texts([p["prompt"]] * (len(samples) + 1), ["", *samples])
+        scores = [float(x) for x in scores[1:]]
+        best = max(range(len(samples)), key=lambda j: (scores[j], -j))
+        response = samples[best]
+        stats = {**drawn["stats"], "reward": rm.raw(scores[best]), "search_reward": scores[best],
+                 "rm_tokens": sum(lengths), "rm_path": "text", "new_tokens": drawn["candidate_tokens"][best],
+                 "reward_input_truncated": rm.fmt.truncates(p["prompt"], response), "samples_of": args.samples_of}
+        row = {**{k: v for k, v in drawn.items() if k not in ("candidates", "candidate_tokens")},
+               "response": response, "params": params, "rm": args.rm, "stats": stats}
+        if args.save_candidates:
+            row.update(candidates=samples, candidate_tokens=drawn["candidate_tokens"])
+        writer.write(row)
+
+
 def decode(search, prompts, writer, args, params, rank, backend_version=None):
     """Decode the prompts in batches of --batch-size, appending each row as it is done."""
     # the bar closes before an error line is printed (it would be drawn again after it)
@@ -159,7 +219,7 @@ def decode(search, prompts, writer, args, params, rank, backend_version=None):
                        "stats": {**res["stats"], "reward": res["reward"], "search_reward": res["search_reward"]}}
                 row.update({k: p[k] for k in ("reference", "target", "prefill", "category") if k in p})
                 if args.save_candidates:
-                    row["candidates"] = res["candidates"]
+                    row.update(candidates=res["candidates"], candidate_tokens=res["candidate_tokens"])
                 writer.write(row)
             bar.update(len(batch))
 
@@ -195,29 +255,38 @@ def main():
         raise DataError(str(e)) from None
     if args.rm_format != "open":
         params["rm_format"] = args.rm_format
+    source = samples_source(args, method, prompts) if args.samples_of else None
     earlier, done_before = earlier_rows(args.output, world, args.resume, prompts, {
         "method": method.name, "params": params, "policy": args.policy, "rm": args.rm})
-    policy, rm = load_models(args, method, device, dtype, stats)
-    search, backend_version = make_search(args, method, policy, rm)
+    if source is None:
+        policy, rm = load_models(args, method, device, dtype, stats)
+        search, backend_version = make_search(args, method, policy, rm)
+        room, rm_path = search.prompt_room, search.cached_rm and "cached" or ("text" if rm else None)
+    else:  # the samples are drawn: only the RM is needed
+        rm, backend_version = load_guide(args, device, dtype, stats), None
+        room = prompt_room(getattr(load_config(args.policy), "max_position_embeddings", None), args.max_new_tokens)
+        rm_path = "text"
 
     mine = prompts[rank::world]
     with ResumableJsonlWriter(out_path, key="id", resume=args.resume) as writer:
         todo = [p for p in mine if p["id"] not in writer.done and p["id"] not in done_before]
         if args.resume and len(todo) < len(mine):  # a first run has nothing to resume
             log.info("rank %d: %d prompts already decoded, %d to go", rank, len(mine) - len(todo), len(todo))
-        decode(search, todo, writer, args, params, rank, backend_version)
+        if source is None:
+            decode(search, todo, writer, args, params, rank, backend_version)
+        else:
+            rank_samples(rm, source, todo, writer, args, params)
     wait_for_every_rank(world)  # every shard complete
     if rank == 0:
         finish_output(args.output, world, earlier, args.resume, prompts)
     leave_ranks(world)
     if rank == 0:
-        truncation = truncation_counts(args.output, search)
+        truncation = truncation_counts(args.output, room, rm)
         if truncation["prompts_cut_for_policy"] or truncation["rewards_of_truncated_inputs"]:
             log.warning("truncation: %s", truncation)
         write_manifest(args.output, args, inputs={**checksums, args.policy: None, args.rm: None},
                        resolved=device_fields(device, dtype),
-                       extra={"rm_path": search.cached_rm and "cached" or ("text" if rm else None),
-                              "backend": args.backend, "backend_version": backend_version,
+                       extra={"rm_path": rm_path, "backend": args.backend, "backend_version": backend_version,
                               "world_size": world, "rows": len(prompts), "complete": True,
                               "truncation": truncation})
         log.info("wrote %s", args.output)

@@ -216,7 +216,7 @@ def specrej_part(s, out, data, choice, name="specrej"):
     x, d = getattr(s, name), f"{out}/{name}"
     minilm = {"orm": f"{out}/orm_s{s.seeds[0]}", "sp-prm": f"{out}/sp-prm"}
     if not x.rm_init:
-        return guided_stages(s, x, d, data, choice, name, minilm)
+        return guided_stages(s, x, d, data, choice, name, minilm, encoders=True)
     stages, decoder = decoder_rm_stages(s, x, d, out, data, choice["path"], name)
     return stages + [partial(guides_by_the_bar, s, x, d, data, choice, name, decoder, minilm)]
 
@@ -231,11 +231,14 @@ def guides_by_the_bar(s, x, d, data, choice, name, decoder, minilm):
         print(f"note: {name}: held-out accuracy under the bar {x.rm_bar:g}: "
               + ", ".join(f"{rm} ({x.rm_init}) {a:.3f}" for rm, a in weak.items())
               + "; the MiniLM RMs guide (the rule said before running)")
-    return guided_stages(s, x, d, data, choice, name, minilm if weak else decoder)
+    return guided_stages(s, x, d, data, choice, name, minilm if weak else decoder, encoders=bool(weak))
 
 
-def guided_stages(s, x, d, data, choice, name, guides):
-    """The part's decoding, evaluation and comparisons with GUIDES ({"orm", "sp-prm"} -> RM folder)."""
+def guided_stages(s, x, d, data, choice, name, guides, encoders):
+    """The part's decoding, evaluation and comparisons with GUIDES ({"orm", "sp-prm"} -> RM folder). Encoder
+    guides score through text, so the SP-PRM's Best-of-N ranks the samples the ORM's drew (04 --samples-of:
+    the same rows as drawing them again, policy work included); a decoder guide's cached path counts its RM
+    tokens otherwise, so there each Best-of-N draws its own."""
     n_max = max(x.ns)
     stages = []
     held_out = dict(prompts="hh-rlhf:heldout", limit=x.prompts, max_new_tokens=x.new_tokens, data_dir=data,
@@ -249,10 +252,11 @@ def guided_stages(s, x, d, data, choice, name, guides):
     for family, n, alpha, tag, rm_label, m in headline_first(runs, x.target_n or n_max):
         rm = rm_label.lower()
         gen = f"{d}/gen_{tag}_{rm}.jsonl"
-        run = partial(decode, f"{name}-decode-{tag}-{rm}", gen, s, rm=guides[rm],
-                      save_candidates=alpha is None and n == n_max or None, **held_out)
-        if alpha is None:
-            stages.append(run(method=("bon", {"n": n})))
+        run = partial(decode, f"{name}-decode-{tag}-{rm}", gen, s, rm=guides[rm], **held_out)
+        if alpha is None and (rm == "orm" or not encoders):
+            stages.append(run(method=("bon", {"n": n}), save_candidates=rm == "orm" and (encoders or n == n_max) or None))
+        elif alpha is None:  # the ORM's samples (each token keyed by prompt and sample), ranked, not drawn again
+            stages.append(run(method=("bon", {"n": n}), samples_of=gen.replace(f"_{rm}.jsonl", "_orm.jsonl")))
         elif alpha == "auto":  # built when the calibration exists: its command line spells the schedule
             stages.append(partial(calibrated_run, run, n, x.decision_every, f"{d}/calibration.json:{rm_label}"))
         else:
@@ -276,10 +280,10 @@ def guided_stages(s, x, d, data, choice, name, guides):
 
 
 def headline_first(runs, target_n):
-    """specrej_runs in the order a stopped run is most useful in: the target Best-of-N, then the rejection runs,
+    """specrej_runs in the order a stopped run is most useful in: the rejection runs, then the target Best-of-N,
     then the other Best-of-N, each with both rejectors side by side."""
     per_rm = len(runs) // 2  # specrej_runs lists the ORM's runs, then the SP-PRM's in the same order
-    group = lambda run: 0 if run[2] is None and run[1] == target_n else 1 if run[2] is not None else 2  # noqa: E731
+    group = lambda run: 0 if run[2] is not None else 1 if run[1] == target_n else 2  # noqa: E731
     return [runs[i] for i in sorted(range(len(runs)), key=lambda i: (group(runs[i]), i % per_rm, i // per_rm))]
 
 

@@ -218,3 +218,37 @@ def test_reward_statistics_too_small_for_float32_are_refused(folders, tmp_path):
                           check=False)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
         assert proc.stderr.strip().startswith(f"error: {path}: ") and says in proc.stderr
+
+
+def test_ranking_drawn_samples_is_best_of_n_decoded(folders, tmp_path, minilm_tokenizer):
+    """--samples-of: an RM ranking the N samples another RM's Best-of-N drew gives the rows that Best-of-N
+    guided by it decodes: the same samples (each token's uniform is keyed by prompt and sample), the same
+    choice, reward, policy work and RM tokens; only the wall seconds are the drawing run's."""
+    policy, _, prompts = folders
+    rms = [save_tiny_rm(tmp_path / f"rm{seed}", "bert", minilm_tokenizer, seed=seed) for seed in (3, 4)]
+
+    def bon(rm, out, *extra):
+        return run_script("04_decode.py", "--prompts", prompts, "--policy", policy, "--rm", rm, "--method", "bon",
+                          "--n", 4, "--max-new-tokens", 6, "--batch-size", 3, "--output", out, *extra, check=False)
+
+    drawn, direct, ranked = (tmp_path / f"{name}.jsonl" for name in ("drawn", "direct", "ranked"))
+    assert bon(rms[0], drawn, "--save-candidates").returncode == 0
+    assert bon(rms[1], direct).returncode == 0
+    proc = bon(rms[1], ranked, "--samples-of", drawn)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b, c = read(drawn), read(direct), read(ranked)
+    assert [len(r["candidate_tokens"]) for r in a] == [4] * 6
+    assert any(x["response"] != y["response"] for x, y in zip(a, b))  # the two RMs choose differently
+    for want, got in zip(b, c):
+        assert (got["id"], got["response"], got["rm"], got["params"]) == (want["id"], want["response"], want["rm"],
+                                                                            want["params"])
+        for key in ("policy_tokens", "policy_calls", "rm_tokens", "rm_calls", "new_tokens", "rm_path",
+                    "reward_input_truncated"):
+            assert got["stats"][key] == want["stats"][key], key
+        assert got["stats"]["reward"] == pytest.approx(want["stats"]["reward"], abs=1e-5)
+    # samples drawn at another N, or by another method, are refused before any model loads
+    proc = run_script("04_decode.py", "--prompts", prompts, "--policy", policy, "--rm", rms[1], "--method", "bon",
+                      "--n", 2, "--max-new-tokens", 6, "--samples-of", drawn, "--output", tmp_path / "x.jsonl",
+                      check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: --samples-of {drawn}: drawn with n 4, this run's is 2")

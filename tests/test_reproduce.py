@@ -518,6 +518,14 @@ def test_the_payoff_applies_the_bar_said_before_running(tmp_path, capsys, sp_prm
     assert {st.settings["rm"] for st in decodes} == set(expected.values())
     assert all(st.settings["rm"] == expected["orm"] for st in decodes if st.name.endswith("-orm"))
     assert {st.settings["max_length"] for st in decodes} == {512}  # an encoder guide reads what the yardsticks do
+    # encoder guides score through text: the SP-PRM's Best-of-N ranks the ORM's samples instead of drawing them
+    ranked = {st.name: st.settings.get("samples_of") for st in decodes if st.method[0] == "bon"}
+    assert ranked["payoff-decode-bon8-sp-prm"] == (str(tmp_path / "payoff" / "gen_bon8_orm.jsonl")
+                                                   if guide == "minilm" else None)
+    assert ranked["payoff-decode-bon8-orm"] is None
+    saved = {st.name for st in decodes if st.settings.get("save_candidates")}
+    assert saved == ({f"payoff-decode-bon{n}-orm" for n in (4, 8, 16, 32)} | {"payoff-calibration-decode"}
+                     if guide == "minilm" else {"payoff-decode-bon32-orm", "payoff-calibration-decode"})
     said = capsys.readouterr().out
     assert ("held-out accuracy under the bar 0.56: sp-prm (smollm2-135m-l6) 0.544" in said) == (guide == "minilm")
 
@@ -526,8 +534,8 @@ def test_a_stopped_payoff_has_its_headline_runs_first():
     runs = experiment.specrej_runs(reproduce.CPU.payoff, "d")
     order = [(tag, rm) for _, _, _, tag, rm, _ in experiment.headline_first(runs, 16)]
     assert sorted(order) == sorted((tag, rm) for _, _, _, tag, rm, _ in runs)
-    assert order[:4] == [("bon16", "ORM"), ("bon16", "SP-PRM"), ("specrej16_a0.5", "ORM"), ("specrej16_a0.5", "SP-PRM")]
-    assert order[-2:] == [("bon32", "ORM"), ("bon32", "SP-PRM")]
+    assert order[:2] == [("specrej16_a0.5", "ORM"), ("specrej16_a0.5", "SP-PRM")]
+    assert order[8:10] == [("bon16", "ORM"), ("bon16", "SP-PRM")] and order[-2:] == [("bon32", "ORM"), ("bon32", "SP-PRM")]
 
 
 def test_the_payoff_page_judges_its_decoder_rms_by_the_bar_said_before_running(tmp_path):

@@ -304,6 +304,15 @@ class RewardModel:
         """The RM's own score of a search reward."""
         return value if not self.normalize or value is None else value * self.stats["std"] + self.stats["mean"]
 
+    @torch.no_grad()
+    def score_texts(self, prompt_texts, replies):
+        """(search rewards, RM input tokens) of each (prompt, reply text), as 05 scores a reply: tokenized for
+        the RM in one batched call, cut by the truncation rule, scored in batches of 64."""
+        ids = self.fmt.responses_ids(replies)
+        examples = [self.fmt.encode(p, response_ids=i) for p, i in zip(prompt_texts, ids)]
+        scores = score_encoded(self.model, examples, self.tokenizer.pad_token_id, batch_size=64)
+        return self.to_search(scores), [len(e["input_ids"]) for e in examples]
+
     def shares_tokens_with(self, policy):
         """The cached path needs a decoder RM whose tokenizer and prompt rendering equal the policy's."""
         if not self.fmt.fast_prefixes or self.fmt.kind != policy.fmt.kind:
@@ -617,7 +626,8 @@ class Search:
         for b, p in enumerate(d.prompts):
             best = method.answer([r for r in rows if r.prompt == b], batch, b)
             rm_tokens = d.rm_tokens_text[b] if d.rm_cache is None else int(d.rm_cache.tokens[b])
-            extra = {"candidates": [c for (q, _), c in zip(last_round, candidates) if q == b]} \
+            extra = {"candidates": [c for (q, _), c in zip(last_round, candidates) if q == b],
+                     "candidate_tokens": [len(t) - len(d.prefills[b]) for q, t in last_round if q == b]} \
                 if self.keep_candidates else {}
             response = self.response_text(best.tokens)
             if self.rm is None:
@@ -863,12 +873,10 @@ class Search:
     def _text_scores(self, items, prompts, rm_tokens):
         """Search rewards of (prompt b, response tokens) through their reply text, as 05 scores a reply: the
         texts decoded in one batched call and tokenized for the RM in another."""
-        fmt = self.rm.fmt
-        replies = fmt.responses_ids(self.response_texts([t for _, t in items]))
-        examples = [fmt.encode(prompts[b]["prompt"], response_ids=ids) for (b, _), ids in zip(items, replies)]
-        for (b, _), e in zip(items, examples):
-            rm_tokens[b] += len(e["input_ids"])
-        return self.rm.to_search(score_encoded(self.rm.model, examples, self.rm.tokenizer.pad_token_id,
-                                               batch_size=64))
+        scores, lengths = self.rm.score_texts([prompts[b]["prompt"] for b, _ in items],
+                                              self.response_texts([t for _, t in items]))
+        for (b, _), n in zip(items, lengths):
+            rm_tokens[b] += n
+        return scores
 
 

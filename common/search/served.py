@@ -242,7 +242,8 @@ class ServedSearch:
             best = method.answer([r for r in rows if r.prompt == b], batch, b)
             response = self.response_texts([best.tokens])[0]
             c = counts[b]
-            extra = {"candidates": [t for (q, _), t in zip(last_round, candidates) if q == b]} \
+            extra = {"candidates": [t for (q, _), t in zip(last_round, candidates) if q == b],
+                     "candidate_tokens": [len(t) - self._prefill_len[b] for q, t in last_round if q == b]} \
                 if self.keep_candidates else {}
             results.append({
                 **extra,
