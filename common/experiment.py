@@ -280,10 +280,15 @@ def guided_stages(s, x, d, data, choice, name, guides, encoders):
 
 
 def headline_first(runs, target_n):
-    """specrej_runs in the order a stopped run is most useful in: the rejection runs, then the target Best-of-N,
-    then the other Best-of-N, each with both rejectors side by side."""
+    """specrej_runs in the order a stopped run is most useful in: the rejection runs at the target N, the target
+    Best-of-N, the other Best-of-N, the other rejection runs; each with both rejectors side by side."""
     per_rm = len(runs) // 2  # specrej_runs lists the ORM's runs, then the SP-PRM's in the same order
-    group = lambda run: 0 if run[2] is not None else 1 if run[1] == target_n else 2  # noqa: E731
+
+    def group(run):
+        _, n, alpha, *_ = run
+        if alpha is not None:
+            return 0 if n == target_n else 3
+        return 1 if n == target_n else 2
     return [runs[i] for i in sorted(range(len(runs)), key=lambda i: (group(runs[i]), i % per_rm, i // per_rm))]
 
 
@@ -355,7 +360,7 @@ def specrej_runs(x, d):
     """(family, N, alpha, tag, guide label, metrics file) of every run of a specrej part (x: its settings)."""
     settings = [("Best-of-N", n, None) for n in x.ns] + \
         [(f"specrej alpha={a:g}" if a != "auto" else "specrej alpha=auto", n, a)
-         for a in x.alphas for n in (x.specrej_ns or x.ns)]
+         for a in x.alphas for n in ((x.adaptive_ns or x.specrej_ns or x.ns) if a == "auto" else (x.specrej_ns or x.ns))]
     return [(family, n, alpha, tag, label, f"{d}/metrics_{tag}_{label.lower()}.json")
             for label in ("ORM", "SP-PRM") for family, n, alpha in settings
             for tag in [f"bon{n}" if alpha is None else f"specrej{n}_a{alpha if alpha == 'auto' else f'{alpha:g}'}"]]
