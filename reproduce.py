@@ -51,7 +51,6 @@ class Specrej:
     decision_every: int = 8
     prefix_lengths: tuple = (4, 8, 16, 24)   # RM tokens at which prefix consistency is measured
     specrej_ns: tuple = None                 # speculative rejection's N (None: ns)
-    adaptive_ns: tuple = None                # alpha "auto"'s N (None: specrej_ns)
     rm_init: str = None                      # decoder RMs of the part's own from this backbone (None: make
     rm_pairs: int = None                     # reproduce's RMs); their train pairs, SST's K and 03's --lr
     sst_k: int = 5
@@ -136,10 +135,11 @@ CPU = Scale(seeds=(0, 1, 2), orm_pairs=None, eval_pairs=None, references=("minil
             # lower 6 layers (the full model trains at about 1 pair/s here: hours), which share the policy's
             # tokenizer, so a prefix costs its new tokens. Said before running: held-out accuracy under 0.56 is
             # too weak to rank, and the part then falls back to the MiniLM RMs (rm_bar; experiment.py applies it).
-            # (adaptive rejection at N = 16 only: at N = 32 it would add about 30 min to the part's 2 h)
-            payoff=Specrej(prompts=64, ns=(4, 8, 16, 32), specrej_ns=(16, 32), alphas=(0.5, "auto"), new_tokens=128,
+            # (speculative rejection at N = 16 only: at N = 32 it would add about 50 min to the part's 2 h; the gpu
+            # scale runs both)
+            payoff=Specrej(prompts=64, ns=(4, 8, 16, 32), specrej_ns=(16,), alphas=(0.5, "auto"), new_tokens=128,
                            decision_every=16, prefix_lengths=(16, 32, 64, 96), rm_init="smollm2-135m-l6",
-                           rm_pairs=1000, rm_lr=2e-5, calibration_prompts=16, target_n=16, adaptive_ns=(16,)),
+                           rm_pairs=1000, rm_lr=2e-5, calibration_prompts=16, target_n=16),
             # Table 1 sized by power: at 16 prompts its SP-PRM minus ORM differences had 95% half-widths up to 0.15
             # (ARGS 0.150, CARDS 0.152, TBS 0.090, CBS 0.086, BoN 0.02; docs/tables-results.md); a half-width shrinks
             # as 1/sqrt(n), so +-0.05 needs n = 16 * (h / 0.05)^2 = 148 prompts for the widest. The held-out prompts no

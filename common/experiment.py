@@ -360,7 +360,7 @@ def specrej_runs(x, d):
     """(family, N, alpha, tag, guide label, metrics file) of every run of a specrej part (x: its settings)."""
     settings = [("Best-of-N", n, None) for n in x.ns] + \
         [(f"specrej alpha={a:g}" if a != "auto" else "specrej alpha=auto", n, a)
-         for a in x.alphas for n in ((x.adaptive_ns or x.specrej_ns or x.ns) if a == "auto" else (x.specrej_ns or x.ns))]
+         for a in x.alphas for n in (x.specrej_ns or x.ns)]
     return [(family, n, alpha, tag, label, f"{d}/metrics_{tag}_{label.lower()}.json")
             for label in ("ORM", "SP-PRM") for family, n, alpha in settings
             for tag in [f"bon{n}" if alpha is None else f"specrej{n}_a{alpha if alpha == 'auto' else f'{alpha:g}'}"]]

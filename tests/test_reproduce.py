@@ -534,9 +534,12 @@ def test_a_stopped_payoff_has_its_headline_runs_first():
     runs = experiment.specrej_runs(reproduce.CPU.payoff, "d")
     order = [(tag, rm) for _, _, _, tag, rm, _ in experiment.headline_first(runs, 16)]
     assert sorted(order) == sorted((tag, rm) for _, _, _, tag, rm, _ in runs)
-    assert [tag for tag, _ in order[::2]] == ["specrej16_a0.5", "specrej16_aauto", "bon16", "bon4", "bon8", "bon32",
-                                              "specrej32_a0.5"]  # alpha auto at N = 16 only on the CPU
-    assert [rm for _, rm in order] == ["ORM", "SP-PRM"] * 7
+    assert [tag for tag, _ in order[::2]] == ["specrej16_a0.5", "specrej16_aauto", "bon16", "bon4", "bon8", "bon32"]
+    assert [rm for _, rm in order] == ["ORM", "SP-PRM"] * 6
+    runs = experiment.specrej_runs(reproduce.GPU.payoff, "d")  # rejection at N = 32 after every Best-of-N
+    order = [tag for _, _, _, tag, rm, _ in experiment.headline_first(runs, 16) if rm == "ORM"]
+    assert order[:3] == ["specrej16_a0.5", "specrej16_aauto", "bon16"] and order[-2:] == ["specrej32_a0.5",
+                                                                                         "specrej32_aauto"]
 
 
 def test_the_payoff_page_judges_its_decoder_rms_by_the_bar_said_before_running(tmp_path):
