@@ -230,11 +230,16 @@ def generation_params(metrics_path):
     """The settings a decoding run acted with: the params its generations' rows record (04_decode.py: the method's
     knobs after the RM set their defaults, reward_norm, max_new_tokens, seed), read through its metrics file. The
     generations are found where the metrics file names them, or beside it (a run folder that was moved)."""
+    return first_generation_row(metrics_path)["params"]
+
+
+def first_generation_row(metrics_path):
+    """The first row of a run's generations, found where its metrics file names them, or beside it."""
     generations = read_json(metrics_path)["generations"]
     if not os.path.exists(generations):
         generations = os.path.join(os.path.dirname(metrics_path), os.path.basename(generations))
     with open(generations, encoding="utf-8") as f:
-        return json.loads(f.readline())["params"]
+        return json.loads(f.readline())
 
 
 def reward_vs_w(metric_files):

@@ -5,7 +5,7 @@ from the generations' rows (each row of 04_decode.py records its method's params
 import math
 import os
 
-from common.figures import generation_params, metric_files, paired_differences, read_json, run_tables
+from common.figures import first_generation_row, generation_params, metric_files, paired_differences, read_json, run_tables
 
 # reproduce.py's names: SST weighting scheme -> (folder, label); method -> label
 VARIANTS = {"entropy": ("sp-prm", "SP-PRM"), "uniform": ("ablation", "Ablation"), "filter": ("filter", "Filter")}
@@ -350,6 +350,10 @@ def specrej_markdown(scale_name, out, points, consistency, figures, costs, reach
              "reference RM's score; Independent = an RM that shaped nothing. Compute = policy + RM tokens computed "
              "per reply; ends before the limit = the share of chosen replies that stop before the new-token limit "
              "(a reply that stops early leaves rejection less to save). Every interval is a 95% bootstrap interval over prompts.", ""]
+    if any((first_generation_row(p["file"]).get("stats") or {}).get("samples_of") for p in points):
+        lines[-2] += (" Best-of-N guided by the SP-PRM ranks the samples the ORM's Best-of-N drew (04 --samples-of:"
+                      " the samples it would draw, each token keyed by prompt and sample); its policy work and "
+                      "seconds are that run's.")
     lines += reach_section(reach) if reach else []
     lines += calibration_section(calibration) if calibration else []
     lines += ["| run | guided by | compute | seconds | ends before the limit | reward (reference) | reward "

@@ -424,7 +424,8 @@ def test_the_specrej_page_reads_its_runs(tmp_path):
         gen = str(d / f"gen_{tag}_{rm.lower()}.jsonl")
         params = {"n": n, "reward_norm": "none", "max_new_tokens": 8, **({"alpha": alpha, "decision_every": 2}
                                                                           if alpha else {})}
-        write(gen, json.dumps({"params": params}) + "\n")
+        ranked = {"samples_of": gen.replace("sp-prm", "orm")} if alpha is None and rm == "SP-PRM" else {}
+        write(gen, json.dumps({"params": params, "stats": ranked}) + "\n")
         compute = 10 * n * (0.5 if alpha else 1)
         write(m, {"generations": gen, "compute_per_response": {"policy_tokens": compute, "rm_tokens": compute,
                                                                 "seconds": 1.0},
@@ -444,6 +445,7 @@ def test_the_specrej_page_reads_its_runs(tmp_path):
         ("Best-of-N", 2, "ORM", 40.0), ("Best-of-N", 4, "ORM", 80.0), ("specrej alpha=0.5", 2, "ORM", 20.0)]
     text = reports.specrej_markdown("smoke", str(tmp_path), points, consistency, [], {"specrej-x": 120.0})
     assert "3 held-out prompts, 8 new tokens, a decision every 2 tokens, raw rewards." in text
+    assert "Best-of-N guided by the SP-PRM ranks the samples the ORM's Best-of-N drew" in text
     assert "- rejector ORM: specrej alpha=0.5, N=4: 40 tokens per reply, 0.50x Best-of-4's 80." in text
     assert "- Best-of-N, N=2: 0.0500 [0.0100, 0.0900]: the ORM-rejector higher" in text
     assert "| SP-PRM | 2 | 0.500 [0.100, 0.900] | 1.000 [1.000, 1.000] | - |" in text
