@@ -254,7 +254,8 @@ def guided_stages(s, x, d, data, choice, name, guides, encoders):
         gen = f"{d}/gen_{tag}_{rm}.jsonl"
         run = partial(decode, f"{name}-decode-{tag}-{rm}", gen, s, rm=guides[rm], **held_out)
         if alpha is None and (rm == "orm" or not encoders):
-            stages.append(run(method=("bon", {"n": n}), save_candidates=rm == "orm" and (encoders or n == n_max) or None))
+            keep = rm == "orm" and (encoders or n == n_max)  # the samples the SP-PRM ranks; consistency's
+            stages.append(run(method=("bon", {"n": n}), save_candidates=keep or None))
         elif alpha is None:  # the ORM's samples (each token keyed by prompt and sample), ranked, not drawn again
             stages.append(run(method=("bon", {"n": n}), samples_of=gen.replace(f"_{rm}.jsonl", "_orm.jsonl")))
         elif alpha == "auto":  # built when the calibration exists: its command line spells the schedule

@@ -5,7 +5,8 @@ from the generations' rows (each row of 04_decode.py records its method's params
 import math
 import os
 
-from common.figures import first_generation_row, generation_params, metric_files, paired_differences, read_json, run_tables
+from common.figures import (first_generation_row, generation_params, metric_files, paired_differences, read_json,
+                            run_tables)
 
 # reproduce.py's names: SST weighting scheme -> (folder, label); method -> label
 VARIANTS = {"entropy": ("sp-prm", "SP-PRM"), "uniform": ("ablation", "Ablation"), "filter": ("filter", "Filter")}
