@@ -63,6 +63,7 @@ class Specrej:
     rm_max_length: int = 512
     alpha_max: float = 0.8                   # "auto": alpha(t) = alpha_max * clip(tau(t), 0, 1)
     calibration_prompts: int = 16            # "auto": held-out prompts after the decoded ones
+    calibration_n: int = None                # "auto": the samples drawn for each of them (None: the largest N)
     target_n: int = None                     # the Best-of-N every run is measured against (None: the largest)
 
 
@@ -135,11 +136,11 @@ CPU = Scale(seeds=(0, 1, 2), orm_pairs=None, eval_pairs=None, references=("minil
             # lower 6 layers (the full model trains at about 1 pair/s here: hours), which share the policy's
             # tokenizer, so a prefix costs its new tokens. Said before running: held-out accuracy under 0.56 is
             # too weak to rank, and the part then falls back to the MiniLM RMs (rm_bar; experiment.py applies it).
-            # (speculative rejection at N = 16 only: at N = 32 it would add about 50 min to the part's 2 h; the gpu
-            # scale runs both)
-            payoff=Specrej(prompts=64, ns=(4, 8, 16, 32), specrej_ns=(16,), alphas=(0.5, "auto"), new_tokens=128,
+            # (Best-of-N up to 16 and speculative rejection at N = 16 only: N = 32 would add over an hour to the
+            # part's 2 h here; the gpu scale runs both)
+            payoff=Specrej(prompts=64, ns=(4, 8, 16), specrej_ns=(16,), alphas=(0.5, "auto"), new_tokens=128,
                            decision_every=16, prefix_lengths=(16, 32, 64, 96), rm_init="smollm2-135m-l6",
-                           rm_pairs=1000, rm_lr=2e-5, calibration_prompts=16, target_n=16),
+                           rm_pairs=1000, rm_lr=2e-5, calibration_prompts=16, calibration_n=32, target_n=16),
             # Table 1 sized by power: at 16 prompts its SP-PRM minus ORM differences had 95% half-widths up to 0.15
             # (ARGS 0.150, CARDS 0.152, TBS 0.090, CBS 0.086, BoN 0.02; docs/tables-results.md); a half-width shrinks
             # as 1/sqrt(n), so +-0.05 needs n = 16 * (h / 0.05)^2 = 148 prompts for the widest. The held-out prompts no

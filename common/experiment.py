@@ -336,7 +336,7 @@ def calibration_stages(s, x, d, guides, data, name):
     its schedule alpha(t) = alpha_max * clip(tau(t), 0, 1) (05 consistency --reference self --alpha-max)."""
     if x.prompts is None:
         raise ValueError(f"{name}: alpha auto calibrates on the prompts after the decoded ones: set its prompts")
-    n_max, gen = max(x.ns), f"{d}/calibration_bon.jsonl"
+    n_max, gen = x.calibration_n or max(x.ns), f"{d}/calibration_bon.jsonl"
     depths = list(range(x.decision_every, x.new_tokens, x.decision_every))
     return [decode(f"{name}-calibration-decode", gen, s, method=("bon", {"n": n_max}), rm=guides["orm"],
                    save_candidates=True, prompts="hh-rlhf:heldout", offset=x.prompts, limit=x.calibration_prompts,
