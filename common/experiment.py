@@ -242,7 +242,7 @@ def guided_stages(s, x, d, data, choice, name, guides, encoders):
     n_max = max(x.ns)
     stages = []
     held_out = dict(prompts="hh-rlhf:heldout", limit=x.prompts, max_new_tokens=x.new_tokens, data_dir=data,
-                    **guide_budget(x))
+                    **guide_budget(s, x))
     # the yardsticks read as much as the guides (an encoder RM stops at its position table: MiniLM's 512)
     views = dict(yardsticks(s, choice["path"], [], choice["independent"]), metrics="reward,length",
                  max_length=rm_max_length(s, x))
@@ -340,16 +340,16 @@ def calibration_stages(s, x, d, guides, data, name):
     depths = list(range(x.decision_every, x.new_tokens, x.decision_every))
     return [decode(f"{name}-calibration-decode", gen, s, method=("bon", {"n": n_max}), rm=guides["orm"],
                    save_candidates=True, prompts="hh-rlhf:heldout", offset=x.prompts, limit=x.calibration_prompts,
-                   max_new_tokens=x.new_tokens, data_dir=data, **guide_budget(x)),
+                   max_new_tokens=x.new_tokens, data_dir=data, **guide_budget(s, x)),
             Stage("05_evaluate.py consistency", f"{d}/calibration.json", name=f"{name}-calibration", settings=dict(
                 generations=gen, rm=(f"ORM={guides['orm']}", f"SP-PRM={guides['sp-prm']}"), reference="self",
                 prefix_lengths=commas(depths), alpha_max=x.alpha_max, max_length=rm_max_length(s, x)))]
 
 
-def guide_budget(x):
+def guide_budget(s, x):
     """04's --max-length of a part with decoder RMs of its own: their budget, whichever RMs guide (an encoder
     guide then reads as much as the yardsticks); none for make reproduce's RMs (their training value)."""
-    return {"max_length": x.rm_max_length} if x.rm_init else {}
+    return {"max_length": rm_max_length(s, x)} if x.rm_init else {}
 
 
 def rm_max_length(s, x):
