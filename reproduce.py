@@ -136,9 +136,7 @@ CPU = Scale(seeds=(0, 1, 2), orm_pairs=None, eval_pairs=None, references=("minil
             # lower 6 layers (the full model trains at about 1 pair/s here: hours), which share the policy's
             # tokenizer, so a prefix costs its new tokens. Said before running: held-out accuracy under 0.56 is
             # too weak to rank, and the part then falls back to the MiniLM RMs (rm_bar; experiment.py applies it).
-            # (Best-of-N up to 16 and speculative rejection at N = 16 only: N = 32 would add over an hour to the
-            # part's 2 h here; the gpu scale runs both)
-            payoff=Specrej(prompts=64, ns=(4, 8, 16), specrej_ns=(16,), alphas=(0.5, "auto"), new_tokens=128,
+            payoff=Specrej(prompts=64, ns=(4, 8, 16, 32), specrej_ns=(16, 32), alphas=(0.5, "auto"), new_tokens=128,
                            decision_every=16, prefix_lengths=(16, 32, 64, 96), rm_init="smollm2-135m-l6",
                            rm_pairs=1000, rm_lr=2e-5, calibration_prompts=16, calibration_n=32, target_n=16),
             # Table 1 sized by power: at 16 prompts its SP-PRM minus ORM differences had 95% half-widths up to 0.15

@@ -210,8 +210,8 @@ def table_methods(s):
 def specrej_part(s, out, data, choice, name="specrej"):
     """Best-of-N at each N and speculative rejection at each of its N and alpha, each guided by the ORM and by
     the SP-PRM (make reproduce's, or with `rm_init` decoder RMs of the part's own); "auto" alphas take the
-    schedule calibrated on other held-out prompts; the prefix consistency of both RMs on Best-of-N's largest
-    sample set; each run against the target Best-of-N guided by the same RM, and the ORM-rejector against the
+    schedule calibrated on other held-out prompts; the prefix consistency of both RMs on the target Best-of-N's
+    samples; each run against the target Best-of-N guided by the same RM, and the ORM-rejector against the
     SP-PRM-rejector. name: the scale's field and the folder (specrej, payoff)."""
     x, d = getattr(s, name), f"{out}/{name}"
     minilm = {"orm": f"{out}/orm_s{s.seeds[0]}", "sp-prm": f"{out}/sp-prm"}
@@ -240,6 +240,7 @@ def guided_stages(s, x, d, data, choice, name, guides, encoders):
     the same rows as drawing them again, policy work included); a decoder guide's cached path counts its RM
     tokens otherwise, so there each Best-of-N draws its own."""
     n_max = max(x.ns)
+    n_target = x.target_n or n_max  # the Best-of-N every run is measured against; consistency reads its samples
     stages = []
     held_out = dict(prompts="hh-rlhf:heldout", limit=x.prompts, max_new_tokens=x.new_tokens, data_dir=data,
                     **guide_budget(s, x))
@@ -249,12 +250,12 @@ def guided_stages(s, x, d, data, choice, name, guides, encoders):
     runs = specrej_runs(x, d)
     if "auto" in x.alphas:
         stages += calibration_stages(s, x, d, guides, data, name)
-    for family, n, alpha, tag, rm_label, m in headline_first(runs, x.target_n or n_max):
+    for family, n, alpha, tag, rm_label, m in headline_first(runs, n_target):
         rm = rm_label.lower()
         gen = f"{d}/gen_{tag}_{rm}.jsonl"
         run = partial(decode, f"{name}-decode-{tag}-{rm}", gen, s, rm=guides[rm], **held_out)
         if alpha is None and (rm == "orm" or not encoders):
-            keep = rm == "orm" and (encoders or n == n_max)  # the samples the SP-PRM ranks; consistency's
+            keep = rm == "orm" and (encoders or n == n_target)  # the samples the SP-PRM ranks; consistency's
             stages.append(run(method=("bon", {"n": n}), save_candidates=keep or None))
         elif alpha is None:  # the ORM's samples (each token keyed by prompt and sample), ranked, not drawn again
             stages.append(run(method=("bon", {"n": n}), samples_of=gen.replace(f"_{rm}.jsonl", "_orm.jsonl")))
@@ -265,7 +266,7 @@ def guided_stages(s, x, d, data, choice, name, guides, encoders):
         stages.append(Stage("05_evaluate.py metrics", m, name=f"{name}-eval-{tag}-{rm}", settings=dict(
             **views, generations=gen, label=f"{family}, N={n} ({rm_label})")))
     stages.append(Stage("05_evaluate.py consistency", f"{d}/consistency.json", name=f"{name}-consistency",
-                        settings=dict(generations=f"{d}/gen_bon{n_max}_orm.jsonl",
+                        settings=dict(generations=f"{d}/gen_bon{n_target}_orm.jsonl",
                                       rm=(f"SP-PRM={guides['sp-prm']}", f"ORM={guides['orm']}"),
                                       reference=choice["path"], prefix_lengths=commas(x.prefix_lengths),
                                       alpha=next((a for a in x.alphas if a != "auto"), 0.5),
@@ -274,7 +275,7 @@ def guided_stages(s, x, d, data, choice, name, guides, encoders):
         if rm_label == "ORM":  # the ORM-rejector minus the SP-PRM-rejector, paired over prompts
             stages.append(compare(m, m.replace("_orm.json", "_sp-prm.json"), f"{d}/compare_{tag}.json"))
     for rm in ("orm", "sp-prm"):  # every run against the target Best-of-N guided by the same RM
-        bon = f"{d}/metrics_bon{x.target_n or n_max}_{rm}.json"
+        bon = f"{d}/metrics_bon{n_target}_{rm}.json"
         stages += [compare(m, bon, m.replace("metrics_", "vs_bon_")) for *_, m in runs
                    if m.endswith(f"_{rm}.json") and m != bon]
     return stages
@@ -378,16 +379,18 @@ def specrej_report(s, scale_name, out, pipeline, name="specrej"):
     try:
         reach = reports.reach_ratios(points, x.target_n or max(x.ns))
         write_json(f"{d}/reach.json", reports.json_safe(reach))
+        matched = reports.matched_compute(points)
+        write_json(f"{d}/matched.json", matched)
     except DataError as e:  # rows written before 05 recorded each prompt's compute
         print(f"note: no reach ratio ({e}); rerun the part's metrics stages (--redo {name}-eval-...)")
-        reach = {}
+        reach, matched = {}, {}
     figures = [plot_reward_vs_compute(points, d, yardstick=y, x=c, name=f"{name}_{y}_vs_{c}.png")
                for y in ("independent", "reference") if y in reach for c in ("compute", "seconds")]
     figures.append(plot_consistency(consistency, d, name=f"{name}_prefix_consistency.png"))
     reports.write(f"{d}/results_{name}.md", reports.specrej_markdown(
         scale_name, out, points, consistency, figures, pipeline.costs(), reach=reach or None, part=name,
         calibration=reports.read_json(f"{d}/calibration.json") if "auto" in x.alphas else None,
-        decoder_rms=(x.rm_init, x.rm_bar) if x.rm_init else None))
+        decoder_rms=(x.rm_init, x.rm_bar) if x.rm_init else None, matched=matched or None))
 
 
 def tables_report(s, scale_name, out, pipeline):

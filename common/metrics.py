@@ -58,6 +58,32 @@ def reach_ratio(target_reward, target_compute, runs, seed=0, n_resamples=N_RESAM
     return {**out, "resamples": boots} if keep_resamples else out
 
 
+def matched_compute_difference(run_reward, run_compute, curve, seed=0, n_resamples=N_RESAMPLES):
+    """A run's mean reward minus the reward a family of runs has at the same mean compute (adaptive against
+    fixed rejection at matched compute): the family's curve is piecewise linear between its runs' (mean compute,
+    mean reward), and the difference is taken where the run's compute lies within the curve's span (None, and
+    no interval, outside it). 95% percentile-bootstrap interval over prompts, every run resampled with the same prompts,
+    over the resamples in which the run lies within the span ("in_span_share" of them). run_reward,
+    run_compute: per-prompt values; curve: [(reward, compute)] per-prompt values in the same prompt order."""
+    rewards = np.array([np.asarray(r, float) for r, _ in curve])     # [runs, prompts]
+    computes = np.array([np.asarray(c, float) for _, c in curve])
+    reward, compute = np.asarray(run_reward, float), np.asarray(run_compute, float)
+
+    def differences(idx):  # idx: [resamples, prompts] -> the difference of each resample (nan: outside)
+        r, c = rewards[:, idx].mean(-1), computes[:, idx].mean(-1)  # [runs, resamples]
+        at = [np.interp(x, c[order, k], r[order, k], left=np.nan, right=np.nan)
+              for k, (x, order) in enumerate(zip(compute[idx].mean(-1), np.argsort(c, axis=0).T))]
+        return reward[idx].mean(-1) - np.array(at)
+
+    n = len(reward)
+    point = float(differences(np.arange(n)[None])[0])
+    boots = differences(np.random.default_rng(seed).integers(0, n, (n_resamples, n)))
+    inside = boots[np.isfinite(boots)]
+    ci = [float(v) for v in np.percentile(inside, [2.5, 97.5], method="inverted_cdf")] if len(inside) else None
+    return {"diff": None if math.isnan(point) else point, "ci95": None if math.isnan(point) else ci,
+            "in_span_share": float(len(inside) / n_resamples)}
+
+
 def seed_interval(values):
     """Mean and 95% t-interval over training seeds."""
     from scipy import stats

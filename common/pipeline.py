@@ -95,9 +95,12 @@ class Pipeline:
                 print(f"[skip] {name}: {output} exists", flush=True)
                 return
             print(f"[rerun] {name}: its input {remade[0]} was remade after {output}", flush=True)
-        print(f"\n[run] {name}: {' '.join(cmd)}", flush=True)
+        # a finished output being replaced (--redo, or a remade input) is stale: a stage resumed from it would
+        # keep its rows, so the flag is dropped for this run (the old output stays until the new one is complete)
+        argv = [c for c in cmd if c != "--resume"] if self.done(output) else cmd
+        print(f"\n[run] {name}: {' '.join(argv)}", flush=True)
         t0 = time.time()
-        if subprocess.run([sys.executable, self.script(cmd[0]), *cmd[1:]]).returncode != 0:
+        if subprocess.run([sys.executable, self.script(argv[0]), *argv[1:]]).returncode != 0:
             sys.exit(f"{self.name}: stage {name} failed (its message is above); fix it and rerun: finished "
                      "stages are kept")
         self.timings.append((name, time.time() - t0))

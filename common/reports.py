@@ -336,10 +336,11 @@ def table5_markdown(scale_name, out, figures, costs):
 # ------------------------------------------------------------------------------------------ make specrej
 
 def specrej_markdown(scale_name, out, points, consistency, figures, costs, reach=None, part="specrej",
-                     calibration=None, decoder_rms=None):
+                     calibration=None, decoder_rms=None, matched=None):
     """PART/results_PART.md: Best-of-N against speculative rejection, each guided by the ORM and the SP-PRM; with
     `reach` (reach_ratios), the compute at which each rejector reaches its Best-of-N's reward first; with
-    `decoder_rms` (the part's rm_init and rm_bar), its own decoder RMs' held-out accuracy and agreement curves."""
+    `decoder_rms` (the part's rm_init and rm_bar), its own decoder RMs' held-out accuracy and agreement curves;
+    with `matched` (matched_compute), adaptive against fixed rejection at matched compute."""
     n_max = max(p["n"] for p in points)
     target_n = reach["target_n"] if reach else n_max
     params = generation_params(next(p["file"] for p in points if p["alpha"] is not None))
@@ -357,6 +358,7 @@ def specrej_markdown(scale_name, out, points, consistency, figures, costs, reach
                       "seconds are that run's.")
     lines += reach_section(reach) if reach else []
     lines += calibration_section(calibration) if calibration else []
+    lines += matched_section(matched) if matched and any(matched.values()) else []
     lines += ["| run | guided by | compute | seconds | ends before the limit | reward (reference) | reward "
               f"(independent) | reward - Best-of-{target_n} (same RM, paired) |", "|---|---|---|---|---|---|---|---|"]
     for p in sorted(points, key=lambda p: (p["rm"], p["family"], p["n"])):
@@ -382,7 +384,7 @@ def specrej_markdown(scale_name, out, points, consistency, figures, costs, reach
         d = read_json(p["file"].replace("metrics_", "compare_").replace("_orm.json", ".json"))["metrics"]["reward"]
         lines.append(f"- {p['family']}, N={p['n']}: {fmt_ci(d['diff'], d['diff_ci95'], digits=4)}: "
                      f"{higher(d['diff_ci95'], 'the ORM-rejector', 'the SP-PRM-rejector')}")
-    lines += consistency_section(consistency, n_max)
+    lines += consistency_section(consistency, target_n)
     lines += ["", *decoder_rms_section(f"{out}/{part}", *decoder_rms)] if decoder_rms else []
     lines += ["", cost_line(costs, (part,)), "", "Figures: " + ", ".join(os.path.relpath(f, out) for f in figures)]
     return "\n".join(lines) + "\n"
@@ -433,6 +435,57 @@ def reach_ratios(points, target_n, seed=0):
             out[yardstick][cost] = {**found, "sp_prm_cheaper_share": float(np.mean(sp < orm)),
                                     "orm_cheaper_share": float(np.mean(orm < sp))}
     return out
+
+
+def matched_compute(points, seed=0):
+    """Adaptive against fixed rejection at matched compute, per yardstick and rejector: each run of one
+    rejection rule minus the other rule's reward-against-compute curve (policy + RM tokens, linear between its
+    N) at that run's compute, paired over prompts (common/metrics.py, matched_compute_difference). Only where a
+    rule has at least two N (one point is no curve)."""
+    from common.metrics import matched_compute_difference
+
+    rules = sorted({p["family"] for p in points if p["alpha"] is not None})
+    out = {}
+    for yardstick, (key, _) in YARDSTICKS.items():
+        if yardstick == "independent" and any(p["independent"] is None for p in points):
+            continue
+        out[yardstick] = []
+        for rm in ("ORM", "SP-PRM"):
+            for rule in rules:
+                for against in rules:
+                    curve = [per_prompt(p, key, "compute") for p in points
+                             if p["rm"] == rm and p["family"] == against]
+                    if against == rule or len(curve) < 2:
+                        continue
+                    for p in sorted((p for p in points if p["rm"] == rm and p["family"] == rule),
+                                    key=lambda p: p["n"]):
+                        ids, reward, compute = per_prompt(p, key, "compute")
+                        if any(c[0] != ids for c in curve):
+                            raise ValueError(f"the {rm}-guided runs did not decode the same prompts")
+                        out[yardstick].append({"rm": rm, "run": f"{rule}, N={p['n']}", "against": against,
+                                               **matched_compute_difference(reward, compute,
+                                                                            [c[1:] for c in curve], seed)})
+    return out
+
+
+def matched_section(matched):
+    """The matched-compute comparison as a table, each difference worded by its interval."""
+    yardsticks = [y for y in YARDSTICKS if y in matched]
+    lines = ["Adaptive against fixed rejection at matched compute: each run's reward minus the other rule's curve "
+             "(linear between its N, guided by the same RM) at the run's policy + RM tokens; 95% bootstrap "
+             "intervals over prompts, over the resamples in which the run's compute lies within that curve's span:",
+             "", "| rejector | run | against the curve of | " + " | ".join(f"difference ({YARDSTICKS[y][1]})"
+                                                                     for y in yardsticks) + " |",
+             "|---|---|---|" + "---|" * len(yardsticks)]
+    for i, entry in enumerate(matched[yardsticks[0]]):
+        cells = []
+        for y in yardsticks:
+            e = matched[y][i]
+            cells.append("outside its span" if e["diff"] is None else
+                         f"{fmt_ci(e['diff'], e['ci95'], digits=4)}: "
+                         + higher(e["ci95"], e["run"].split(",")[0], e["against"]))
+        lines.append(f"| {entry['rm']} | {entry['run']} | {entry['against']} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def json_safe(obj):
@@ -545,8 +598,8 @@ def ended_early(metrics_path):
     return sum(c < limit for c in counts) / len(counts)
 
 
-def consistency_section(consistency, n_max):
-    lines = ["", f"Prefix consistency on Best-of-{n_max}'s samples (Kendall's tau with the reference's scores of "
+def consistency_section(consistency, n):
+    lines = ["", f"Prefix consistency on Best-of-{n}'s samples (Kendall's tau with the reference's scores of "
                  "the complete samples; the share of prompts whose best sample survives one rejection of "
                  f"alpha = {consistency['alpha']:g}):", "",
              "| RM | t | Kendall's tau | best survives | difference from the first RM (tau; survives) |",

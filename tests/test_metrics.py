@@ -179,3 +179,29 @@ def test_reach_ratio_by_hand_and_against_a_literal_resampling():
     literal.sort()
     assert got["ci95"] == [literal[int(np.ceil(0.025 * 500)) - 1], literal[int(np.ceil(0.975 * 500)) - 1]]
     assert got["reached_share"] == pytest.approx(np.mean(np.isfinite(literal)))
+
+
+def test_matched_compute_difference_by_hand_and_against_a_literal_resampling():
+    """A run's reward minus the family's curve, linear between its runs, at the run's compute: by hand on the
+    full sample, and its interval from the same resampled prompts by a plain loop."""
+    from common.metrics import matched_compute_difference
+
+    low = ([1.0, 1.0, 2.0, 2.0], [10.0, 10.0, 10.0, 10.0])       # 1.5 at 10
+    high = ([3.0, 3.0, 3.0, 3.0], [40.0, 40.0, 16.0, 16.0])      # 3.0 at 28
+    run = ([2.0, 3.0, 2.0, 3.0], [20.0, 20.0, 20.0, 20.0])       # 2.5 at 20: the curve there 1.5 + 1.5 * 10 / 18
+    got = matched_compute_difference(*run, [high, low], seed=5, n_resamples=400)
+    assert got["diff"] == pytest.approx(2.5 - (1.5 + 1.5 * 10 / 18))
+    beyond = matched_compute_difference([2.0] * 4, [50.0] * 4, [high, low])
+    assert beyond["diff"] is None and beyond["ci95"] is None and beyond["in_span_share"] == 0
+
+    literal = []
+    for rows in np.random.default_rng(5).integers(0, 4, (400, 4)):
+        mean = lambda v: np.mean([v[i] for i in rows])  # noqa: E731
+        (c0, r0), (c1, r1) = sorted((mean(c), mean(r)) for r, c in (low, high))
+        x = mean(run[1])
+        if c0 <= x <= c1:
+            literal.append(mean(run[0]) - (r0 + (r1 - r0) * (x - c0) / (c1 - c0) if c1 > c0 else r0))
+    literal.sort()
+    k = len(literal)
+    assert 0 < k < 400 and got["in_span_share"] == k / 400  # resamples of only the last two prompts lie outside
+    assert got["ci95"] == pytest.approx([literal[int(np.ceil(0.025 * k)) - 1], literal[int(np.ceil(0.975 * k)) - 1]])

@@ -77,6 +77,42 @@ def test_a_remade_input_reruns_the_stages_after_it(workdir):
     assert runs(d / "count_b") == 2 and (d / "b.txt").read_text() == "v2"
 
 
+# a resumable stage script: with --resume, a finished --output counts as done and is kept (as 04's rows are)
+RESUMABLE = textwrap.dedent("""
+    import os, sys
+    argv = [a for a in sys.argv[1:] if a != "--resume"]
+    args = dict(zip(argv[::2], argv[1::2]))
+    open(args["--count"], "a").write("x")
+    if not ("--resume" in sys.argv and os.path.exists(args["--output"])):
+        open(args["--output"], "w").write(open(args["--input"]).read())
+    open(args["--output"] + ".manifest.json", "w").write("{}")
+""")
+
+
+def test_a_replaced_output_is_not_resumed_from(workdir):
+    """A stage that resumes keeps what its finished output holds: when that output is replaced (its input
+    remade, or --redo) the run goes without --resume, while the command on record keeps it (no refusal next)."""
+    d = workdir
+    (d / "resumable.py").write_text(RESUMABLE)
+    first = [d / "stage.py", "--text", "v1", "--output", d / "a.txt", "--count", d / "count_a"]
+    second = [d / "resumable.py", "--input", d / "a.txt", "--output", d / "b.txt", "--count", d / "count_b",
+              "--resume"]
+    pipeline(d).stage("a", str(d / "a.txt"), *first)
+    pipeline(d).stage("b", str(d / "b.txt"), *second)
+    time.sleep(0.05)
+    first[2] = "v2"
+    pipeline(d, redo="a").stage("a", str(d / "a.txt"), *first)
+    pipeline(d).stage("b", str(d / "b.txt"), *second)
+    assert runs(d / "count_b") == 2 and (d / "b.txt").read_text() == "v2"
+    (d / "a.txt").write_text("v3")  # behind the pipeline's back: only --redo replaces b now
+    os.utime(d / "a.txt", (0, 0))
+    pipeline(d, redo="b").stage("b", str(d / "b.txt"), *second)
+    assert runs(d / "count_b") == 3 and (d / "b.txt").read_text() == "v3"
+    pipeline(d).stage("b", str(d / "b.txt"), *second)
+    assert runs(d / "count_b") == 3
+    assert json.loads((d / "commands.json").read_text())["b"][-1] == "--resume"
+
+
 def test_an_output_made_before_commands_were_recorded_is_adopted(workdir):
     d = workdir
     cmd = [d / "stage.py", "--text", "old", "--output", d / "a.txt", "--count", d / "count_a"]

@@ -453,6 +453,44 @@ def test_the_specrej_page_reads_its_runs(tmp_path):
     assert "Cost of the part's stages: 2.0 min." in text
 
 
+def write_alike_prompts(runs, reward, cost_share):
+    """Metrics and 05's rows of specrej runs whose three prompts are alike (so every interval is a point):
+    reward(rm, alpha, n); policy and RM tokens 10 * n each, times cost_share[alpha] for rejection."""
+    for family, n, alpha, tag, rm, m in runs:
+        compute = 10 * n * cost_share.get(alpha, 1)
+        r = reward(rm, alpha, n)
+        write(m, {"compute_per_response": {"policy_tokens": compute, "rm_tokens": compute, "seconds": compute / 10},
+                  "reward_mean": r, "reward_mean_ci95": [r, r], "independent": r, "reward_Independent_mean": r,
+                  "reward_Independent_mean_ci95": [r, r]})
+        write(m.replace(".json", ".rows.jsonl"), "".join(json.dumps(
+            {"id": i, "reward": r, "reward_Independent": r, "policy_tokens": compute, "rm_tokens": compute,
+             "seconds": compute / 10}) + "\n" for i in ("a", "b", "c")))
+
+
+def test_adaptive_against_fixed_rejection_at_matched_compute(tmp_path):
+    """Each run of one rule against the other rule's curve at its compute, by hand: alpha 0.5 costs 20 and 40
+    tokens (N = 2, 4) for rewards 0.2 and 0.4; auto 30 and 60 for 0.35 and 0.56. Auto at N=2 (30) against the
+    fixed curve there (0.3): +0.05; fixed at N=4 (40) against the auto curve (0.35 + 0.21 / 3 = 0.42): -0.02;
+    the other two lie outside the other curve's span."""
+    x = reproduce.Specrej(ns=(2, 4), alphas=(0.5, "auto"), decision_every=2, target_n=4)
+    runs = experiment.specrej_runs(x, str(tmp_path / "payoff"))
+    reward = {(0.5, 2): 0.2, (0.5, 4): 0.4, ("auto", 2): 0.35, ("auto", 4): 0.56}
+    write_alike_prompts(runs, lambda rm, alpha, n: reward.get((alpha, n), 0.1), {0.5: 0.5, "auto": 0.75})
+    matched = reports.matched_compute(reports.specrej_points(runs))
+    for yardstick in ("independent", "reference"):
+        got = {(e["rm"], e["run"]): e for e in matched[yardstick]}
+        assert len(got) == 8
+        for rm in ("ORM", "SP-PRM"):
+            assert got[rm, "specrej alpha=auto, N=2"]["diff"] == pytest.approx(0.05)
+            assert got[rm, "specrej alpha=auto, N=2"]["against"] == "specrej alpha=0.5"
+            assert got[rm, "specrej alpha=0.5, N=4"]["diff"] == pytest.approx(-0.02)
+            assert got[rm, "specrej alpha=0.5, N=2"]["diff"] is None and got[rm, "specrej alpha=auto, N=4"]["diff"] is None
+    lines = reports.matched_section(matched)
+    assert ("| ORM | specrej alpha=auto, N=2 | specrej alpha=0.5 | 0.0500 [0.0500, 0.0500]: specrej alpha=auto higher | "
+            "0.0500 [0.0500, 0.0500]: specrej alpha=auto higher |") in lines
+    assert "| SP-PRM | specrej alpha=auto, N=4 | specrej alpha=0.5 | outside its span | outside its span |" in lines
+
+
 def test_the_reach_ratio_headline_reads_per_prompt_rows(tmp_path):
     """The payoff page leads with the cost at which each rejector's speculative rejection reaches its own
     Best-of-N's reward: per prompt rewards and costs from 05's rows files; here every prompt alike, so the
@@ -463,15 +501,7 @@ def test_the_reach_ratio_headline_reads_per_prompt_rows(tmp_path):
     runs = experiment.specrej_runs(x, str(d))
     reward = {("ORM", None, 4): 0.4, ("ORM", 0.5, 2): 0.2, ("ORM", 0.5, 4): 0.4,
               ("SP-PRM", None, 4): 0.4, ("SP-PRM", 0.5, 2): 0.45, ("SP-PRM", 0.5, 4): 0.5}
-    for family, n, alpha, tag, rm, m in runs:
-        compute = 10 * n * (0.5 if alpha else 1)
-        r = reward.get((rm, alpha, n), 0.1)
-        write(m, {"compute_per_response": {"policy_tokens": compute, "rm_tokens": compute, "seconds": compute / 10},
-                  "reward_mean": r, "reward_mean_ci95": [r, r], "independent": r, "reward_Independent_mean": r,
-                  "reward_Independent_mean_ci95": [r, r]})
-        write(m.replace(".json", ".rows.jsonl"), "".join(json.dumps(
-            {"id": i, "reward": r, "reward_Independent": r, "policy_tokens": compute, "rm_tokens": compute,
-             "seconds": compute / 10}) + "\n" for i in ("a", "b", "c")))
+    write_alike_prompts(runs, lambda rm, alpha, n: reward.get((rm, alpha, n), 0.1), {0.5: 0.5})
     reach = reports.reach_ratios(reports.specrej_points(runs), 4)
     for yardstick in ("independent", "reference"):
         for cost in ("compute", "seconds"):
@@ -526,7 +556,7 @@ def test_the_payoff_applies_the_bar_said_before_running(tmp_path, capsys, sp_prm
                                                    if guide == "minilm" else None)
     assert ranked["payoff-decode-bon8-orm"] is None
     saved = {st.name for st in decodes if st.settings.get("save_candidates")}
-    assert saved == ({f"payoff-decode-bon{n}-orm" for n in (4, 8, 16)} | {"payoff-calibration-decode"}
+    assert saved == ({f"payoff-decode-bon{n}-orm" for n in s.payoff.ns} | {"payoff-calibration-decode"}
                      if guide == "minilm" else {"payoff-decode-bon16-orm", "payoff-calibration-decode"})
     calibration = next(st for st in decodes if st.name == "payoff-calibration-decode")
     assert calibration.method == ("bon", {"n": 32})  # its own N: more samples, a steadier tau
@@ -538,12 +568,10 @@ def test_a_stopped_payoff_has_its_headline_runs_first():
     runs = experiment.specrej_runs(reproduce.CPU.payoff, "d")
     order = [(tag, rm) for _, _, _, tag, rm, _ in experiment.headline_first(runs, 16)]
     assert sorted(order) == sorted((tag, rm) for _, _, _, tag, rm, _ in runs)
-    assert [tag for tag, _ in order[::2]] == ["specrej16_a0.5", "specrej16_aauto", "bon16", "bon4", "bon8"]
-    assert [rm for _, rm in order] == ["ORM", "SP-PRM"] * 5
-    runs = experiment.specrej_runs(reproduce.GPU.payoff, "d")  # rejection at N = 32 after every Best-of-N
-    order = [tag for _, _, _, tag, rm, _ in experiment.headline_first(runs, 16) if rm == "ORM"]
-    assert order[:3] == ["specrej16_a0.5", "specrej16_aauto", "bon16"] and order[-2:] == ["specrej32_a0.5",
-                                                                                         "specrej32_aauto"]
+    # rejection at N = 32 after every Best-of-N
+    assert [tag for tag, _ in order[::2]] == ["specrej16_a0.5", "specrej16_aauto", "bon16", "bon4", "bon8", "bon32",
+                                              "specrej32_a0.5", "specrej32_aauto"]
+    assert [rm for _, rm in order] == ["ORM", "SP-PRM"] * 8
 
 
 def test_the_payoff_page_judges_its_decoder_rms_by_the_bar_said_before_running(tmp_path):
