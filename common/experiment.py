@@ -278,6 +278,9 @@ def guided_stages(s, x, d, data, choice, name, guides, encoders):
         bon = f"{d}/metrics_bon{n_target}_{rm}.json"
         stages += [compare(m, bon, m.replace("metrics_", "vs_bon_")) for *_, m in runs
                    if m.endswith(f"_{rm}.json") and m != bon]
+    same_n = {(n, label): m for _, n, alpha, _, label, m in runs if alpha is None}
+    stages += [compare(m, same_n[n, label], m.replace("metrics_", "vs_same_n_"))  # the same samples drawn, fewer kept
+               for _, n, alpha, _, label, m in runs if alpha is not None and (n, label) in same_n]
     return stages
 
 

@@ -384,6 +384,7 @@ def specrej_markdown(scale_name, out, points, consistency, figures, costs, reach
         d = read_json(p["file"].replace("metrics_", "compare_").replace("_orm.json", ".json"))["metrics"]["reward"]
         lines.append(f"- {p['family']}, N={p['n']}: {fmt_ci(d['diff'], d['diff_ci95'], digits=4)}: "
                      f"{higher(d['diff_ci95'], 'the ORM-rejector', 'the SP-PRM-rejector')}")
+    lines += same_n_section(points)
     lines += consistency_section(consistency, target_n)
     lines += ["", *decoder_rms_section(f"{out}/{part}", *decoder_rms)] if decoder_rms else []
     lines += ["", cost_line(costs, (part,)), "", "Figures: " + ", ".join(os.path.relpath(f, out) for f in figures)]
@@ -596,6 +597,25 @@ def ended_early(metrics_path):
         return None
     limit = generation_params(metrics_path)["max_new_tokens"]
     return sum(c < limit for c in counts) / len(counts)
+
+
+def same_n_section(points):
+    """Each rejection run against Best-of-N at its own N guided by the same RM (05 compare: vs_same_n_*.json):
+    what rejecting part of the same N samples costs in reward, and saves in seconds."""
+    lines = []
+    for p in sorted((p for p in points if p["alpha"] is not None), key=lambda p: (p["rm"], p["family"], p["n"])):
+        path = p["file"].replace("metrics_", "vs_same_n_")
+        if not os.path.exists(path):
+            continue
+        m = read_json(path)["metrics"]
+        cells = [fmt_ci(m[k]["diff"], m[k]["diff_ci95"], digits=4) + f": {reach_words(m[k]['diff_ci95'])}"
+                 if k in m else "-" for k in ("reward_Independent", "reward")]
+        lines.append(f"| {p['family']}, N={p['n']} | {p['rm']} | {cells[0]} | {cells[1]} | "
+                     f"{m['seconds']['a'] / m['seconds']['b']:.2f}x |")
+    return ["", "Each rejection run against Best-of-N at the same N guided by the same RM (the same samples drawn, "
+                "part of them rejected early), paired over prompts:", "",
+            "| run | guided by | reward - Best-of-N (independent) | reward - Best-of-N (reference) | seconds, over "
+            "Best-of-N's |", "|---|---|---|---|---|", *lines] if lines else []
 
 
 def consistency_section(consistency, n):

@@ -434,6 +434,10 @@ def test_the_specrej_page_reads_its_runs(tmp_path):
             write(m.replace("metrics_", "vs_bon_"), {"metrics": {"reward": {
                 "diff": -0.2, "diff_ci95": [-0.3, -0.1] if n == 2 else [-0.1, 0.1]}}})
         write(str(d / f"compare_{tag}.json"), {"metrics": {"reward": {"diff": 0.05, "diff_ci95": [0.01, 0.09]}}})
+        if alpha:  # against Best-of-N at its own N: the reward holds zero, the seconds are half
+            write(m.replace("metrics_", "vs_same_n_"), {"metrics": {
+                "reward": {"diff": -0.01, "diff_ci95": [-0.04, 0.02]}, "seconds": {"a": 1.0, "b": 2.0},
+                "reward_Independent": {"diff": -0.05, "diff_ci95": [-0.08, -0.02]}}})
         if n == 4:  # one of four replies ends before the 8-token limit; N=2's rows predate the token counts
             write(m.replace(".json", ".rows.jsonl"), "".join(json.dumps({"id": i, "new_tokens": k}) + "\n"
                                                             for i, k in enumerate((8, 3, 8, 8))))
@@ -447,6 +451,8 @@ def test_the_specrej_page_reads_its_runs(tmp_path):
     assert "3 held-out prompts, 8 new tokens, a decision every 2 tokens, raw rewards." in text
     assert "Best-of-N guided by the SP-PRM ranks the samples the ORM's Best-of-N drew" in text
     assert "- rejector ORM: specrej alpha=0.5, N=4: 40 tokens per reply, 0.50x Best-of-4's 80." in text
+    assert ("| specrej alpha=0.5, N=2 | SP-PRM | -0.0500 [-0.0800, -0.0200]: below | -0.0100 [-0.0400, 0.0200]: "
+            "cannot be told apart | 0.50x |") in text
     assert "- Best-of-N, N=2: 0.0500 [0.0100, 0.0900]: the ORM-rejector higher" in text
     assert "| SP-PRM | 2 | 0.500 [0.100, 0.900] | 1.000 [1.000, 1.000] | - |" in text
     assert "| Best-of-N, N=4 | ORM | 80 | 1.00 | 25% | " in text and "| Best-of-N, N=2 | ORM | 40 | 1.00 | - | " in text
