@@ -451,16 +451,16 @@ def matched_compute(points, seed=0):
         if yardstick == "independent" and any(p["independent"] is None for p in points):
             continue
         out[yardstick] = []
+        rows = {p["file"]: per_prompt(p, key, "compute") for p in points if p["alpha"] is not None}  # read once
         for rm in ("ORM", "SP-PRM"):
             for rule in rules:
                 for against in rules:
-                    curve = [per_prompt(p, key, "compute") for p in points
-                             if p["rm"] == rm and p["family"] == against]
+                    curve = [rows[p["file"]] for p in points if p["rm"] == rm and p["family"] == against]
                     if against == rule or len(curve) < 2:
                         continue
                     for p in sorted((p for p in points if p["rm"] == rm and p["family"] == rule),
                                     key=lambda p: p["n"]):
-                        ids, reward, compute = per_prompt(p, key, "compute")
+                        ids, reward, compute = rows[p["file"]]
                         if any(c[0] != ids for c in curve):
                             raise ValueError(f"the {rm}-guided runs did not decode the same prompts")
                         out[yardstick].append({"rm": rm, "run": f"{rule}, N={p['n']}", "against": against,
